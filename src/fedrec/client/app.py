@@ -1,0 +1,65 @@
+"""fedrec's Flower ClientApp: Messages in, plain calls (client/local.py), Messages out.
+
+A client answers an error reply (never raises across the network) when its data is unusable or
+its privacy budget would be exceeded; the strategy drops and logs such replies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrec.client.local import build_task_models, train_round
+from fedrec.client.privacy import PrivacyRefusal, client_privacy
+from fedrec.config import from_json
+from fedrec.strategies.records import ARRAYS_KEY, pack, unpack_into
+from fedrec.workload import build_workload
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+ERROR_CODE_REFUSED = 4001  # budget exhausted: a deliberate refusal, not a crash
+ERROR_CODE_FAILED = 4002
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)  # one simulated client per core
+    config = msg.content["config"]
+    cfg = from_json(str(config["fedrec"]))
+    server_round = int(config["server-round"])
+    client = int(context.node_config["partition-id"])
+    try:
+        work = build_workload(cfg)
+        data = work.client_data(client)
+        models = build_task_models(cfg, work.spec, cfg.seed)
+        unpack_into(msg.content[ARRAYS_KEY], models)
+        privacy = client_privacy(cfg, context, client, data, ledger_path=config.get("ledger-path"))
+        dp = privacy.before_round(server_round) if privacy else None
+        result = train_round(
+            cfg, models, data, server_round=server_round, client_seed=cfg.seed * 100_003 + client,
+            dp=dp, proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+        ledger = privacy.after_round(server_round, result) if privacy else []
+    except PrivacyRefusal as err:
+        return Message(Error(code=ERROR_CODE_REFUSED, reason=str(err)), reply_to=msg)
+    except (ValueError, FloatingPointError) as err:
+        log.error("client %d failed in round %d: %s", client, server_round, err)
+        return Message(Error(code=ERROR_CODE_FAILED, reason=str(err)), reply_to=msg)
+    metrics = MetricRecord({"num-examples": data.n_users, **result.metrics()})
+    content = RecordDict({ARRAYS_KEY: pack(models), "metrics": metrics})
+    content["ledger"] = ConfigRecord({"entries": [str(e) for e in ledger]})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation is not used in simulation (the server evaluates centrally)."""
+    return Message(
+        content=RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg
+    )
+
+
+__all__ = ["app", "ArrayRecord"]

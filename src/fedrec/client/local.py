@@ -1,0 +1,69 @@
+"""A client's round, without Flower: build the task models, load the global weights, train.
+
+The ClientApp (app.py) only converts Messages to these calls and back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fedrec.config import FedrecConfig
+from fedrec.models.base import ModelSpec, TaskModel
+from fedrec.models.registry import build_model
+from fedrec.training import DPSGDParams, LocalData, TrainStats, train_task
+
+log = logging.getLogger(__name__)
+
+
+def build_task_models(cfg: FedrecConfig, spec: ModelSpec, seed: int) -> dict[str, TaskModel]:
+    """The task models of a run, initialised identically wherever ``seed`` is the same."""
+    models = {}
+    for i, (task, tcfg) in enumerate(cfg.tasks.items()):
+        torch.manual_seed(seed * 1000 + i)
+        models[task] = build_model(task, _with_dim(spec, tcfg.dim))
+    return models
+
+
+def _with_dim(spec: ModelSpec, dim: int) -> ModelSpec:
+    from dataclasses import replace
+
+    return replace(spec, dim=dim)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    stats: Mapping[str, TrainStats]
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for task, s in self.stats.items():
+            out[f"{task}.loss"] = s.loss
+            out[f"{task}.steps"] = float(s.steps)
+            out[f"{task}.train-seconds"] = s.seconds
+        return out
+
+
+def train_round(
+    cfg: FedrecConfig,
+    models: Mapping[str, TaskModel],
+    data: LocalData,
+    *,
+    server_round: int,
+    client_seed: int,
+    dp: Mapping[str, DPSGDParams] | None = None,
+    proximal_mu: float = 0.0,
+) -> RoundResult:
+    """Train every task model once on this client's users (in place)."""
+    stats = {}
+    for i, (task, model) in enumerate(models.items()):
+        seed = (client_seed * 7919 + server_round) * 31 + i
+        stats[task] = train_task(
+            model, data, cfg.tasks[task], seed=seed,
+            dp=dp[task] if dp else None, proximal_mu=proximal_mu,
+        )
+        log.debug("round %d task %s loss %.4f", server_round, task, stats[task].loss)
+    return RoundResult(stats)

@@ -1,0 +1,197 @@
+"""The one typed configuration of a fedrec run, parsed once (TOML file, then flags) and frozen.
+
+Every tunable lives here with the reason for its default. The resolved config is written into each
+run directory and travels to clients as JSON inside each round's ConfigRecord, so a client never
+depends on files the server has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+TASKS = ("recall", "ranking", "personal")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+PRIVACY_MODES = ("none", "record", "user")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Local training of one task model on a client."""
+
+    lr: float = 3e-3  # Adam; small models on sparse data like a larger step
+    batch_size: int = 32  # users per step (the expected batch under Poisson sampling)
+    local_epochs: int = 1  # passes over the client's users per round
+    dim: int = 64  # embedding width
+    negatives: int = 32  # uniform negatives per position (sampled softmax / BCE)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy. ``mode='record'``: DP-SGD on every client (cross-silo)."""
+
+    mode: str = "none"  # none | record | user
+    epsilon: float = 8.0  # per-client budget over all tasks and rounds
+    delta: float = 1e-3  # must stay below 1 / (users of the smallest client)
+    clipping_norm: float = 1.0  # per-user gradient clip (record) or update clip (user)
+    accountant: str = "prv"  # opacus accountant used for calibration and the ledger
+    secure_rng: bool = False  # cryptographically secure noise (slower); on for production
+    task_shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # budget split over TASKS
+
+
+@dataclass(frozen=True)
+class FedrecConfig:
+    """A whole run: data, federation, tasks, privacy."""
+
+    dataset: str = "ml-100k"  # name (ml-100k, synthetic[:k=v,...]) or a path
+    partition: str = "column:occupation"  # column:NAME | site | user | dirichlet:ALPHA
+    clients: int = 0  # for dirichlet partitions; 0 = decided by the partition
+    rounds: int = 10  # federated rounds
+    seed: int = 0
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0  # share of clients sampled per round
+    min_train_clients: int = 2  # a round needs at least this many replies
+    proximal_mu: float = 0.01  # FedProx only
+    server_lr: float = 0.01  # FedAdam only
+    max_len: int = 50  # history length the models see
+    eval_full_ranking: bool = True  # also rank the whole catalogue in the final evaluation
+    out: str = ""  # run directory; empty = runs/<dataset>-<time>
+    tasks: Mapping[str, TaskConfig] = field(
+        default_factory=lambda: {
+            "recall": TaskConfig(),
+            "ranking": TaskConfig(lr=2e-3, negatives=4),
+            "personal": TaskConfig(),
+        }
+    )
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["tasks"] = {name: dataclasses.asdict(t) for name, t in self.tasks.items()}
+        data["privacy"]["task_shares"] = list(self.privacy.task_shares)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        return _to_toml(self.to_dict())
+
+
+def _validate(cfg: FedrecConfig) -> None:
+    checks = [
+        (cfg.rounds >= 1, "rounds", "must be at least 1"),
+        (cfg.clients >= 0, "clients", "must be positive (or 0 to let the partition decide)"),
+        (0 < cfg.fraction_train <= 1, "fraction_train", "must be in (0, 1]"),
+        (cfg.min_train_clients >= 1, "min_train_clients", "must be at least 1"),
+        (cfg.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}"),
+        (cfg.max_len >= 2, "max_len", "must be at least 2"),
+        (cfg.privacy.mode in PRIVACY_MODES, "privacy.mode", f"must be one of {PRIVACY_MODES}"),
+        (cfg.privacy.epsilon > 0, "privacy.epsilon", "must be positive"),
+        (0 < cfg.privacy.delta < 1, "privacy.delta", "must be in (0, 1)"),
+        (cfg.privacy.clipping_norm > 0, "privacy.clipping_norm", "must be positive"),
+        (set(cfg.tasks) <= set(TASKS) and cfg.tasks, "tasks", f"must be a subset of {TASKS}"),
+    ]
+    for name, task in cfg.tasks.items():
+        checks += [
+            (task.lr > 0, f"tasks.{name}.lr", "must be positive"),
+            (task.batch_size >= 1, f"tasks.{name}.batch_size", "must be at least 1"),
+            (task.local_epochs >= 1, f"tasks.{name}.local_epochs", "must be at least 1"),
+            (task.dim >= 1, f"tasks.{name}.dim", "must be at least 1"),
+            (task.negatives >= 1, f"tasks.{name}.negatives", "must be at least 1"),
+        ]
+    for ok, name, fix in checks:
+        if not ok:
+            raise ConfigError(f"config field '{name}' {fix}")
+
+
+def from_dict(data: Mapping[str, Any]) -> FedrecConfig:
+    """Build a config from nested plain data (TOML or JSON); unknown keys are errors."""
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    _reject_unknown(data, FedrecConfig, "")
+    kwargs = dict(data)
+    if "tasks" in data:
+        default_tasks = FedrecConfig().tasks
+        tasks = {}
+        for name, values in data["tasks"].items():
+            if name not in TASKS:
+                raise ConfigError(f"config field 'tasks.{name}' is not a task; use {TASKS}")
+            values = {k.replace("-", "_"): v for k, v in values.items()}
+            _reject_unknown(values, TaskConfig, f"tasks.{name}.")
+            tasks[name] = replace(default_tasks.get(name, TaskConfig()), **values)
+        kwargs["tasks"] = tasks
+    if "privacy" in data:
+        values = {k.replace("-", "_"): v for k, v in data["privacy"].items()}
+        _reject_unknown(values, PrivacyConfig, "privacy.")
+        if "task_shares" in values:
+            values["task_shares"] = tuple(float(x) for x in values["task_shares"])
+        kwargs["privacy"] = PrivacyConfig(**values)
+    try:
+        return FedrecConfig(**kwargs)
+    except TypeError as err:  # a wrongly typed value
+        raise ConfigError(f"invalid config: {err}") from err
+
+
+def from_json(text: str) -> FedrecConfig:
+    return from_dict(json.loads(text))
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> FedrecConfig:
+    """Read a TOML file (optional) and apply flag overrides (dotted keys allowed: 'privacy.epsilon')."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found; pass an existing TOML file to --config")
+        try:
+            data = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{p}: not valid TOML ({err}); fix the file") from err
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(data)
+
+
+def _reject_unknown(data: Mapping[str, Any], cls: type, prefix: str) -> None:
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"config field '{prefix}{key}' is unknown; known fields: {', '.join(sorted(known))}"
+            )
+
+
+def _to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    lines = [f"[{prefix}]"] if prefix and scalars else []
+    lines += scalars
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            lines += ["", _to_toml(value, f"{prefix}.{key}" if prefix else key)]
+    return "\n".join(lines).strip() + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)

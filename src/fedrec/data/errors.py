@@ -1,0 +1,9 @@
+"""The one exception type the data layer raises for bad input."""
+
+
+class DataError(ValueError):
+    """Bad or inconsistent input data.
+
+    The message is one line that names the file or field at fault and says how to fix it,
+    so a CLI can print it as is. Subclasses ``ValueError`` so generic callers still catch it.
+    """

@@ -1,0 +1,89 @@
+"""The run directory: what a person (or an auditor) reads after a run.
+
+config.toml, metrics.jsonl (one line per round and task), privacy_ledger.jsonl, models/<task>/
+(safetensors + config), summary.json, report.md with plots. ``summary.json`` is written last and
+atomically, so a directory without it is visibly incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedrec.config import FedrecConfig
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def ledger(self) -> Path:
+        return self.path / "privacy_ledger.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def models(self) -> Path:
+        return self.path / "models"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
+
+    def incomplete_marker(self) -> Path:
+        return self.path / "INCOMPLETE"
+
+
+def default_run_path(cfg: FedrecConfig, kind: str = "sim") -> Path:
+    name = cfg.dataset.replace("/", "_").replace(":", "_").strip("._") or "data"
+    return Path("runs") / f"{kind}-{Path(name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def create_run_dir(cfg: FedrecConfig, path: str | Path | None = None) -> RunDir:
+    """Make the directory, write the resolved config, mark it incomplete until finished."""
+    run = RunDir(Path(path or cfg.out or default_run_path(cfg)))
+    if run.summary.exists():
+        raise FileExistsError(f"{run.path}: holds a finished run; pass a new --out directory")
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(cfg.to_toml())
+    run.incomplete_marker().write_text("this run has not finished (or failed)\n")
+    return run
+
+
+def append_metrics(run: RunDir, rows: list[Mapping[str, Any]]) -> None:
+    with run.metrics.open("a") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_metrics(run: RunDir) -> list[dict[str, Any]]:
+    if not run.metrics.exists():
+        return []
+    return [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def finish(run: RunDir, summary: Mapping[str, Any]) -> None:
+    write_json_atomic(run.summary, summary)
+    run.incomplete_marker().unlink(missing_ok=True)

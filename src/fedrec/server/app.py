@@ -1,0 +1,50 @@
+"""fedrec's Flower ServerApp. Thin: it resolves the config and calls run_federation.
+
+``app`` serves ``flwr run`` (config from the run_config, kebab-case keys); the simulation builds
+its own ServerApp around an already-resolved config with ``make_server_app``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedrec.config import FedrecConfig, from_dict
+from fedrec.rundir import create_run_dir
+from fedrec.server.federation import FederationResult, OnRound, run_federation
+from fedrec.server.outputs import write_outputs
+
+
+def make_server_app(
+    cfg: FedrecConfig,
+    run_path: str,
+    on_round: OnRound | None = None,
+    on_done: Callable[[FederationResult], None] | None = None,
+) -> ServerApp:
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        from fedrec.rundir import RunDir
+        from pathlib import Path
+
+        result = run_federation(grid, cfg, RunDir(Path(run_path)), on_round)
+        if on_done is not None:
+            on_done(result)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run``: config from [tool.flwr.app.config] and --run-config."""
+    cfg = from_dict({k: v for k, v in context.run_config.items() if k != "num-server-rounds"}
+                    | {"rounds": int(context.run_config.get("num-server-rounds", 10))})
+    run = create_run_dir(cfg)
+    result = run_federation(grid, cfg, run)
+    write_outputs(cfg, run, result, baselines=False)

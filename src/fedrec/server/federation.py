@@ -1,0 +1,92 @@
+"""The server's work, independent of how it was started (simulation or a SuperLink).
+
+Each round the sampled clients train all task models; the strategy aggregates each task's keys
+into that task's global model; the server evaluates every global model on the validation users,
+logs one metrics line per task, and stops cleanly when too few clients are left to train.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from fedrec.client.local import build_task_models
+from fedrec.config import FedrecConfig
+from fedrec.rundir import RunDir, append_metrics
+from fedrec.scoring import evaluate_model
+from fedrec.strategies import Observed, RoundLog, make_strategy
+from fedrec.strategies.records import pack, unpack_into
+from fedrec.workload import build_workload
+
+log = logging.getLogger(__name__)
+ROUND_TIMEOUT_S = 3600.0
+
+
+class TooFewClients(RuntimeError):
+    """Fewer clients than ``min_train_clients`` answered: the federation cannot go on."""
+
+
+@dataclass
+class FederationResult:
+    models: dict
+    rounds_completed: int
+    stopped_early: str | None
+    rounds: dict[int, RoundLog]
+    seconds: float
+    eval_seconds: float
+    per_round: list[dict] = field(default_factory=list)
+
+
+OnRound = Callable[[int, list[dict], RoundLog], None]
+
+
+def run_federation(grid: Grid, cfg: FedrecConfig, run: RunDir, on_round: OnRound | None = None
+                   ) -> FederationResult:
+    random.seed(cfg.seed)  # Flower samples nodes with the global `random`
+    work = build_workload(cfg)
+    models = build_task_models(cfg, work.spec, cfg.seed)
+    strategy = Observed(make_strategy(cfg, work.partition.n_clients))
+    train_config = ConfigRecord({"fedrec": cfg.to_json(), "ledger-path": str(run.ledger.resolve())})
+    state = {"done": 0, "eval": 0.0}
+    rows_all: list[dict] = []
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        rlog = strategy.rounds.get(server_round, RoundLog(server_round))
+        if rlog.replies < min(cfg.min_train_clients, work.partition.n_clients):
+            raise TooFewClients(
+                f"round {server_round}: only {rlog.replies} client(s) trained "
+                f"({len(rlog.failures)} refused or failed); at least {cfg.min_train_clients} needed"
+            )
+        t0 = time.perf_counter()
+        unpack_into(arrays, models)
+        rows = []
+        for task, model in models.items():
+            metrics = evaluate_model(model, work.valid, full_ranking=False)
+            rows.append({"round": server_round, "task": task, "split": "valid",
+                         "train_loss": rlog.metrics.get(f"{task}.loss"), **metrics})
+        state["eval"] += time.perf_counter() - t0
+        state["done"] = server_round
+        append_metrics(run, rows)
+        rows_all.extend(rows)
+        if on_round is not None:
+            on_round(server_round, rows, rlog)
+        return MetricRecord({f"{r['task']}.hr@10": float(r["hr@10"]) for r in rows})
+
+    start = time.perf_counter()
+    stopped = None
+    try:
+        strategy.start(grid, pack(models), num_rounds=cfg.rounds, timeout=ROUND_TIMEOUT_S,
+                       train_config=train_config, evaluate_fn=evaluate_fn)
+    except TooFewClients as err:
+        stopped = str(err)
+        log.warning("federation stopped early: %s", err)
+    return FederationResult(models, state["done"], stopped, strategy.rounds,
+                            time.perf_counter() - start, state["eval"], rows_all)

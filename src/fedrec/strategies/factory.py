@@ -1,0 +1,64 @@
+"""Build the server strategy from the config: Flower's strategies, never re-implemented.
+
+All task models travel in one flattened ArrayRecord (see records.py), so each strategy aggregates
+every task's parameters key by key: one global model per task, one round trip per round.
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
+
+from flwr.app import MetricRecord, RecordDict
+
+from fedrec.config import FedrecConfig
+from fedrec.strategies.records import ARRAYS_KEY
+
+
+def make_strategy(cfg: FedrecConfig, n_clients: int) -> Strategy:
+    """The named strategy, sampling ``fraction_train`` of ``n_clients`` each round."""
+    min_nodes = min(cfg.min_train_clients, n_clients)
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=0.0,  # evaluation is central in simulation (see server/federation.py)
+        min_train_nodes=min_nodes,
+        min_evaluate_nodes=0,
+        min_available_nodes=n_clients,
+        arrayrecord_key=ARRAYS_KEY,
+        train_metrics_aggr_fn=aggregate_train_metrics,
+    )
+    if cfg.strategy == "fedavg":
+        return FedAvg(**common)
+    if cfg.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "fedadam":
+        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.server_lr)
+    if cfg.strategy == "fedmedian":
+        return FedMedian(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=0.2)
+    if cfg.strategy == "krum":
+        return Krum(**common, num_malicious_nodes=max(0, (n_clients - 3) // 2 // 2))
+    raise ValueError(f"unknown strategy '{cfg.strategy}'")
+
+
+def aggregate_train_metrics(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Weighted means of losses; sums of counts and seconds (total work done this round)."""
+    records = [next(iter(r.metric_records.values())) for r in replies]
+    weights = [float(m[weighted_by_key]) for m in records]  # type: ignore[arg-type]
+    total = sum(weights) or 1.0
+    out: dict[str, float] = {"clients": float(len(records))}
+    for key in records[0].keys():
+        values = [float(m[key]) for m in records]  # type: ignore[arg-type]
+        if key == weighted_by_key or key.endswith(("-seconds", ".steps")):
+            out[key] = sum(values)
+        else:
+            out[key] = sum(w * v for w, v in zip(weights, values)) / total
+    return MetricRecord(out)  # type: ignore[arg-type]

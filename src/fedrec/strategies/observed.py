@@ -1,0 +1,66 @@
+"""A transparent wrapper that records what each round's aggregation saw.
+
+The server needs per-round training metrics and the list of clients that refused or failed
+(budget refusals end a run cleanly when too few clients remain); Flower's strategies log these
+but do not return them, so we observe ``aggregate_train`` without changing its result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round's training."""
+
+    round: int
+    replies: int = 0
+    failures: list[tuple[int, int, str]] = field(default_factory=list)  # (node, code, reason)
+    metrics: dict[str, float] = field(default_factory=dict)
+    ledger_entries: list[str] = field(default_factory=list)
+
+
+class Observed(Strategy):
+    """Delegates everything to ``inner``; keeps a RoundLog per round."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.rounds: dict[int, RoundLog] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        rlog = RoundLog(server_round)
+        for msg in replies:
+            if msg.has_error():
+                rlog.failures.append((msg.metadata.src_node_id, msg.error.code, msg.error.reason))
+            else:
+                rlog.replies += 1
+                if "ledger" in msg.content:
+                    rlog.ledger_entries += [str(e) for e in msg.content["ledger"]["entries"]]
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if metrics is not None:
+            rlog.metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+        self.rounds[server_round] = rlog
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)

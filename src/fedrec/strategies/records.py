@@ -1,0 +1,56 @@
+"""The wire format of a round: all task models in one ArrayRecord, keys prefixed by task.
+
+One flattened record lets every Flower strategy (FedAvg, FedProx, FedAdam, robust ones, the DP
+wrappers) aggregate all tasks in one round trip while each key, and so each task's global model,
+is aggregated on its own. Only models travel: no user IDs, no interactions, no per-user scores.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedrec.models.base import TaskModel
+
+ARRAYS_KEY = "arrays"
+SEP = "/"
+
+
+def pack(models: Mapping[str, TaskModel]) -> ArrayRecord:
+    """One ArrayRecord holding every task model's trainable state, as ``task/param``."""
+    flat: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for task, model in models.items():
+        for name, tensor in _travelling_state(model).items():
+            flat[f"{task}{SEP}{name}"] = tensor.detach().cpu()
+    return ArrayRecord(flat)
+
+
+def unpack_into(record: ArrayRecord, models: Mapping[str, TaskModel]) -> None:
+    """Load each task's weights from ``record`` into ``models`` (shapes must match exactly)."""
+    state = record.to_torch_state_dict()
+    for task, model in models.items():
+        prefix = f"{task}{SEP}"
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        expected = _travelling_state(model)
+        if set(own) != set(expected):
+            missing = sorted(set(expected) - set(own))[:3]
+            raise ValueError(f"weights for task '{task}' do not match the model (missing {missing})")
+        for name, value in own.items():
+            if value.shape != expected[name].shape:
+                raise ValueError(
+                    f"weights for '{task}{SEP}{name}' have shape {tuple(value.shape)}, "
+                    f"expected {tuple(expected[name].shape)}"
+                )
+        model.load_state_dict(own, strict=False)
+
+
+def task_keys(record: ArrayRecord, task: str) -> list[str]:
+    return [k for k in record.keys() if k.startswith(f"{task}{SEP}")]
+
+
+def _travelling_state(model: TaskModel) -> OrderedDict[str, torch.Tensor]:
+    """Trainable parameters only: buffers hold public catalogue metadata every party builds."""
+    return OrderedDict((n, p) for n, p in model.named_parameters())

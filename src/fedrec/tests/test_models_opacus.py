@@ -1,0 +1,109 @@
+"""Opacus ghost clipping on every task model equals clipping naive per-user gradients."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+from fedrec.models import TASKS, ModelSpec, SequenceBatch, TaskModel, UserBatch, build_model
+from fedrec.models.batching import make_sequence_batch
+from fedrec.models.layers import Embedding, Linear, embedding_norm_sample, linear_norm_sample
+from fedrec.models.synthetic import cyclic_users
+
+B = 8
+
+
+def _batch(seed: int) -> tuple[SequenceBatch, ModelSpec]:
+    data = cyclic_users(B, seed=seed)
+    mask = data.mask.copy()
+    mask[0] = False  # an empty user: zero gradient
+    mask[1, 1:] = False  # a single interaction: zero gradient
+    data = replace(data, mask=mask, items=np.where(mask, data.items, 0))
+    gen = torch.Generator().manual_seed(seed)
+    batch = make_sequence_batch(data.items, data.mask, data.feats, data.ctx, 60, 6, gen)
+    return batch, data.spec
+
+
+def _row(batch: SequenceBatch, i: int) -> SequenceBatch:
+    u = batch.users
+    users = UserBatch(u.items[i : i + 1], u.mask[i : i + 1], u.feats[i : i + 1], u.context[i : i + 1])
+    return SequenceBatch(users, batch.context[i : i + 1], batch.negatives[i : i + 1])
+
+
+def _naive_grads(model: TaskModel, batch: SequenceBatch) -> torch.Tensor:
+    """Float[B, P]: each user's gradient, one backward pass per user."""
+    rows = []
+    for i in range(B):
+        model.zero_grad(set_to_none=True)
+        model(_row(batch, i)).sum().backward()
+        rows.append(torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+            for p in model.parameters()
+        ]))
+    return torch.stack(rows)
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    if p.grad is None:
+        raise AssertionError("every parameter should receive a gradient")
+    return p.grad
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_ghost_clipping_matches_naive_per_user_clipping(task: str) -> None:
+    torch.manual_seed(0)
+    batch, spec = _batch(seed=20)
+    model = build_model(task, spec, dropout=0.0)  # dropout would differ between the two passes
+    grads = _naive_grads(copy.deepcopy(model), batch)  # (B, P)
+    norms = grads.norm(dim=1)
+    clip = float(norms[norms > 0].median())  # some users clipped, some not
+    expected = (grads * (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]).sum(0) / B
+
+    gsm = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="mean", max_grad_norm=clip, use_ghost_clipping=True
+    )
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
+        expected_batch_size=B, loss_reduction="mean",
+    )
+    opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # full backward hooks on integer inputs
+        DPTensorFastGradientClipping(gsm, opt, gsm(batch), "mean").backward()
+    opt.step()  # noise 0: p.grad = sum of clipped per-user gradients / B
+    got = torch.cat([_grad(p).flatten() for p in model.parameters()])
+
+    assert norms[0] == 0 and norms[1] == 0
+    torch.testing.assert_close(gsm.per_sample_gradient_norms, norms, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # N^2 below / above d_in * d_out: both branches
+def test_linear_norm_rule_is_exact(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    layer = Linear(6, 5)
+    a = torch.randn(4, rows, 2, 6, generator=g)  # rank 4: Opacus's own rule needs 2-D or 3-D
+    back = torch.randn(4, rows, 2, 5, generator=g)
+    norms = linear_norm_sample(layer, [a], back)
+    w = torch.einsum("bnto,bnti->boi", back, a).flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms[layer.weight], w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norms[layer.bias], back.sum((1, 2)).norm(dim=1))
+
+
+def test_embedding_norm_rule_matches_opacus() -> None:
+    g = torch.Generator().manual_seed(1)
+    layer = Embedding(7, 3)
+    ids = torch.randint(0, 7, (5, 4, 6), generator=g)  # repeats within and across examples
+    back = torch.randn(5, 4, 6, 3, generator=g)
+    ours = embedding_norm_sample(layer, [ids], back)[layer.weight]
+    theirs = compute_embedding_norm_sample(layer, [ids], back)[layer.weight]
+    torch.testing.assert_close(ours, theirs)

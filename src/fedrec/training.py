@@ -1,0 +1,204 @@
+"""Local training of one task model on one holder's users: plain PyTorch, optionally DP-SGD.
+
+The same function trains a client's local copy in a federation and the centralized baseline, so
+the two differ only in whose users they see. Under DP the example is a user (their history at
+this site): Poisson sampling of users, per-user clipping (Opacus ghost clipping), Gaussian noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedrec.config import TaskConfig
+from fedrec.data.sequences import Sequences
+from fedrec.models.base import TaskModel
+from fedrec.models.batching import make_sequence_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DPSGDParams:
+    """One DP-SGD release's parameters (calibrated once per run, see fedrec.privacy)."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    noise_seed: int | None = None  # None: seed from OS entropy (unpredictable noise)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one local training call did (aggregates only: safe to send to the server)."""
+
+    loss: float  # mean per-user loss over the steps
+    steps: int  # optimizer steps taken (each one a DP release under DP)
+    sample_rate: float  # users per step / users (the Poisson rate under DP)
+    examples: int  # users trained on
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A holder's training users: their sequences and categorical features (aligned rows)."""
+
+    seqs: Sequences
+    feats: np.ndarray  # int64 [N, F]
+
+    @property
+    def n_users(self) -> int:
+        return int(self.seqs.items.shape[0])
+
+
+def sample_rate_for(cfg: TaskConfig, n_users: int) -> float:
+    """Expected share of users per step: batch_size / n_users, capped at 1."""
+    return min(1.0, cfg.batch_size / max(n_users, 1))
+
+
+def steps_per_round(cfg: TaskConfig, n_users: int) -> int:
+    """Steps in one round of local training: local_epochs * (1 / sample_rate), rounded up."""
+    return cfg.local_epochs * math.ceil(1.0 / sample_rate_for(cfg, n_users))
+
+
+def train_task(
+    model: TaskModel,
+    data: LocalData,
+    cfg: TaskConfig,
+    *,
+    seed: int,
+    dp: DPSGDParams | None = None,
+    proximal_mu: float = 0.0,
+) -> TrainStats:
+    """Train ``model`` in place for ``cfg.local_epochs`` over ``data``'s users.
+
+    ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) weights (Li et al.
+    2020) as a decoupled step after each update: it touches no data, so it is DP post-processing.
+    """
+    if data.n_users == 0:
+        raise ValueError("no users to train on: the client's partition is empty")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if proximal_mu > 0:
+        optimizer.register_step_post_hook(_proximal_hook(model, cfg.lr * proximal_mu))
+    q = sample_rate_for(cfg, data.n_users)
+    n_steps = steps_per_round(cfg, data.n_users)
+    start = time.perf_counter()
+    model.train()
+    if dp is None:
+        losses = _train_plain(model, optimizer, data, cfg, rng, gen, n_steps)
+    else:
+        losses = _train_private(model, optimizer, data, cfg, rng, gen, n_steps, q, dp)
+    model.eval()
+    loss = float(np.mean(losses)) if losses else float("nan")
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"degenerate training loss {loss} for task {model.task}")
+    return TrainStats(loss, n_steps, q, data.n_users, time.perf_counter() - start)
+
+
+def _proximal_hook(model: nn.Module, rate: float):
+    anchor = [p.detach().clone() for p in model.parameters()]
+
+    def hook(_opt, _args, _kwargs) -> None:
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), anchor):
+                p.sub_(rate * (p - p0))
+
+    return hook
+
+
+def _batch(data: LocalData, rows: np.ndarray, cfg: TaskConfig, num_items: int, gen: torch.Generator):
+    s = data.seqs
+    return make_sequence_batch(
+        s.items[rows], s.mask[rows], data.feats[rows], s.context[rows], num_items, cfg.negatives, gen
+    )
+
+
+def _train_plain(model, optimizer, data, cfg, rng, gen, n_steps) -> list[float]:
+    """Shuffled mini-batches of users; the same number of steps the private path takes."""
+    losses: list[float] = []
+    order = np.empty(0, dtype=np.int64)
+    for _ in range(n_steps):
+        if order.size < cfg.batch_size:
+            order = np.concatenate([order, rng.permutation(data.n_users)])
+        rows, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        batch = _batch(data, rows, cfg, model.spec.num_items, gen)
+        loss = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+class _PerExampleLoss(nn.Module):
+    """Criterion for Opacus ghost clipping: the model already returns per-user losses."""
+
+    reduction = "mean"
+
+    def forward(self, per_example: Tensor, _target: Tensor | None = None) -> Tensor:
+        if self.reduction == "none":
+            return per_example
+        return per_example.mean()
+
+
+def _train_private(model, optimizer, data, cfg, rng, gen, n_steps, q, dp: DPSGDParams) -> list[float]:
+    """DP-SGD with Opacus's ghost-clipping module and optimizer (exact per-user norms).
+
+    We use Opacus's GradSampleModuleFastGradientClipping + DPOptimizerFastGradientClipping but
+    sample users ourselves (Poisson, rate q, a fixed number of steps) so each step is one
+    accounted release even when the sampled batch is empty; accounting lives in fedrec.privacy.
+    """
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    noise_gen = torch.Generator()
+    noise_gen.manual_seed(dp.noise_seed if dp.noise_seed is not None else _entropy_seed())
+    expected = q * data.n_users
+    gsm = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="mean", max_grad_norm=dp.clipping_norm,
+        use_ghost_clipping=True,
+    )
+    dp_opt = DPOptimizerFastGradientClipping(
+        optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clipping_norm,
+        expected_batch_size=max(1, round(expected)), loss_reduction="mean", generator=noise_gen,
+    )
+    losses: list[float] = []
+    try:
+        for _ in range(n_steps):
+            rows = np.flatnonzero(rng.random(data.n_users) < q)
+            dp_opt.zero_grad(set_to_none=True)
+            if rows.size == 0:
+                _noise_only_step(model, dp_opt)
+                continue
+            batch = _batch(data, rows, cfg, model.spec.num_items, gen)
+            per_user = gsm(batch)  # (b,)
+            loss = DPTensorFastGradientClipping(gsm, dp_opt, per_user, "mean")
+            loss.backward()
+            dp_opt.step()
+            losses.append(float(per_user.detach().mean()))
+    finally:
+        gsm._close()
+    return losses
+
+
+def _noise_only_step(model: nn.Module, dp_opt) -> None:
+    """An empty Poisson batch still releases (pure noise): zero gradients, then the DP step."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    dp_opt.step()
+
+
+def _entropy_seed() -> int:
+    import secrets
+
+    return secrets.randbits(63)
