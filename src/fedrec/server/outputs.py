@@ -39,6 +39,10 @@ def write_outputs(cfg: FedrecConfig, run: RunDir, result: FederationResult, *, b
         "split": "test",
         "tasks": tasks,
         "timing": _timing(result, eval_seconds),
+        "client_failures": [
+            {"round": r, "node": node, "code": code, "reason": reason}
+            for r, rlog in sorted(result.rounds.items()) for node, code, reason in rlog.failures
+        ],
     }
     if baselines:
         stage("baselines: popularity")
@@ -56,6 +60,8 @@ def write_outputs(cfg: FedrecConfig, run: RunDir, result: FederationResult, *, b
             task: _ratio(tasks[task]["hr@10"], summary["baselines"]["central"][task]["hr@10"])
             for task in tasks
         }
+    if cfg.privacy.mode != "none":
+        summary["privacy"] = privacy_summary(cfg, run)
     write_report(run, summary, read_metrics(run))
     finish(run, summary)
     return summary
@@ -87,4 +93,25 @@ def _timing(result: FederationResult, eval_seconds: float) -> dict[str, float]:
         "server_eval_seconds": eval_seconds,
         "framework_overhead_seconds": overhead,
         "framework_overhead_share": overhead / result.seconds if result.seconds else float("nan"),
+    }
+
+
+def privacy_summary(cfg: FedrecConfig, run: RunDir) -> dict[str, Any]:
+    """Cumulative epsilon per client (per task and composed), from the ledger's last entries."""
+    from fedrec.privacy import read_ledger
+
+    per_client: dict[str, dict[str, float]] = {}
+    for entry in read_ledger(run.ledger) if run.ledger.exists() else []:
+        client = per_client.setdefault(entry["client"], {})
+        client[entry["task"]] = entry["epsilon"]
+        client["composed"] = entry["epsilon_composed"]
+    composed = [c["composed"] for c in per_client.values()]
+    return {
+        "mode": cfg.privacy.mode,
+        "unit": "user (all of a user's interactions at one client)",
+        "delta": cfg.privacy.delta,
+        "budget_epsilon": cfg.privacy.epsilon,
+        "max_epsilon": max(composed) if composed else 0.0,
+        "accountant": cfg.privacy.accountant,
+        "per_client": per_client,
     }

@@ -23,8 +23,11 @@ log = logging.getLogger(__name__)
 def check_inputs(cfg: FedrecConfig) -> int:
     """Build the workload and every client's data once; returns the number of clients."""
     work = build_workload(cfg)
-    for client in range(work.partition.n_clients):
-        work.client_data(client)  # raises DataError naming an empty client
+    sizes = [work.client_data(c).n_users for c in range(work.partition.n_clients)]  # DataError if empty
+    if cfg.privacy.mode == "record":
+        from fedrec.privacy import validate_budget
+
+        validate_budget(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, min_records=min(sizes))
     return work.partition.n_clients
 
 
@@ -69,4 +72,4 @@ def _quiet_flower(verbose: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)

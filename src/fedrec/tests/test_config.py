@@ -1,0 +1,43 @@
+import tomllib
+
+import pytest
+
+from fedrec.config import ConfigError, FedrecConfig, from_dict, from_json, load_config
+
+
+def test_toml_and_json_round_trip_keep_every_field():
+    cfg = load_config(None, {"rounds": 3, "privacy.epsilon": 2.5, "tasks": {"recall": {"lr": 0.1}}})
+    assert cfg.rounds == 3 and cfg.privacy.epsilon == 2.5 and cfg.tasks["recall"].lr == 0.1
+    assert from_dict(tomllib.loads(cfg.to_toml())) == cfg
+    assert from_json(cfg.to_json()) == cfg
+
+
+def test_kebab_case_keys_from_flower_run_config_are_accepted():
+    assert from_dict({"min-train-clients": 3}).min_train_clients == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [({"rounds": 0}, "rounds"), ({"rounds": -2}, "rounds"), ({"clients": -1}, "clients"),
+     ({"strategy": "fedfoo"}, "strategy"), ({"privacy.epsilon": 0}, "privacy.epsilon"),
+     ({"privacy.delta": 1.0}, "privacy.delta"), ({"tasks": {"recall": {"lr": -1}}}, "tasks.recall.lr")],
+)
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_unknown_keys_and_missing_file_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="'roundz' is unknown"):
+        from_dict({"roundz": 3})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_default_is_the_documented_ml100k_cross_silo_run():
+    cfg = FedrecConfig()
+    assert (cfg.dataset, cfg.partition, cfg.privacy.mode) == ("ml-100k", "column:occupation", "none")
