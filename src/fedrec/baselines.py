@@ -32,8 +32,14 @@ def popularity_metrics(work: Workload, ev: EvalSet, *, full_ranking: bool) -> di
         return pop[candidates]
 
     return evaluate_scorer(
-        score, targets=ev.targets, users=ev.users, negatives=ev.negatives, exclude=ev.exclude,
-        num_items=work.dataset.num_items, full_ranking=full_ranking, batch_size=256,
+        score,
+        targets=ev.targets,
+        users=ev.users,
+        negatives=ev.negatives,
+        exclude=ev.exclude,
+        num_items=work.dataset.num_items,
+        full_ranking=full_ranking,
+        batch_size=256,
     )
 
 
@@ -53,6 +59,7 @@ def train_central(
     return models
 
 
-def evaluate_all(models: dict[str, TaskModel], ev: EvalSet, *, full_ranking: bool
-                 ) -> dict[str, dict[str, float]]:
+def evaluate_all(
+    models: dict[str, TaskModel], ev: EvalSet, *, full_ranking: bool
+) -> dict[str, dict[str, float]]:
     return {task: evaluate_model(m, ev, full_ranking=full_ranking) for task, m in models.items()}

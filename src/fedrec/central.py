@@ -33,8 +33,9 @@ def run_central(cfg: FedrecConfig, console: Console) -> tuple[RunDir, dict[str, 
         "rounds": cfg.rounds,
         "split": "test",
         "tasks": evaluate_all(models, work.test, full_ranking=cfg.eval_full_ranking),
-        "baselines": {"popularity": popularity_metrics(work, work.test,
-                                                       full_ranking=cfg.eval_full_ranking)},
+        "baselines": {
+            "popularity": popularity_metrics(work, work.test, full_ranking=cfg.eval_full_ranking)
+        },
         "timing": {"train_seconds": seconds},
     }
     finish(run, summary)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
@@ -28,7 +28,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="federated rounds (epochs for train-central)")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory (default runs/<kind>-<dataset>-<time>)")
-    p.add_argument("--strategy", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum")
+    p.add_argument(
+        "--strategy", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum"
+    )
     p.add_argument("--epsilon", type=float, help="per-client DP budget; turns record-level DP on")
     p.add_argument("--delta", type=float, help="DP delta (below 1 / users of the smallest client)")
     p.add_argument("--dp", choices=["record", "none"], help="DP mode (record: DP-SGD on clients)")
@@ -53,13 +55,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedrec.simulation import simulate
 
     cfg = load_config(args.config, _overrides(args))
-    console.print(f"[bold]fedrec simulate[/]: {cfg.dataset}, partition {cfg.partition}, "
-                  f"{cfg.rounds} rounds, strategy {cfg.strategy}")
+    console.print(
+        f"[bold]fedrec simulate[/]: {cfg.dataset}, partition {cfg.partition}, "
+        f"{cfg.rounds} rounds, strategy {cfg.strategy}"
+    )
     with RoundProgress(cfg.rounds, console) as progress:
-        run, summary = simulate(cfg, baselines=not args.no_baselines, on_round=progress.on_round,
-                                on_stage=progress.stage, verbose=args.verbose)
+        run, summary = simulate(
+            cfg,
+            baselines=not args.no_baselines,
+            on_round=progress.on_round,
+            on_stage=progress.stage,
+            verbose=args.verbose,
+        )
     _print_summary(summary)
-    console.print(f"[green]results:[/] {run.path}  (summary.json, report.md, metrics.jsonl, models/)")
+    console.print(
+        f"[green]results:[/] {run.path}  (summary.json, report.md, metrics.jsonl, models/)"
+    )
     print(run.path)
     return 0
 
@@ -93,8 +104,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     ledger = Path(args.run_dir) / "privacy_ledger.jsonl"
     if not ledger.is_file():
         raise UserError(f"{ledger}: no privacy ledger; was the run made with --epsilon?")
-    result = audit_ledger(ledger, run_id=Path(args.run_dir).resolve().name,
-                          every_entry=not args.final_only)
+    result = audit_ledger(
+        ledger, run_id=Path(args.run_dir).resolve().name, every_entry=not args.final_only
+    )
     table = Table(title=f"privacy audit of {args.run_dir}")
     for col in TABLE_COLUMNS:
         table.add_column(col)
@@ -105,7 +117,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for problem in result.problems:
         console.print(f"[red]problem:[/] {problem}")
     json_path, png = write_audit(result, args.run_dir)
-    console.print(f"{'[green]audit passed' if result.ok else '[red]audit FAILED'}[/]: {json_path}, {png}")
+    console.print(
+        f"{'[green]audit passed' if result.ok else '[red]audit FAILED'}[/]: {json_path}, {png}"
+    )
     return 0 if result.ok else 1
 
 
@@ -139,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_central)
     p = sub.add_parser("audit", help="verify a run's privacy ledger and recompute every epsilon")
     p.add_argument("run_dir")
-    p.add_argument("--final-only", action="store_true",
-                   help="recompute only each client's final epsilons (fast), not every entry")
+    p.add_argument(
+        "--final-only",
+        action="store_true",
+        help="recompute only each client's final epsilons (fast), not every entry",
+    )
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("data", help="datasets")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -170,4 +187,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "FedrecConfig"]
+__all__ = ["FedrecConfig", "main"]

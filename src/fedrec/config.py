@@ -148,7 +148,9 @@ def from_json(text: str) -> FedrecConfig:
     return from_dict(json.loads(text))
 
 
-def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> FedrecConfig:
+def load_config(
+    path: str | Path | None, overrides: Mapping[str, Any] | None = None
+) -> FedrecConfig:
     """Read a TOML file (optional) and apply flag overrides (dotted keys allowed: 'privacy.epsilon')."""
     data: dict[str, Any] = {}
     if path is not None:

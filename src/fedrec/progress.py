@@ -5,7 +5,14 @@ from __future__ import annotations
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from fedrec.strategies.observed import RoundLog
 
@@ -16,9 +23,14 @@ class RoundProgress:
     def __init__(self, rounds: int, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.progress = Progress(
-            TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-            console=self.console, transient=False,
+            TextColumn("[bold]federated rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
         )
         self.rounds = rounds
         self.task_id = self.progress.add_task("rounds", total=rounds)
@@ -27,8 +39,12 @@ class RoundProgress:
         self.progress.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.progress.stop()
 
     def on_round(self, server_round: int, rows: list[dict], rlog: RoundLog) -> None:
@@ -39,7 +55,8 @@ class RoundProgress:
             parts.append(f"{r['task']}: {loss_s}HR@10 {r['hr@10']:.3f} NDCG@10 {r['ndcg@10']:.3f}")
         failed = f" [yellow]{len(rlog.failures)} refused/failed[/]" if rlog.failures else ""
         self.progress.console.print(
-            f"round {server_round}/{self.rounds} ({rlog.replies} clients){failed} | " + " | ".join(parts)
+            f"round {server_round}/{self.rounds} ({rlog.replies} clients){failed} | "
+            + " | ".join(parts)
         )
         self.progress.update(self.task_id, completed=server_round)
 

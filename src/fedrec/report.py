@@ -22,9 +22,13 @@ def plot_rounds(run: RunDir, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for metric in PLOTTED:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for task in sorted({r["task"] for r in rows}):
-            pts = [(r["round"], r[metric]) for r in rows if r["task"] == task and r.get(metric) is not None]
+            pts = [
+                (r["round"], r[metric])
+                for r in rows
+                if r["task"] == task and r.get(metric) is not None
+            ]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=task)
+                ax.plot(*zip(*pts, strict=False), marker="o", label=task)
         ax.set_xlabel("round")
         ax.set_ylabel(metric + (" (validation)" if metric != "train_loss" else ""))
         ax.grid(alpha=0.3)
@@ -56,7 +60,9 @@ def results_table(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(run: RunDir, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
+def write_report(
+    run: RunDir, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
+) -> None:
     plots = plot_rounds(run, rows) if rows else []
     t = summary.get("timing", {})
     lines = [
@@ -68,14 +74,23 @@ def write_report(run: RunDir, summary: Mapping[str, Any], rows: Sequence[Mapping
     ]
     if summary.get("stopped_early"):
         lines += ["", f"**Stopped early:** {summary['stopped_early']}"]
-    lines += ["", "## Test metrics", "",
-              "Sampled protocol: the held-out item among 99 items the user never interacted with. "
-              "`full/`: ranking the whole catalogue, the user's history excluded.", ""]
+    lines += [
+        "",
+        "## Test metrics",
+        "",
+        "Sampled protocol: the held-out item among 99 items the user never interacted with. "
+        "`full/`: ranking the whole catalogue, the user's history excluded.",
+        "",
+    ]
     lines += results_table(summary)
     if t:
-        lines += ["", "## Time", "",
-                  f"Federation wall time {t['federation_seconds']:.1f} s; framework overhead "
-                  f"{t['framework_overhead_share']:.0%} (outside local training and evaluation)."]
+        lines += [
+            "",
+            "## Time",
+            "",
+            f"Federation wall time {t['federation_seconds']:.1f} s; framework overhead "
+            f"{t['framework_overhead_share']:.0%} (outside local training and evaluation).",
+        ]
     if plots:
         lines += ["", "## Validation metrics over rounds", ""]
         lines += [f"![{p}]({p})" for p in plots]

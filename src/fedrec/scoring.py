@@ -45,8 +45,14 @@ def evaluate_model(
     model.eval()
     score_fn = model_score_fn(model, ev)
     metrics = evaluate_scorer(
-        score_fn, targets=ev.targets, users=ev.users, negatives=ev.negatives, exclude=ev.exclude,
-        num_items=model.spec.num_items, full_ranking=full_ranking, batch_size=batch_size,
+        score_fn,
+        targets=ev.targets,
+        users=ev.users,
+        negatives=ev.negatives,
+        exclude=ev.exclude,
+        num_items=model.spec.num_items,
+        full_ranking=full_ranking,
+        batch_size=batch_size,
     )
     if model.task == "ranking":
         metrics.update(_ctr_metrics(score_fn, ev, batch_size))
@@ -60,10 +66,12 @@ def sampled_candidates(ev: EvalSet) -> np.ndarray:
 
 def _ctr_metrics(score_fn: ScoreFn, ev: EvalSet, batch_size: int) -> dict[str, float]:
     cands = sampled_candidates(ev)
-    logits = np.concatenate([
-        score_fn(np.arange(s, min(s + batch_size, len(cands))), cands[s : s + batch_size])
-        for s in range(0, len(cands), batch_size)
-    ])
+    logits = np.concatenate(
+        [
+            score_fn(np.arange(s, min(s + batch_size, len(cands))), cands[s : s + batch_size])
+            for s in range(0, len(cands), batch_size)
+        ]
+    )
     probs = 1.0 / (1.0 + np.exp(-logits))
     labels = np.zeros_like(probs)
     labels[:, 0] = 1.0

@@ -108,16 +108,24 @@ def _proximal_hook(model: nn.Module, rate: float):
 
     def hook(_opt, _args, _kwargs) -> None:
         with torch.no_grad():
-            for p, p0 in zip(model.parameters(), anchor):
+            for p, p0 in zip(model.parameters(), anchor, strict=False):
                 p.sub_(rate * (p - p0))
 
     return hook
 
 
-def _batch(data: LocalData, rows: np.ndarray, cfg: TaskConfig, num_items: int, gen: torch.Generator):
+def _batch(
+    data: LocalData, rows: np.ndarray, cfg: TaskConfig, num_items: int, gen: torch.Generator
+):
     s = data.seqs
     return make_sequence_batch(
-        s.items[rows], s.mask[rows], data.feats[rows], s.context[rows], num_items, cfg.negatives, gen
+        s.items[rows],
+        s.mask[rows],
+        data.feats[rows],
+        s.context[rows],
+        num_items,
+        cfg.negatives,
+        gen,
     )
 
 
@@ -149,7 +157,9 @@ class _PerExampleLoss(nn.Module):
         return per_example.mean()
 
 
-def _train_private(model, optimizer, data, cfg, rng, gen, n_steps, q, dp: DPSGDParams) -> list[float]:
+def _train_private(
+    model, optimizer, data, cfg, rng, gen, n_steps, q, dp: DPSGDParams
+) -> list[float]:
     """DP-SGD with Opacus's ghost-clipping module and optimizer (exact per-user norms).
 
     We use Opacus's GradSampleModuleFastGradientClipping + DPOptimizerFastGradientClipping but
@@ -164,12 +174,19 @@ def _train_private(model, optimizer, data, cfg, rng, gen, n_steps, q, dp: DPSGDP
     noise_gen.manual_seed(dp.noise_seed if dp.noise_seed is not None else _entropy_seed())
     expected = q * data.n_users
     gsm = GradSampleModuleFastGradientClipping(
-        model, batch_first=True, loss_reduction="mean", max_grad_norm=dp.clipping_norm,
+        model,
+        batch_first=True,
+        loss_reduction="mean",
+        max_grad_norm=dp.clipping_norm,
         use_ghost_clipping=True,
     )
     dp_opt = DPOptimizerFastGradientClipping(
-        optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clipping_norm,
-        expected_batch_size=max(1, round(expected)), loss_reduction="mean", generator=noise_gen,
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.clipping_norm,
+        expected_batch_size=max(1, round(expected)),
+        loss_reduction="mean",
+        generator=noise_gen,
     )
     losses: list[float] = []
     try:

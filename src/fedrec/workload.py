@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from fedrec.config import FedrecConfig
-from fedrec.data import Dataset, DataError, Partition, Split, load_dataset, make_partition
+from fedrec.data import DataError, Dataset, Partition, Split, load_dataset, make_partition
 from fedrec.data.sequences import Sequences, build_sequences, context_of, user_item_sets
 from fedrec.data.split import leave_last_out
 from fedrec.models.base import ModelSpec
@@ -41,8 +41,12 @@ class EvalSet:
         h = self.history
         seqs = Sequences(*(getattr(h.seqs, f)[:n] for f in ("users", "items", "mask", "context")))
         return EvalSet(
-            self.users[:n], LocalData(seqs, h.feats[:n]), self.context[:n], self.targets[:n],
-            self.negatives[:n], self.exclude[:n],
+            self.users[:n],
+            LocalData(seqs, h.feats[:n]),
+            self.context[:n],
+            self.targets[:n],
+            self.negatives[:n],
+            self.exclude[:n],
         )
 
 
@@ -106,7 +110,10 @@ def _build_cached(dataset: str, partition: str, clients: int, seed: int, max_len
         max_len=max_len,
     )
     log.info(
-        "workload: %s, %d users, %d items, %d clients", ds.name, ds.num_users, ds.num_items,
+        "workload: %s, %d users, %d items, %d clients",
+        ds.name,
+        ds.num_users,
+        ds.num_items,
         part.n_clients,
     )
     return Workload(ds, split, part, train, valid, test, spec)
@@ -117,8 +124,10 @@ def _eval_set(history_df, heldout, ds, feats, seen, max_len, rng) -> EvalSet:
     users = heldout["user"].to_numpy(np.int64)
     seqs = build_sequences(history_df, max_len, users)
     exclude = user_item_sets(history_df, ds.num_users)
-    negatives = np.stack([_negatives(seen[u], ds.num_items, rng) for u in users]) if len(users) else (
-        np.zeros((0, NUM_SAMPLED_NEGATIVES), np.int64)
+    negatives = (
+        np.stack([_negatives(seen[u], ds.num_items, rng) for u in users])
+        if len(users)
+        else (np.zeros((0, NUM_SAMPLED_NEGATIVES), np.int64))
     )
     return EvalSet(
         users=users,

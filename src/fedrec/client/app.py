@@ -37,12 +37,23 @@ def train(msg: Message, context: Context) -> Message:
         data = work.client_data(client)
         models = build_task_models(cfg, work.spec, cfg.seed)
         unpack_into(msg.content[ARRAYS_KEY], models)
-        privacy = client_privacy(cfg, context, client, data, ledger_path=_ledger_path(config, context),
-                                 run_id=str(config.get("run-id", "")))
+        privacy = client_privacy(
+            cfg,
+            context,
+            client,
+            data,
+            ledger_path=_ledger_path(config, context),
+            run_id=str(config.get("run-id", "")),
+        )
         dp = privacy.before_round(server_round) if privacy else None
         result = train_round(
-            cfg, models, data, server_round=server_round, client_seed=cfg.seed * 100_003 + client,
-            dp=dp, proximal_mu=float(config.get("proximal-mu", 0.0)),
+            cfg,
+            models,
+            data,
+            server_round=server_round,
+            client_seed=cfg.seed * 100_003 + client,
+            dp=dp,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
         )
         ledger = privacy.after_round(server_round, result) if privacy else []
     except PrivacyRefusal as err:
@@ -67,9 +78,7 @@ def _ledger_path(config: ConfigRecord, context: Context) -> str | None:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation is not used in simulation (the server evaluates centrally)."""
-    return Message(
-        content=RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg
-    )
+    return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
 
 
-__all__ = ["app", "ArrayRecord"]
+__all__ = ["ArrayRecord", "app"]

@@ -62,8 +62,12 @@ def train_round(
     for i, (task, model) in enumerate(models.items()):
         seed = (client_seed * 7919 + server_round) * 31 + i
         stats[task] = train_task(
-            model, data, cfg.tasks[task], seed=seed,
-            dp=dp[task] if dp else None, proximal_mu=proximal_mu,
+            model,
+            data,
+            cfg.tasks[task],
+            seed=seed,
+            dp=dp[task] if dp else None,
+            proximal_mu=proximal_mu,
         )
         log.debug("round %d task %s loss %.4f", server_round, task, stats[task].loss)
     return RoundResult(stats)

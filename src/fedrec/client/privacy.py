@@ -54,7 +54,8 @@ class ClientPrivacy:
             )
         return {
             task: DPSGDParams(
-                self.sigmas[task], p.clipping_norm,
+                self.sigmas[task],
+                p.clipping_norm,
                 None if p.secure_rng else hash((self.seed, server_round, task)) & (2**62 - 1),
             )
             for task in self.plan
@@ -65,11 +66,20 @@ class ClientPrivacy:
         p = self.cfg.privacy
         entries = []
         for task, stats in result.stats.items():
-            self.state.record(task, noise_multiplier=self.sigmas[task],
-                              sample_rate=stats.sample_rate, steps=stats.steps)
+            self.state.record(
+                task,
+                noise_multiplier=self.sigmas[task],
+                sample_rate=stats.sample_rate,
+                steps=stats.steps,
+            )
             entry = LedgerEntry.from_state(
-                self.state, client=self.client, task=task, round=server_round,
-                clipping_norm=p.clipping_norm, delta=p.delta, budget_epsilon=p.epsilon,
+                self.state,
+                client=self.client,
+                task=task,
+                round=server_round,
+                clipping_norm=p.clipping_norm,
+                delta=p.delta,
+                budget_epsilon=p.epsilon,
             )
             written = self.ledger.append(entry) if self.ledger else entry.to_fields()
             entries.append(json.dumps(written, sort_keys=True))
@@ -83,16 +93,23 @@ class ClientPrivacy:
 
 
 def client_privacy(
-    cfg: FedrecConfig, context: Context, client: int, data: LocalData, *,
-    ledger_path: str | None, run_id: str,
+    cfg: FedrecConfig,
+    context: Context,
+    client: int,
+    data: LocalData,
+    *,
+    ledger_path: str | None,
+    run_id: str,
 ) -> ClientPrivacy | None:
     """The client's DP controller for record-level DP; None when DP is off or server-side."""
     p = cfg.privacy
     if p.mode != "record":
         return None
     validate_budget(epsilon=p.epsilon, delta=p.delta, min_records=data.n_users)
-    plan = {t: (sample_rate_for(c, data.n_users), steps_per_round(c, data.n_users))
-            for t, c in cfg.tasks.items()}
+    plan = {
+        t: (sample_rate_for(c, data.n_users), steps_per_round(c, data.n_users))
+        for t, c in cfg.tasks.items()
+    }
     name = f"client-{client}"
     if STATE_KEY in context.state:
         rec = context.state[STATE_KEY]
@@ -100,15 +117,21 @@ def client_privacy(
         sigmas = json.loads(str(rec["sigmas"]))
     else:
         state = ClientPrivacyState(accountant=p.accountant)
-        sigmas = calibrate_noise(  # a hair under budget so float noise never refuses a planned round
-            epsilon=p.epsilon * CALIBRATION_MARGIN, delta=p.delta,
-            sample_rate={t: q for t, (q, _) in plan.items()},
-            steps_per_round={t: s for t, (_, s) in plan.items()},
-            rounds=cfg.rounds, task_shares=dict(zip(cfg.tasks, p.task_shares)),
-            accountant=p.accountant,
+        sigmas = (
+            calibrate_noise(  # a hair under budget so float noise never refuses a planned round
+                epsilon=p.epsilon * CALIBRATION_MARGIN,
+                delta=p.delta,
+                sample_rate={t: q for t, (q, _) in plan.items()},
+                steps_per_round={t: s for t, (_, s) in plan.items()},
+                rounds=cfg.rounds,
+                task_shares=dict(zip(cfg.tasks, p.task_shares, strict=False)),
+                accountant=p.accountant,
+            )
         )
         log.info("%s: calibrated noise multipliers %s", name, sigmas)
     ledger = Ledger(ledger_path, run_id) if ledger_path else None
-    ctl = ClientPrivacy(cfg, context, name, plan, sigmas, state, ledger, cfg.seed * 100_003 + client)
+    ctl = ClientPrivacy(
+        cfg, context, name, plan, sigmas, state, ledger, cfg.seed * 100_003 + client
+    )
     ctl._save()
     return ctl

@@ -27,8 +27,9 @@ def make_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedrec.rundir import RunDir
         from pathlib import Path
+
+        from fedrec.rundir import RunDir
 
         result = run_federation(grid, cfg, RunDir(Path(run_path)), on_round)
         if on_done is not None:
@@ -43,8 +44,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: config from [tool.flwr.app.config] and --run-config."""
-    cfg = from_dict({k: v for k, v in context.run_config.items() if k != "num-server-rounds"}
-                    | {"rounds": int(context.run_config.get("num-server-rounds", 10))})
+    cfg = from_dict(
+        {k: v for k, v in context.run_config.items() if k != "num-server-rounds"}
+        | {"rounds": int(context.run_config.get("num-server-rounds", 10))}
+    )
     run = create_run_dir(cfg)
     result = run_federation(grid, cfg, run)
     write_outputs(cfg, run, result, baselines=False)

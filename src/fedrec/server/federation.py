@@ -46,14 +46,16 @@ class FederationResult:
 OnRound = Callable[[int, list[dict], RoundLog], None]
 
 
-def run_federation(grid: Grid, cfg: FedrecConfig, run: RunDir, on_round: OnRound | None = None
-                   ) -> FederationResult:
+def run_federation(
+    grid: Grid, cfg: FedrecConfig, run: RunDir, on_round: OnRound | None = None
+) -> FederationResult:
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     work = build_workload(cfg)
     models = build_task_models(cfg, work.spec, cfg.seed)
     strategy = Observed(make_strategy(cfg, work.partition.n_clients))
-    train_config = ConfigRecord({"fedrec": cfg.to_json(), "run-id": run.path.name,
-                                 "ledger-path": str(run.ledger.resolve())})
+    train_config = ConfigRecord(
+        {"fedrec": cfg.to_json(), "run-id": run.path.name, "ledger-path": str(run.ledger.resolve())}
+    )
     state = {"done": 0, "eval": 0.0}
     rows_all: list[dict] = []
 
@@ -71,8 +73,15 @@ def run_federation(grid: Grid, cfg: FedrecConfig, run: RunDir, on_round: OnRound
         rows = []
         for task, model in models.items():
             metrics = evaluate_model(model, work.valid, full_ranking=False)
-            rows.append({"round": server_round, "task": task, "split": "valid",
-                         "train_loss": rlog.metrics.get(f"{task}.loss"), **metrics})
+            rows.append(
+                {
+                    "round": server_round,
+                    "task": task,
+                    "split": "valid",
+                    "train_loss": rlog.metrics.get(f"{task}.loss"),
+                    **metrics,
+                }
+            )
         state["eval"] += time.perf_counter() - t0
         state["done"] = server_round
         append_metrics(run, rows)
@@ -84,10 +93,23 @@ def run_federation(grid: Grid, cfg: FedrecConfig, run: RunDir, on_round: OnRound
     start = time.perf_counter()
     stopped = None
     try:
-        strategy.start(grid, pack(models), num_rounds=cfg.rounds, timeout=ROUND_TIMEOUT_S,
-                       train_config=train_config, evaluate_fn=evaluate_fn)
+        strategy.start(
+            grid,
+            pack(models),
+            num_rounds=cfg.rounds,
+            timeout=ROUND_TIMEOUT_S,
+            train_config=train_config,
+            evaluate_fn=evaluate_fn,
+        )
     except TooFewClients as err:
         stopped = str(err)
         log.warning("federation stopped early: %s", err)
-    return FederationResult(models, state["done"], stopped, strategy.rounds,
-                            time.perf_counter() - start, state["eval"], rows_all)
+    return FederationResult(
+        models,
+        state["done"],
+        stopped,
+        strategy.rounds,
+        time.perf_counter() - start,
+        state["eval"],
+        rows_all,
+    )

@@ -17,8 +17,9 @@ from fedrec.workload import build_workload
 log = logging.getLogger(__name__)
 
 
-def write_outputs(cfg: FedrecConfig, run: RunDir, result: FederationResult, *, baselines: bool,
-                  on_stage=None) -> dict[str, Any]:
+def write_outputs(
+    cfg: FedrecConfig, run: RunDir, result: FederationResult, *, baselines: bool, on_stage=None
+) -> dict[str, Any]:
     """Evaluate the final global models on the test split and write the run's files."""
     work = build_workload(cfg)
     stage = on_stage or (lambda name: None)
@@ -41,7 +42,8 @@ def write_outputs(cfg: FedrecConfig, run: RunDir, result: FederationResult, *, b
         "timing": _timing(result, eval_seconds),
         "client_failures": [
             {"round": r, "node": node, "code": code, "reason": reason}
-            for r, rlog in sorted(result.rounds.items()) for node, code, reason in rlog.failures
+            for r, rlog in sorted(result.rounds.items())
+            for node, code, reason in rlog.failures
         ],
     }
     if baselines:

@@ -23,11 +23,15 @@ log = logging.getLogger(__name__)
 def check_inputs(cfg: FedrecConfig) -> int:
     """Build the workload and every client's data once; returns the number of clients."""
     work = build_workload(cfg)
-    sizes = [work.client_data(c).n_users for c in range(work.partition.n_clients)]  # DataError if empty
+    sizes = [
+        work.client_data(c).n_users for c in range(work.partition.n_clients)
+    ]  # DataError if empty
     if cfg.privacy.mode == "record":
         from fedrec.privacy import validate_budget
 
-        validate_budget(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, min_records=min(sizes))
+        validate_budget(
+            epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, min_records=min(sizes)
+        )
     return work.partition.n_clients
 
 
@@ -54,12 +58,21 @@ def simulate(
     cpus = os.cpu_count() or 1
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                      "logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "logging_level": "INFO" if verbose else "ERROR",
+            "log_to_driver": verbose,
+        },
     }
     t0 = time.perf_counter()
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_clients,
-                   backend_config=backend, verbose_logging=verbose)
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=n_clients,
+        backend_config=backend,
+        verbose_logging=verbose,
+    )
     if "r" not in holder:
         raise RuntimeError(f"the simulation ended without a result; see the log ({run.path})")
     log.info("simulation finished in %.1f s", time.perf_counter() - t0)

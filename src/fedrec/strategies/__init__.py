@@ -3,4 +3,4 @@
 from fedrec.strategies.factory import make_strategy
 from fedrec.strategies.observed import Observed, RoundLog
 
-__all__ = ["make_strategy", "Observed", "RoundLog"]
+__all__ = ["Observed", "RoundLog", "make_strategy"]

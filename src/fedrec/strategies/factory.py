@@ -6,6 +6,7 @@ every task's parameters key by key: one global model per task, one round trip pe
 
 from __future__ import annotations
 
+from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -15,8 +16,6 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
-
-from flwr.app import MetricRecord, RecordDict
 
 from fedrec.config import FedrecConfig
 from fedrec.strategies.records import ARRAYS_KEY
@@ -55,10 +54,10 @@ def aggregate_train_metrics(replies: list[RecordDict], weighted_by_key: str) -> 
     weights = [float(m[weighted_by_key]) for m in records]  # type: ignore[arg-type]
     total = sum(weights) or 1.0
     out: dict[str, float] = {"clients": float(len(records))}
-    for key in records[0].keys():
+    for key in records[0]:
         values = [float(m[key]) for m in records]  # type: ignore[arg-type]
         if key == weighted_by_key or key.endswith(("-seconds", ".steps")):
             out[key] = sum(values)
         else:
-            out[key] = sum(w * v for w, v in zip(weights, values)) / total
+            out[key] = sum(w * v for w, v in zip(weights, values, strict=False)) / total
     return MetricRecord(out)  # type: ignore[arg-type]

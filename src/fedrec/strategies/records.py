@@ -33,11 +33,13 @@ def unpack_into(record: ArrayRecord, models: Mapping[str, TaskModel]) -> None:
     state = record.to_torch_state_dict()
     for task, model in models.items():
         prefix = f"{task}{SEP}"
-        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         expected = _travelling_state(model)
         if set(own) != set(expected):
             missing = sorted(set(expected) - set(own))[:3]
-            raise ValueError(f"weights for task '{task}' do not match the model (missing {missing})")
+            raise ValueError(
+                f"weights for task '{task}' do not match the model (missing {missing})"
+            )
         for name, value in own.items():
             if value.shape != expected[name].shape:
                 raise ValueError(
@@ -48,7 +50,7 @@ def unpack_into(record: ArrayRecord, models: Mapping[str, TaskModel]) -> None:
 
 
 def task_keys(record: ArrayRecord, task: str) -> list[str]:
-    return [k for k in record.keys() if k.startswith(f"{task}{SEP}")]
+    return [k for k in record if k.startswith(f"{task}{SEP}")]
 
 
 def _travelling_state(model: TaskModel) -> OrderedDict[str, torch.Tensor]:

@@ -7,18 +7,29 @@ import pytest
 
 
 def _fedrec(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "fedrec.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fedrec.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["simulate", "--rounds", "0"], "rounds"),
-    (["simulate", "--clients", "-3"], "clients"),
-    (["simulate", "--dataset", "nowhere-data"], "nowhere-data"),
-    (["simulate", "--config", "missing.toml"], "missing.toml"),
-    (["simulate", "--dataset", "synthetic", "--partition", "site", "--epsilon", "-1"], "epsilon"),
-    (["audit", "no-run-here"], "no-run-here"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["simulate", "--rounds", "0"], "rounds"),
+        (["simulate", "--clients", "-3"], "clients"),
+        (["simulate", "--dataset", "nowhere-data"], "nowhere-data"),
+        (["simulate", "--config", "missing.toml"], "missing.toml"),
+        (
+            ["simulate", "--dataset", "synthetic", "--partition", "site", "--epsilon", "-1"],
+            "epsilon",
+        ),
+        (["audit", "no-run-here"], "no-run-here"),
+    ],
+)
 def test_user_errors_are_one_clear_line(tmp_path, args, needle):
     proc = _fedrec(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr

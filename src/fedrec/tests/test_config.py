@@ -18,9 +18,15 @@ def test_kebab_case_keys_from_flower_run_config_are_accepted():
 
 @pytest.mark.parametrize(
     "overrides, field",
-    [({"rounds": 0}, "rounds"), ({"rounds": -2}, "rounds"), ({"clients": -1}, "clients"),
-     ({"strategy": "fedfoo"}, "strategy"), ({"privacy.epsilon": 0}, "privacy.epsilon"),
-     ({"privacy.delta": 1.0}, "privacy.delta"), ({"tasks": {"recall": {"lr": -1}}}, "tasks.recall.lr")],
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"rounds": -2}, "rounds"),
+        ({"clients": -1}, "clients"),
+        ({"strategy": "fedfoo"}, "strategy"),
+        ({"privacy.epsilon": 0}, "privacy.epsilon"),
+        ({"privacy.delta": 1.0}, "privacy.delta"),
+        ({"tasks": {"recall": {"lr": -1}}}, "tasks.recall.lr"),
+    ],
 )
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -40,4 +46,8 @@ def test_unknown_keys_and_missing_file_are_errors(tmp_path):
 
 def test_default_is_the_documented_ml100k_cross_silo_run():
     cfg = FedrecConfig()
-    assert (cfg.dataset, cfg.partition, cfg.privacy.mode) == ("ml-100k", "column:occupation", "none")
+    assert (cfg.dataset, cfg.partition, cfg.privacy.mode) == (
+        "ml-100k",
+        "column:occupation",
+        "none",
+    )

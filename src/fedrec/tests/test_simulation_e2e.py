@@ -13,8 +13,18 @@ SMALL = "synthetic:merchants=4,users=160,items=300"
 
 
 def _cfg(tmp_path, **extra):
-    return load_config(None, {"dataset": SMALL, "partition": "site", "rounds": 2, "seed": 1,
-                              "out": str(tmp_path / "run"), "eval_full_ranking": True, **extra})
+    return load_config(
+        None,
+        {
+            "dataset": SMALL,
+            "partition": "site",
+            "rounds": 2,
+            "seed": 1,
+            "out": str(tmp_path / "run"),
+            "eval_full_ranking": True,
+            **extra,
+        },
+    )
 
 
 def test_federated_simulation_writes_a_complete_run_directory(tmp_path):
@@ -39,8 +49,10 @@ def test_federated_simulation_writes_a_complete_run_directory(tmp_path):
 
 
 def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
-    cfg = _cfg(tmp_path, **{"privacy.mode": "record", "privacy.epsilon": 4.0,
-                            "privacy.delta": 1e-3, "rounds": 2})
+    cfg = _cfg(
+        tmp_path,
+        **{"privacy.mode": "record", "privacy.epsilon": 4.0, "privacy.delta": 1e-3, "rounds": 2},
+    )
     run, summary = simulate(cfg, baselines=False)
     entries = read_ledger(run.ledger)
     assert summary["client_failures"] == []
@@ -55,10 +67,13 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
     assert result.ok, result.problems
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"partition": "column:nope"}, "nope"),
-    ({"dataset": "no-such-dataset"}, "no-such-dataset"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"partition": "column:nope"}, "nope"),
+        ({"dataset": "no-such-dataset"}, "no-such-dataset"),
+    ],
+)
 def test_bad_input_fails_before_a_run_directory_exists(tmp_path, bad, match):
     from fedrec.data import DataError
 

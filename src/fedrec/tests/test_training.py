@@ -18,8 +18,15 @@ def small():
     ds = synthetic_ecommerce(n_merchants=2, n_users=60, n_items=50, seed=3)
     seqs = build_sequences(ds.interactions, 20)
     data = LocalData(seqs, ds.user_feature_codes()[seqs.users])
-    spec = ModelSpec(ds.num_items, tuple(int(c) for c in ds.items["category_index"]),
-                     ds.num_categories, ds.user_feature_cards(), (7, 6), max_len=20, dim=16)
+    spec = ModelSpec(
+        ds.num_items,
+        tuple(int(c) for c in ds.items["category_index"]),
+        ds.num_categories,
+        ds.user_feature_cards(),
+        (7, 6),
+        max_len=20,
+        dim=16,
+    )
     return data, spec
 
 
@@ -47,13 +54,15 @@ def test_dp_training_takes_planned_steps_and_stays_finite(small):
     assert stats.sample_rate == pytest.approx(8 / 60)
     assert np.isfinite(stats.loss)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=False))
 
 
 def test_dp_noise_is_reproducible_from_its_seed(small):
     data, spec = small
     one = LocalData(
-        type(data.seqs)(*(getattr(data.seqs, f)[:1] for f in ("users", "items", "mask", "context"))),
+        type(data.seqs)(
+            *(getattr(data.seqs, f)[:1] for f in ("users", "items", "mask", "context"))
+        ),
         data.feats[:1],
     )
     cfg = TaskConfig(lr=0.01, batch_size=1, local_epochs=1, dim=16, negatives=4)
@@ -63,23 +72,28 @@ def test_dp_noise_is_reproducible_from_its_seed(small):
         start = [p.detach().clone() for p in model.parameters()]
         train_task(model, one, cfg, seed=2, dp=DPSGDParams(2.0, 1.0, noise_seed=11))
         results.append([p.detach().clone() for p in model.parameters()])
-        assert any(not torch.equal(a, b) for a, b in zip(start, results[-1]))
-    assert all(torch.equal(a, b) for a, b in zip(*results))  # same seeds, same noise
+        assert any(not torch.equal(a, b) for a, b in zip(start, results[-1], strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=False))  # same seeds, same noise
 
 
 def test_noise_only_step_changes_weights(small):
-    from fedrec.training import _noise_only_step
     from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from fedrec.training import _noise_only_step
 
     _, spec = small
     model = _models(spec)["personal"]
     opt = DPOptimizerFastGradientClipping(
-        torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
-        expected_batch_size=4, loss_reduction="mean", generator=torch.Generator().manual_seed(0),
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=4,
+        loss_reduction="mean",
+        generator=torch.Generator().manual_seed(0),
     )
     before = [p.detach().clone() for p in model.parameters()]
     _noise_only_step(model, opt)
-    moved = [float((p - b).abs().max()) for p, b in zip(model.parameters(), before)]
+    moved = [float((p - b).abs().max()) for p, b in zip(model.parameters(), before, strict=False)]
     assert min(moved) > 0  # every parameter received noise of std 1 * 1 / 4
 
 
@@ -91,7 +105,7 @@ def test_fedprox_pull_keeps_weights_closer_to_the_start(small):
         model = _models(spec)["recall"]
         start = [p.detach().clone() for p in model.parameters()]
         train_task(model, data, cfg, seed=0, proximal_mu=mu)
-        dist[mu] = sum(float((p - s).pow(2).sum()) for p, s in zip(model.parameters(), start))
+        dist[mu] = sum(float((p - s).pow(2).sum()) for p, s in zip(model.parameters(), start, strict=False))
     assert dist[5.0] < 0.9 * dist[0.0]
 
 
@@ -99,10 +113,10 @@ def test_pack_unpack_round_trip_and_mismatch(small):
     _, spec = small
     a, b = _models(spec, seed=0), _models(spec, seed=1)
     record = pack(a)
-    assert all(k.split("/")[0] in a for k in record.keys())
+    assert all(k.split("/")[0] in a for k in record)
     unpack_into(record, b)
     for task in a:
-        for (n, p), (_, q) in zip(a[task].named_parameters(), b[task].named_parameters()):
+        for (n, p), (_, q) in zip(a[task].named_parameters(), b[task].named_parameters(), strict=False):
             assert torch.equal(p, q), n
     from fedrec.config import load_config
 
