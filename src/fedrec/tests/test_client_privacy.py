@@ -1,0 +1,58 @@
+"""A client's DP controller: calibrated once, state kept in context.state, refusal past budget."""
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from fedrec.client.local import RoundResult
+from fedrec.client.privacy import PrivacyRefusal, client_privacy
+from fedrec.config import load_config
+from fedrec.privacy import PrivacyError, audit_ledger, read_ledger
+from fedrec.training import TrainStats
+from fedrec.workload import build_workload
+
+
+def _setup(tmp_path, rounds=1, epsilon=2.0):
+    cfg = load_config(None, {
+        "dataset": "synthetic:merchants=2,users=80,items=200", "partition": "site",
+        "rounds": rounds, "privacy.mode": "record", "privacy.epsilon": epsilon,
+        "privacy.delta": 1e-3,
+    })
+    data = build_workload(cfg).client_data(0)
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    return cfg, data, ctx
+
+
+def _fake_round(ctl):
+    return RoundResult({t: TrainStats(1.0, s, q, 10, 0.1) for t, (q, s) in ctl.plan.items()})
+
+
+def test_budget_is_kept_then_the_client_refuses(tmp_path):
+    cfg, data, ctx = _setup(tmp_path, rounds=2)
+    ledger = tmp_path / "privacy_ledger.jsonl"
+    for rnd in (1, 2):  # a new controller each round: state must come from context.state
+        ctl = client_privacy(cfg, ctx, 0, data, ledger_path=str(ledger), run_id="run-x")
+        params = ctl.before_round(rnd)
+        assert set(params) == set(cfg.tasks) and all(p.noise_multiplier > 0 for p in params.values())
+        ctl.after_round(rnd, _fake_round(ctl))
+    ctl = client_privacy(cfg, ctx, 0, data, ledger_path=str(ledger), run_id="run-x")
+    with pytest.raises(PrivacyRefusal, match="budget"):
+        ctl.before_round(3)  # planned for 2 rounds: a third would overspend
+    entries = read_ledger(ledger)
+    assert len(entries) == 6
+    assert entries[-1]["epsilon_composed"] <= 2.0
+    assert entries[-1]["epsilon_composed"] > 0.9 * 2.0  # the calibration spends what it may
+    assert audit_ledger(ledger, run_id="run-x").ok
+
+
+def test_delta_too_large_for_the_smallest_client_is_refused(tmp_path):
+    cfg, data, ctx = _setup(tmp_path)
+    cfg = load_config(None, {**{k: v for k, v in cfg.to_dict().items() if k not in ("tasks", "privacy")},
+                             "privacy.mode": "record", "privacy.delta": 0.5})
+    with pytest.raises(PrivacyError, match="delta"):
+        client_privacy(cfg, ctx, 0, data, ledger_path=None, run_id="r")
+
+
+def test_no_dp_means_no_controller(tmp_path):
+    cfg, data, ctx = _setup(tmp_path)
+    plain = load_config(None, {"dataset": cfg.dataset, "partition": cfg.partition})
+    assert client_privacy(plain, ctx, 0, data, ledger_path=None, run_id="r") is None
