@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +34,11 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epsilon", type=float, help="per-client DP budget; turns record-level DP on")
     p.add_argument("--delta", type=float, help="DP delta (below 1 / users of the smallest client)")
-    p.add_argument("--dp", choices=["record", "none"], help="DP mode (record: DP-SGD on clients)")
+    p.add_argument(
+        "--dp",
+        choices=["record", "user", "none"],
+        help="record: DP-SGD on every client (cross-silo); user: DP-FedAvg (cross-device)",
+    )
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
@@ -172,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedrec.privacy import PrivacyError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus.accountants")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -62,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     except (ValueError, FloatingPointError, LedgerError) as err:
         log.error("client %d failed in round %d: %s", client, server_round, err)
         return Message(Error(code=ERROR_CODE_FAILED, reason=str(err)), reply_to=msg)
-    metrics = MetricRecord({"num-examples": data.n_users, **result.metrics()})
+    metrics = MetricRecord({"num-examples": data.n_users, "dp-weight": 1.0, **result.metrics()})
     content = RecordDict({ARRAYS_KEY: pack(models), "metrics": metrics})
     content["ledger"] = ConfigRecord({"entries": [str(e) for e in ledger]})
     return Message(content=content, reply_to=msg)

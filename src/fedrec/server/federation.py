@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedrec.client.local import build_task_models
 from fedrec.config import FedrecConfig
@@ -57,6 +58,7 @@ def run_federation(
         {"fedrec": cfg.to_json(), "run-id": run.path.name, "ledger-path": str(run.ledger.resolve())}
     )
     state = {"done": 0, "eval": 0.0}
+    user_ledger = UserLevelLedger(cfg, strategy.inner, run) if cfg.privacy.mode == "user" else None
     rows_all: list[dict] = []
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -68,6 +70,8 @@ def run_federation(
                 f"round {server_round}: only {rlog.replies} client(s) trained "
                 f"({len(rlog.failures)} refused or failed); at least {cfg.min_train_clients} needed"
             )
+        if user_ledger is not None:
+            user_ledger.after_round(server_round)
         t0 = time.perf_counter()
         unpack_into(arrays, models)
         rows = []
@@ -101,7 +105,7 @@ def run_federation(
             train_config=train_config,
             evaluate_fn=evaluate_fn,
         )
-    except TooFewClients as err:
+    except (TooFewClients, PrivacyBudgetExhausted) as err:
         stopped = str(err)
         log.warning("federation stopped early: %s", err)
     return FederationResult(
@@ -113,3 +117,46 @@ def run_federation(
         state["eval"],
         rows_all,
     )
+
+
+class UserLevelLedger:
+    """The server's ledger of DP-FedAvg releases (user-level DP: the server adds the noise).
+
+    One entry per round in which Flower's DP wrapper actually released a noised aggregate (its
+    accountant counted it), with the cumulative epsilon of our accountant; Flower's own RDP
+    accountant's figure is kept beside it for the summary.
+    """
+
+    def __init__(self, cfg: FedrecConfig, wrapper, run: RunDir) -> None:
+        from fedrec.privacy import ClientPrivacyState, Ledger
+
+        self.cfg, self.wrapper = cfg, wrapper
+        from fedrec.strategies.user_dp import USER_LEVEL_ACCOUNTANT
+
+        self.state = ClientPrivacyState(accountant=USER_LEVEL_ACCOUNTANT)
+        self.ledger = Ledger(run.ledger, run.path.name)
+        self.released = 0
+
+    def after_round(self, server_round: int) -> None:
+        from fedrec.privacy import LedgerEntry
+
+        releases = self.wrapper.accountant.num_releases
+        if releases == self.released:
+            return
+        self.released = releases
+        p = self.cfg.privacy
+        self.state.record(
+            "all", noise_multiplier=self.wrapper.noise_multiplier, sample_rate=1.0, steps=1
+        )
+        self.ledger.append(
+            LedgerEntry.from_state(
+                self.state,
+                client="federation",
+                task="all",
+                round=server_round,
+                clipping_norm=p.clipping_norm,
+                delta=p.delta,
+                budget_epsilon=p.epsilon,
+                mechanism="dp-fedavg",
+            )
+        )

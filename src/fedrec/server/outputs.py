@@ -98,22 +98,29 @@ def _timing(result: FederationResult, eval_seconds: float) -> dict[str, float]:
     }
 
 
+UNITS = {
+    "record": "a user's history at one client (DP-SGD on each client; implies record-level)",
+    "user": "a client = one user's device (DP-FedAvg, server-side clipping, no amplification)",
+}
+
+
 def privacy_summary(cfg: FedrecConfig, run: RunDir) -> dict[str, Any]:
     """Cumulative epsilon per client (per task and composed), from the ledger's last entries."""
     from fedrec.privacy import read_ledger
 
     per_client: dict[str, dict[str, float]] = {}
-    for entry in read_ledger(run.ledger) if run.ledger.exists() else []:
+    entries = read_ledger(run.ledger) if run.ledger.exists() else []
+    for entry in entries:
         client = per_client.setdefault(entry["client"], {})
         client[entry["task"]] = entry["epsilon"]
         client["composed"] = entry["epsilon_composed"]
     composed = [c["composed"] for c in per_client.values()]
     return {
         "mode": cfg.privacy.mode,
-        "unit": "user (all of a user's interactions at one client)",
+        "unit": UNITS[cfg.privacy.mode],
         "delta": cfg.privacy.delta,
         "budget_epsilon": cfg.privacy.epsilon,
         "max_epsilon": max(composed) if composed else 0.0,
-        "accountant": cfg.privacy.accountant,
+        "accountant": entries[-1]["accountant"] if entries else cfg.privacy.accountant,
         "per_client": per_client,
     }

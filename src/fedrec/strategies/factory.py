@@ -19,9 +19,18 @@ from flwr.serverapp.strategy import (
 
 from fedrec.config import FedrecConfig
 from fedrec.strategies.records import ARRAYS_KEY
+from fedrec.strategies.user_dp import UNIFORM_WEIGHT_KEY, wrap_user_dp
 
 
 def make_strategy(cfg: FedrecConfig, n_clients: int) -> Strategy:
+    """The named strategy (wrapped for user-level DP when configured)."""
+    strategy = _base_strategy(cfg, n_clients)
+    if cfg.privacy.mode == "user":
+        return wrap_user_dp(strategy, cfg, n_clients)
+    return strategy
+
+
+def _base_strategy(cfg: FedrecConfig, n_clients: int) -> Strategy:
     """The named strategy, sampling ``fraction_train`` of ``n_clients`` each round."""
     min_nodes = min(cfg.min_train_clients, n_clients)
     common = dict(
@@ -32,6 +41,7 @@ def make_strategy(cfg: FedrecConfig, n_clients: int) -> Strategy:
         min_available_nodes=n_clients,
         arrayrecord_key=ARRAYS_KEY,
         train_metrics_aggr_fn=aggregate_train_metrics,
+        weighted_by_key=UNIFORM_WEIGHT_KEY if cfg.privacy.mode == "user" else "num-examples",
     )
     if cfg.strategy == "fedavg":
         return FedAvg(**common)
@@ -56,7 +66,7 @@ def aggregate_train_metrics(replies: list[RecordDict], weighted_by_key: str) -> 
     out: dict[str, float] = {"clients": float(len(records))}
     for key in records[0]:
         values = [float(m[key]) for m in records]  # type: ignore[arg-type]
-        if key == weighted_by_key or key.endswith(("-seconds", ".steps")):
+        if key in (weighted_by_key, "num-examples") or key.endswith(("-seconds", ".steps")):
             out[key] = sum(values)
         else:
             out[key] = sum(w * v for w, v in zip(weights, values, strict=False)) / total

@@ -22,8 +22,8 @@ SEP = "/"
 def pack(models: Mapping[str, TaskModel]) -> ArrayRecord:
     """One ArrayRecord holding every task model's trainable state, as ``task/param``."""
     flat: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for task, model in models.items():
-        for name, tensor in _travelling_state(model).items():
+    for task in sorted(models):  # one canonical order: strategies compare arrays by position
+        for name, tensor in _travelling_state(models[task]).items():
             flat[f"{task}{SEP}{name}"] = tensor.detach().cpu()
     return ArrayRecord(flat)
 

@@ -67,6 +67,29 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
     assert result.ok, result.problems
 
 
+def test_user_level_dp_fedavg_is_accounted_by_flower_and_the_ledger(tmp_path):
+    cfg = load_config(
+        None,
+        {
+            "dataset": "synthetic:merchants=2,users=30,items=300",
+            "partition": "user",
+            "rounds": 2,
+            "fraction_train": 0.3,
+            "out": str(tmp_path / "run"),
+            "privacy.mode": "user",
+            "privacy.epsilon": 8.0,
+            "privacy.delta": 1e-3,
+        },
+    )
+    run, summary = simulate(cfg, baselines=False)
+    entries = read_ledger(run.ledger)
+    assert [e["round"] for e in entries] == [1, 2]
+    assert all(e["mechanism"] == "dp-fedavg" and e["sample_rate"] == 1.0 for e in entries)
+    assert entries[0]["epsilon"] < entries[1]["epsilon"] <= 8.0
+    assert summary["privacy"]["mode"] == "user"
+    assert audit_ledger(run.ledger, run_id=run.path.name).ok
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
