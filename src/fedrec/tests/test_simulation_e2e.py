@@ -34,6 +34,10 @@ def test_federated_simulation_writes_a_complete_run_directory(tmp_path):
     for metrics in summary["tasks"].values():
         assert {"hr@10", "ndcg@10", "full/recall@20"} <= set(metrics)
     assert {"auc", "logloss"} <= set(summary["tasks"]["ranking"])
+    assert {"hr@10", "ndcg@10"} <= set(summary["fused"])
+    assert summary["fusion"]["method"] == "weighted"
+    assert abs(sum(summary["fusion"]["weights"].values()) - 1) < 1e-6
+    assert (run.path / "fusion.json").exists()
     assert set(summary["baselines"]["central"]) == {"recall", "ranking", "personal"}
     assert json.loads(run.summary.read_text()) == json.loads(json.dumps(summary))
     rows = [json.loads(x) for x in run.metrics.read_text().splitlines()]
