@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
-
-import numpy as np
-import torch
 
 from fedrec.client.local import build_task_models
 from fedrec.config import FedrecConfig
-from fedrec.evaluation.protocol import evaluate_scorer
+from fedrec.evaluation.baselines import PopularityScorer
 from fedrec.models.base import TaskModel
-from fedrec.scoring import evaluate_model
+from fedrec.scoring import evaluate_model, evaluate_on
 from fedrec.training import train_task
 from fedrec.workload import EvalSet, Workload
 
@@ -25,35 +21,21 @@ log = logging.getLogger(__name__)
 
 
 def popularity_metrics(work: Workload, ev: EvalSet, *, full_ranking: bool) -> dict[str, float]:
-    counts = np.bincount(work.split.train["item"].to_numpy(), minlength=work.dataset.num_items)
-    pop = counts.astype(np.float64)
-
-    def score(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        return pop[candidates]
-
-    return evaluate_scorer(
-        score,
-        targets=ev.targets,
-        users=ev.users,
-        negatives=ev.negatives,
-        exclude=ev.exclude,
-        num_items=work.dataset.num_items,
-        full_ranking=full_ranking,
-        batch_size=256,
-    )
+    """Item popularity (training interaction counts) through the same protocol."""
+    scorer = PopularityScorer(work.split.train["item"].to_numpy(), work.dataset.num_items)
+    return evaluate_on(scorer, ev, num_items=work.dataset.num_items, full_ranking=full_ranking)
 
 
 def train_central(
     cfg: FedrecConfig, work: Workload, on_epoch: Callable[[str, int, float], None] | None = None
 ) -> dict[str, TaskModel]:
     """Train each task model on all training users for ``rounds * local_epochs`` epochs."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     models = build_task_models(cfg, work.spec, cfg.seed)
     data = work.central_data()
     for task, model in models.items():
         tcfg = cfg.tasks[task]
         for epoch in range(cfg.rounds):
-            stats = train_task(model, data, replace(tcfg), seed=cfg.seed * 7 + epoch)
+            stats = train_task(model, data, tcfg, seed=cfg.seed * 7 + epoch)
             if on_epoch is not None:
                 on_epoch(task, epoch + 1, stats.loss)
     return models

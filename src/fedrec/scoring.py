@@ -44,12 +44,9 @@ def evaluate_model(
     """
     model.eval()
     score_fn = model_score_fn(model, ev)
-    metrics = evaluate_scorer(
+    metrics = evaluate_on(
         score_fn,
-        targets=ev.targets,
-        users=ev.users,
-        negatives=ev.negatives,
-        exclude=ev.exclude,
+        ev,
         num_items=model.spec.num_items,
         full_ranking=full_ranking,
         batch_size=batch_size,
@@ -57,6 +54,22 @@ def evaluate_model(
     if model.task == "ranking":
         metrics.update(_ctr_metrics(score_fn, ev, batch_size))
     return metrics
+
+
+def evaluate_on(
+    score_fn: ScoreFn, ev: EvalSet, *, num_items: int, full_ranking: bool, batch_size: int = 256
+) -> dict[str, float]:
+    """Any scorer (a model, popularity, a fused model) through the same protocol on ``ev``."""
+    return evaluate_scorer(
+        score_fn,
+        targets=ev.targets,
+        users=ev.users,
+        negatives=ev.negatives,
+        exclude=ev.exclude,
+        num_items=num_items,
+        full_ranking=full_ranking,
+        batch_size=batch_size,
+    )
 
 
 def sampled_candidates(ev: EvalSet) -> np.ndarray:
