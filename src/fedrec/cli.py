@@ -125,7 +125,41 @@ def cmd_audit(args: argparse.Namespace) -> int:
     console.print(
         f"{'[green]audit passed' if result.ok else '[red]audit FAILED'}[/]: {json_path}, {png}"
     )
-    return 0 if result.ok else 1
+    ok = result.ok
+    if args.empirical:
+        ok = _empirical_audit(args) and ok
+    return 0 if ok else 1
+
+
+def _empirical_audit(args: argparse.Namespace) -> bool:
+    """Retrain one client's model with canary users at the run's claimed budget (Steinke, Nasr
+    & Jagielski 2023); False if the lower bound refutes the claim."""
+    import torch
+
+    from fedrec.privacy.canary import format_result, run_canary_audit
+
+    cfg_path = Path(args.run_dir) / "config.toml"
+    if not cfg_path.is_file():
+        raise UserError(f"{cfg_path}: no config; --empirical needs the run's config.toml")
+    cfg = load_config(cfg_path)
+    if cfg.privacy.mode != "record":
+        raise UserError(
+            f"--empirical audits DP-SGD (privacy.mode 'record'); this run has '{cfg.privacy.mode}'"
+        )
+    torch.set_num_threads(1)  # tiny batches: extra threads only slow down a busy machine
+    with console.status(f"canary audit: {args.task} model of client {args.client}"):
+        result = run_canary_audit(
+            cfg,
+            client=args.client,
+            task=args.task,
+            m=args.canaries,
+            epsilon=cfg.privacy.epsilon,
+            delta=cfg.privacy.delta,
+            seed=cfg.seed,
+        )
+    style = "red" if result.violated else "green"
+    console.print(f"[{style}]empirical audit:[/] {format_result(result)}", highlight=False)
+    return not result.violated
 
 
 def _print_summary(summary: dict) -> None:
@@ -165,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="recompute only each client's final epsilons (fast), not every entry",
     )
+    p.add_argument(
+        "--empirical",
+        action="store_true",
+        help="also retrain one client's model with canary users and bound epsilon from below "
+        "(one-run audit, Steinke et al. 2023)",
+    )
+    p.add_argument("--canaries", type=int, default=1000, help="canary users for --empirical")
+    p.add_argument("--client", type=int, default=0, help="client --empirical audits")
+    p.add_argument("--task", default="personal", help="task model --empirical audits")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("data", help="datasets")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -188,7 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (
-        UserError, ConfigError, DataError, PrivacyError, FileExistsError, RecommendError
+        UserError,
+        ConfigError,
+        DataError,
+        PrivacyError,
+        FileExistsError,
+        RecommendError,
     ) as err:
         console.print(f"[red]error:[/] {err}")
         return EXIT_USAGE

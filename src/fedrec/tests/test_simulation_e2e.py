@@ -1,6 +1,8 @@
 """End to end through Flower's real simulation engine (Ray): synthetic data, 4 clients, 2 rounds."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +12,16 @@ from fedrec.privacy import audit_ledger, read_ledger
 from fedrec.simulation import simulate
 
 SMALL = "synthetic:merchants=4,users=160,items=300"
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "fedrec.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def _cfg(tmp_path, **extra):
@@ -69,6 +81,14 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
     assert priv["mode"] == "record" and 0 < priv["max_epsilon"] <= priv["budget_epsilon"] == 4.0
     result = audit_ledger(run.ledger, run_id=run.path.name)
     assert result.ok, result.problems
+    audit = _cli("audit", str(run.path), "--final-only")
+    assert audit.returncode == 0, audit.stderr
+    assert (run.path / "audit.json").exists() and (run.path / "epsilon.png").exists()
+    lines = run.ledger.read_text().splitlines()
+    lines[3] = lines[3].replace('"steps":', '"steps": 1, "x":', 1)  # an edited line
+    run.ledger.write_text("\n".join(lines) + "\n")
+    tampered = _cli("audit", str(run.path), "--final-only")
+    assert tampered.returncode == 1 and "FAILED" in tampered.stderr
 
 
 def test_user_level_dp_fedavg_is_accounted_by_flower_and_the_ledger(tmp_path):
