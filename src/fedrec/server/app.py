@@ -12,14 +12,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.config import FedrecConfig, from_dict
-from fedrec.rundir import create_run_dir
+from fedrec.rundir import RunDir, create_run_dir
 from fedrec.server.federation import FederationResult, OnRound, run_federation
 from fedrec.server.outputs import write_outputs
 
 
 def make_server_app(
     cfg: FedrecConfig,
-    run_path: str,
+    run: RunDir,
     on_round: OnRound | None = None,
     on_done: Callable[[FederationResult], None] | None = None,
 ) -> ServerApp:
@@ -27,11 +27,7 @@ def make_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        from pathlib import Path
-
-        from fedrec.rundir import RunDir
-
-        result = run_federation(grid, cfg, RunDir(Path(run_path)), on_round)
+        result = run_federation(grid, cfg, run, on_round)
         if on_done is not None:
             on_done(result)
 

@@ -53,7 +53,7 @@ def simulate(
     n_clients = check_inputs(cfg)
     run = create_run_dir(cfg)
     holder: dict[str, FederationResult] = {}
-    server_app = make_server_app(cfg, str(run.path), on_round, on_done=lambda r: holder.update(r=r))
+    server_app = make_server_app(cfg, run, on_round, on_done=lambda r: holder.update(r=r))
     _quiet_flower(verbose)
     cpus = os.cpu_count() or 1
     backend = {
