@@ -30,7 +30,7 @@ def train_central(
     cfg: FedrecConfig, work: Workload, on_epoch: Callable[[str, int, float], None] | None = None
 ) -> dict[str, TaskModel]:
     """Train each task model on all training users for ``rounds * local_epochs`` epochs."""
-    models = build_task_models(cfg, work.spec, cfg.seed)
+    models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
     data = work.central_data()
     for task, model in models.items():
         tcfg = cfg.tasks[task]

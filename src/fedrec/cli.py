@@ -39,6 +39,11 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         choices=["record", "user", "none"],
         help="record: DP-SGD on every client (cross-silo); user: DP-FedAvg (cross-device)",
     )
+    p.add_argument(
+        "--text",
+        choices=["off", "beside", "instead"],
+        help="item text through the frozen encoder: beside or instead of item-ID embeddings",
+    )
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
@@ -52,6 +57,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         out["privacy.mode"] = args.dp
     if getattr(args, "delta", None) is not None:
         out["privacy.delta"] = args.delta
+    if getattr(args, "text", None) is not None:
+        out["text.mode"] = args.text
     return out
 
 

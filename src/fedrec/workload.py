@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from fedrec.config import FedrecConfig
+from fedrec.config import FedrecConfig, TextConfig
 from fedrec.data import DataError, Dataset, Partition, Split, load_dataset, make_partition
 from fedrec.data.sequences import Sequences, build_sequences, context_of, user_item_sets
 from fedrec.data.split import leave_last_out
@@ -73,6 +73,12 @@ class Workload:
     def central_data(self) -> LocalData:
         users = np.flatnonzero(self.train.seqs.mask.sum(axis=1) >= 2)
         return _rows(self.train, users)
+
+    def item_text(self, text: TextConfig) -> np.ndarray | None:
+        """Public item-text vectors for this catalogue (None when ``text.mode`` is 'off')."""
+        from fedrec.text.features import item_text_features  # transformers: only when used
+
+        return item_text_features(text, self.dataset)
 
     def task_spec(self, dim: int) -> ModelSpec:
         return replace(self.spec, dim=dim)

@@ -35,7 +35,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         work = build_workload(cfg)
         data = work.client_data(client)
-        models = build_task_models(cfg, work.spec, cfg.seed)
+        models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
         unpack_into(msg.content[ARRAYS_KEY], models)
         privacy = client_privacy(
             cfg,

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedrec.config import FedrecConfig
@@ -18,13 +19,28 @@ from fedrec.training import DPSGDParams, LocalData, TrainStats, train_task
 
 log = logging.getLogger(__name__)
 
+TEXT_TASKS = ("recall", "ranking")  # the models with an item-text input
 
-def build_task_models(cfg: FedrecConfig, spec: ModelSpec, seed: int) -> dict[str, TaskModel]:
-    """The task models of a run, initialised identically wherever ``seed`` is the same."""
+
+def build_task_models(
+    cfg: FedrecConfig, spec: ModelSpec, seed: int, *, item_text: np.ndarray | None = None
+) -> dict[str, TaskModel]:
+    """The task models of a run, initialised identically wherever ``seed`` is the same.
+
+    ``item_text`` Float[I, T] (from ``fedrec.text.item_text_features``) feeds the recall and
+    ranking models' item side as ``cfg.text.mode`` says; SASRec stays ID-based.
+    """
+    if cfg.text.mode != "off" and item_text is None:
+        raise ValueError("cfg.text.mode is on but no item_text was given")
     models = {}
     for i, (task, tcfg) in enumerate(cfg.tasks.items()):
         torch.manual_seed(seed * 1000 + i)
-        models[task] = build_model(task, _with_dim(spec, tcfg.dim))
+        hparams = {}
+        if item_text is not None and cfg.text.mode != "off" and task in TEXT_TASKS:
+            hparams = {"text_dim": int(item_text.shape[1]), "use_item_id": cfg.text.mode == "beside"}
+        models[task] = build_model(task, _with_dim(spec, tcfg.dim), **hparams)
+        if hparams:
+            models[task].set_item_text(torch.from_numpy(np.asarray(item_text, dtype=np.float32)))
     return models
 
 

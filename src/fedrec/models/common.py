@@ -178,3 +178,34 @@ def per_user_mean(loss: Tensor, valid: Tensor) -> Tensor:
     """Float[B]: each user's mean loss over valid positions, 0 for a user without any."""
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     return loss.sum(1) / valid.sum(1).clamp(min=1).to(loss.dtype)
+
+
+class ItemText(nn.Module):
+    """Frozen public item-text vectors (a persistent buffer: saved with the model, never sent,
+    never trained) and the trainable projection that maps them to the model's width."""
+
+    table: Tensor
+
+    def __init__(self, num_items: int, text_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(num_items, text_dim))
+        self.proj = Linear(text_dim, out_dim)
+
+    def set(self, item_text: Tensor) -> None:
+        """Copy Float[I, T] text vectors in; the shape must match the catalogue."""
+        item_text = torch.as_tensor(item_text, dtype=self.table.dtype)
+        if item_text.shape != self.table.shape:
+            raise ValueError(
+                f"item_text must be [num_items, text_dim] = {tuple(self.table.shape)}, "
+                f"got {tuple(item_text.shape)}"
+            )
+        self.table.copy_(item_text.detach())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.proj(self.table[ids])  # (*ids, out_dim)
+
+
+def item_field(item_id: nn.Module | None, text: ItemText | None, ids: Tensor) -> Tensor:
+    """One item field: the ID embedding, the projected text, or their sum."""
+    parts = [m(ids) for m in (item_id, text) if m is not None]
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]

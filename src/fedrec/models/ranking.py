@@ -17,10 +17,12 @@ from torch import Tensor, nn
 from fedrec.models.base import ModelSpec, SequenceBatch, TaskModel, UserBatch
 from fedrec.models.common import (
     FieldEmbedding,
+    ItemText,
     check_sequences,
     check_spec,
     check_users,
     clean_items,
+    item_field,
     masked_mean,
     mlp,
     next_item_targets,
@@ -50,20 +52,28 @@ class DCNv2(TaskModel):
         cross_layers: int = 2,
         hidden: int = 128,
         dropout: float = 0.1,
+        text_dim: int | None = None,
+        use_item_id: bool = True,
     ) -> None:
         """``field_dim``: width of each field embedding (CTR models keep fields narrow: the
-        cross layers are ``x0_dim ** 2`` parameters each)."""
+        cross layers are ``x0_dim ** 2`` parameters each). ``text_dim``: width of the frozen
+        public item-text vectors (filled with ``set_item_text``); a trainable projection adds
+        them to the item field, beside the item-ID embedding or, with ``use_item_id=False``,
+        instead of it (then items unseen in training are scored from their text)."""
         super().__init__(spec)
         check_spec(spec)
         if field_dim < 1 or hidden < 1 or not 1 <= cross_layers <= 4 or not 0.0 <= dropout < 1.0:
             raise ValueError("need field_dim >= 1, hidden >= 1, 1 <= cross_layers <= 4, "
                              "0 <= dropout < 1")
+        if not use_item_id and not text_dim:
+            raise ValueError("use_item_id=False needs text_dim: items need some representation")
         self.hparams = {
             "field_dim": field_dim, "cross_layers": cross_layers, "hidden": hidden,
-            "dropout": dropout,
+            "dropout": dropout, "text_dim": text_dim, "use_item_id": use_item_id,
         }
         f = field_dim
-        self.item_id = Embedding(spec.num_items, f)
+        self.item_id = Embedding(spec.num_items, f) if use_item_id else None
+        self.text = ItemText(spec.num_items, text_dim, f) if text_dim else None
         self.item_cat = Embedding(spec.num_categories, f)
         self.history = Embedding(spec.num_items, f)
         self.register_buffer("item_category", torch.tensor(spec.item_category), persistent=False)
@@ -78,7 +88,7 @@ class DCNv2(TaskModel):
         """Float[B, T, N] logits of cand Long[B, T, N] given, per position, the pooled history
         Float[B, T, f], user features Long[B, F] and context Long[B, T, C]."""
         b, t, n = cand.shape
-        e = self.item_id(cand)  # (B, T, N, f)
+        e = item_field(self.item_id, self.text, cand)  # (B, T, N, f)
         grid = (b, t, n, -1)
         h = hist.unsqueeze(2).expand(grid)  # (B, T, N, f)
         u = self.user_feats(feats)[:, None, None, :].expand(grid)  # (B, T, N, F * f)
@@ -87,6 +97,12 @@ class DCNv2(TaskModel):
         x0 = torch.cat([e, c, h, h * e, u, x], -1).reshape(b, t * n, -1)  # (B, T * N, x0_dim)
         out = self.head(torch.cat([self._cross(x0), self.deep(x0)], -1))  # (B, T * N, 1)
         return out.view(b, t, n)
+
+    def set_item_text(self, item_text: Tensor) -> None:
+        """Copy frozen public text vectors Float[I, T] into the model (not trained)."""
+        if self.text is None:
+            raise ValueError("this model was built without text_dim: cannot set item_text")
+        self.text.set(item_text)
 
     def _cross(self, x0: Tensor) -> Tensor:
         """DCN-V2 cross network, Float[B, M, x0_dim] -> same shape."""

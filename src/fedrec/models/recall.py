@@ -18,6 +18,7 @@ from torch import Tensor
 from fedrec.models.base import ModelSpec, SequenceBatch, TaskModel, UserBatch
 from fedrec.models.common import (
     FieldEmbedding,
+    ItemText,
     check_sequences,
     check_spec,
     check_users,
@@ -29,12 +30,12 @@ from fedrec.models.common import (
     prefix_mean,
     sampled_softmax,
 )
-from fedrec.models.layers import Embedding, Linear
+from fedrec.models.layers import Embedding
 
 
 class TwoTower(TaskModel):
     """User tower: [mean of history item features, user features] -> MLP -> d.
-    Item tower: [item-ID emb, category emb, (projected public text emb)] -> MLP -> d.
+    Item tower: [item-ID emb (optional), category emb, (projected public text)] -> MLP -> d.
 
     The history and the candidates share one item-feature table (looked up in one call, which
     Opacus ghost clipping requires); only the towers' MLPs differ.
@@ -43,8 +44,6 @@ class TwoTower(TaskModel):
     task = "recall"
     hparams: dict[str, Any]
     item_category: Tensor
-    item_text: Tensor
-    text_proj: Linear | None
 
     def __init__(
         self,
@@ -56,52 +55,50 @@ class TwoTower(TaskModel):
         temperature: float = 0.1,
         text_dim: int | None = None,
         item_text: Tensor | None = None,
+        use_item_id: bool = True,
     ) -> None:
         """``item_text`` Float[I, T]: frozen public text embeddings of the items (or give only
         ``text_dim`` and fill them later with ``set_item_text``); a trainable projection maps them
-        beside the ID embedding."""
+        beside the ID embedding, or instead of it with ``use_item_id=False`` (then an item never
+        seen in training still gets a vector from its text)."""
         super().__init__(spec)
         check_spec(spec)
         if temperature <= 0 or not 0.0 <= dropout < 1.0 or hidden < 1:
             raise ValueError("temperature must be > 0, dropout in [0, 1) and hidden >= 1")
         if item_text is not None:
             text_dim = int(item_text.shape[1])
+        if not use_item_id and not text_dim:
+            raise ValueError("use_item_id=False needs text_dim: items need some representation")
         d = spec.dim
         self.hparams = {
             "hidden": hidden, "dropout": dropout, "normalize": normalize,
-            "temperature": temperature, "text_dim": text_dim,
+            "temperature": temperature, "text_dim": text_dim, "use_item_id": use_item_id,
         }
         self.normalize, self.temperature = normalize, temperature
-        self.item_id = Embedding(spec.num_items, d)
+        self.item_id = Embedding(spec.num_items, d) if use_item_id else None
         self.item_cat = Embedding(spec.num_categories, d)
         self.register_buffer("item_category", torch.tensor(spec.item_category), persistent=False)
-        self.text_proj = Linear(text_dim, d) if text_dim else None
-        if text_dim:
-            self.register_buffer("item_text", torch.zeros(spec.num_items, text_dim))
-            if item_text is not None:
-                self.set_item_text(item_text)
+        self.text = ItemText(spec.num_items, text_dim, d) if text_dim else None
+        if item_text is not None:
+            self.set_item_text(item_text)
         self.user_feats = FieldEmbedding(spec.user_feature_cards, d)
-        feat_dim = d * (3 if text_dim else 2)
+        feat_dim = d * (1 + int(use_item_id) + int(bool(text_dim)))
         self.user_mlp = mlp([feat_dim + self.user_feats.out_dim, hidden, d], dropout)
         self.item_mlp = mlp([feat_dim, hidden, d], dropout)
 
     def set_item_text(self, item_text: Tensor) -> None:
         """Copy frozen public text embeddings Float[I, T] into the model (not trained)."""
-        if self.text_proj is None or item_text.shape != self.item_text.shape:
-            raise ValueError(
-                f"item_text must be [num_items, text_dim] = {self._text_shape()}, "
-                f"got {tuple(item_text.shape)}"
-            )
-        self.item_text.copy_(item_text.detach())
-
-    def _text_shape(self) -> tuple[int, ...] | None:
-        return tuple(self.item_text.shape) if self.text_proj is not None else None
+        if self.text is None:
+            raise ValueError("this model was built without text_dim: cannot set item_text")
+        self.text.set(item_text)
 
     def _item_features(self, ids: Tensor) -> Tensor:
         """Float[B, N, d_feat] for item ids Long[B, N] (each table called exactly once)."""
-        parts = [self.item_id(ids), self.item_cat(self.item_category[ids])]
-        if self.text_proj is not None:
-            parts.append(self.text_proj(self.item_text[ids]))  # (B, N, d)
+        parts = [self.item_cat(self.item_category[ids])]
+        if self.item_id is not None:
+            parts.insert(0, self.item_id(ids))
+        if self.text is not None:
+            parts.append(self.text(ids))  # (B, N, d)
         return torch.cat(parts, -1)
 
     def _history_and_candidates(self, users: UserBatch, cand: Tensor) -> tuple[Tensor, Tensor]:

@@ -52,7 +52,7 @@ def run_federation(
 ) -> FederationResult:
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     work = build_workload(cfg)
-    models = build_task_models(cfg, work.spec, cfg.seed)
+    models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
     strategy = Observed(make_strategy(cfg, work.partition.n_clients))
     train_config = ConfigRecord(
         {"fedrec": cfg.to_json(), "run-id": run.path.name, "ledger-path": str(run.ledger.resolve())}

@@ -32,6 +32,7 @@ def check_inputs(cfg: FedrecConfig) -> int:
         validate_budget(
             epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, min_records=min(sizes)
         )
+    work.item_text(cfg.text)  # TextError (bad model folder) before any client starts; cached
     return work.partition.n_clients
 
 

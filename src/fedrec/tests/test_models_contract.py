@@ -191,7 +191,7 @@ def test_two_tower_uses_public_item_text(tmp_path) -> None:
     assert losses[-1] < losses[0]
     save_model(model.eval(), tmp_path)
     loaded = load_model(tmp_path)
-    assert isinstance(loaded, TwoTower) and torch.equal(loaded.item_text, text)
+    assert isinstance(loaded, TwoTower) and torch.equal(loaded.text.table, text)
     with pytest.raises(ValueError, match="item_text"):
         model.set_item_text(torch.zeros(60, 5))
 
@@ -211,3 +211,40 @@ def test_sasrec_rejects_histories_longer_than_max_len() -> None:
     model = _model("personal", replace(data, spec=replace(data.spec, max_len=5)))
     with pytest.raises(ValueError, match="max_len"):
         model(_batch(data, np.arange(4), seed=13))
+
+
+@pytest.mark.parametrize("task", ["recall", "ranking"])
+def test_text_instead_of_ids_scores_items_by_their_text(task: str, tmp_path) -> None:
+    """Without item-ID embeddings two items with the same text are the same item to the model
+    (so an item never seen in training is scored from its text), and the text table is public
+    data that is saved but never travels."""
+    data = cyclic_users(64, seed=13)
+    text = torch.randn(60, 12, generator=torch.Generator().manual_seed(13))
+    cats = np.asarray(data.spec.item_category)
+    twin = int(np.flatnonzero(cats == cats[3])[-1])  # same category as item 3, different id
+    other = int(np.flatnonzero(cats == cats[3])[-2])
+    assert twin != 3 and other != 3
+    text[twin] = text[3]  # a text twin of item 3
+    model = _model(task, data, text_dim=12, use_item_id=False)
+    model.set_item_text(text)
+    weights = get_weights(model)
+    assert not any(k.startswith("item_id") for k in weights)
+    assert not any(k.endswith("table") for k in weights) and any("text.proj" in k for k in weights)
+    losses = _train(model, data, steps=30, seed=13)
+    assert losses[-1] < losses[0]
+    model.eval()
+    batch = _batch(data, np.arange(8), 0).users
+    with torch.no_grad():
+        scores = model.score(batch, torch.tensor([[3, twin, other]]).expand(batch.items.shape[0], 3))
+    torch.testing.assert_close(scores[:, 0], scores[:, 1])
+    assert not torch.allclose(scores[:, 0], scores[:, 2])
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    assert torch.equal(loaded.text.table, text) and loaded.item_id is None
+
+
+def test_ids_off_needs_text() -> None:
+    data = cyclic_users(4, seed=14)
+    for task in ("recall", "ranking"):
+        with pytest.raises(ValueError, match="use_item_id=False needs text_dim"):
+            _model(task, data, use_item_id=False)
