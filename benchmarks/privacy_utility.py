@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/privacy_utility.py [--epsilons 1 3 8] [--rounds N] [--out DIR]
     .venv/bin/python benchmarks/privacy_utility.py --slowdown-only
+    .venv/bin/python benchmarks/privacy_utility.py --text beside --no-slowdown  # with item text
 
 1. Slowdown: one local epoch of each task model on the largest ML-100K silo, DP-SGD (ghost
    clipping) and plain, alternated in one process (7 repeats each, one torch thread; medians): DP / non-DP.
@@ -102,9 +103,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--out", default="runs/privacy_utility")
     parser.add_argument("--slowdown-only", action="store_true")
+    parser.add_argument("--no-slowdown", action="store_true", help="only the utility sweep")
+    parser.add_argument("--text", choices=["off", "beside", "instead"], help="item text features")
     args = parser.parse_args()
-    cfg = load_config(None, {"rounds": args.rounds})
-    slowdown(cfg)
+    cfg = load_config(None, {"rounds": args.rounds, "text.mode": args.text})
+    if not args.no_slowdown:
+        slowdown(cfg)
     if not args.slowdown_only:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

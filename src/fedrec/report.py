@@ -60,6 +60,23 @@ def results_table(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def fusion_lines(fusion: Mapping[str, Any]) -> list[str]:
+    """The chosen fusion and its difference from the best single model, with the interval."""
+    if not fusion:
+        return []
+    weights = ", ".join(f"{t} {w:.3f}" for t, w in fusion.get("weights", {}).items())
+    lines = ["", f"Fusion: {fusion['method']} ({fusion['normalization']} normalisation; "
+             f"weights {weights})."]
+    vs = fusion.get("vs_best_single")
+    if vs:
+        cells = [
+            f"{k} {vs[k]:+.4f} (95% CI {vs[k + '_ci95_low']:+.4f} to {vs[k + '_ci95_high']:+.4f})"
+            for k in ("hr@10", "ndcg@10")
+        ]
+        lines.append(f"Fused minus best single model ({vs['task']}): " + "; ".join(cells) + ".")
+    return lines
+
+
 def write_report(
     run: RunDir, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
 ) -> None:
@@ -83,6 +100,7 @@ def write_report(
         "",
     ]
     lines += results_table(summary)
+    lines += fusion_lines(summary.get("fusion", {}))
     if t:
         lines += [
             "",
