@@ -40,7 +40,7 @@ def build_task_models(
             hparams = {"text_dim": int(item_text.shape[1]), "use_item_id": cfg.text.mode == "beside"}
         models[task] = build_model(task, _with_dim(spec, tcfg.dim), **hparams)
         if hparams:
-            models[task].set_item_text(torch.from_numpy(np.asarray(item_text, dtype=np.float32)))
+            models[task].set_item_text(torch.tensor(item_text, dtype=torch.float32))
     return models
 
 
