@@ -44,6 +44,7 @@ class PrivacyConfig:
     epsilon: float = 8.0  # per-client budget over all tasks and rounds
     delta: float = 1e-3  # must stay below 1 / (users of the smallest client)
     clipping_norm: float = 1.0  # per-user gradient clip (record) or update clip (user)
+    clipping_side: str = "server"  # user-level: server clips replies, or client clips its own
     accountant: str = "prv"  # opacus accountant used for calibration and the ledger
     secure_rng: bool = False  # cryptographically secure noise (slower); on for production
     task_shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # budget split over TASKS
@@ -116,6 +117,8 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.privacy.epsilon > 0, "privacy.epsilon", "must be positive"),
         (0 < cfg.privacy.delta < 1, "privacy.delta", "must be in (0, 1)"),
         (cfg.privacy.clipping_norm > 0, "privacy.clipping_norm", "must be positive"),
+        (cfg.privacy.clipping_side in ("server", "client"), "privacy.clipping_side",
+         "must be 'server' or 'client'"),
         (cfg.text.mode in TEXT_MODES, "text.mode", f"must be one of {', '.join(TEXT_MODES)}"),
         (3 <= cfg.text.max_tokens <= 512, "text.max_tokens", "must be in [3, 512]"),
         (set(cfg.tasks) <= set(TASKS) and cfg.tasks, "tasks", f"must be a subset of {TASKS}"),

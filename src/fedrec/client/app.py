@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedrec.client.local import build_task_models, train_round
+from fedrec.client.mods import user_dp_clipping
 from fedrec.client.privacy import PrivacyRefusal, client_privacy
 from fedrec.config import from_json
 from fedrec.privacy import LedgerError
@@ -25,7 +26,7 @@ ERROR_CODE_REFUSED = 4001  # budget exhausted: a deliberate refusal, not a crash
 ERROR_CODE_FAILED = 4002
 
 
-@app.train()
+@app.train(mods=[user_dp_clipping])
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # one simulated client per core
     config = msg.content["config"]

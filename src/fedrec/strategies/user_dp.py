@@ -7,12 +7,21 @@ claim **no amplification by sampling**: Flower samples a fixed number of clients
 ``random.sample``, not Poisson, so the accountant composes one full-participation Gaussian
 mechanism per round (``SamplingMethod.NO_AMPLIFICATION``). Averaging is unweighted (every reply
 carries weight 1), as the wrapper's sensitivity C / k requires.
+
+``privacy.clipping_side = "client"`` uses ``DifferentialPrivacyClientSideFixedClipping``: each
+client clips its own update (``fedrec.client.mods.user_dp_clipping``) so an unclipped update
+never leaves the device; the server still adds the noise. Adaptive clipping is not offered:
+Flower 1.42's adaptive wrappers take no accountant, and an unaccounted epsilon is not reported.
 """
 
 from __future__ import annotations
 
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
 
 from fedrec.config import FedrecConfig
 from fedrec.privacy import calibrate_noise, validate_budget
@@ -55,7 +64,12 @@ def wrap_user_dp(strategy: Strategy, cfg: FedrecConfig, n_clients: int) -> Strat
             max_epsilon=p.epsilon,
         )
     )
-    return DifferentialPrivacyServerSideFixedClipping(
+    wrapper = (
+        DifferentialPrivacyClientSideFixedClipping
+        if p.clipping_side == "client"
+        else DifferentialPrivacyServerSideFixedClipping
+    )
+    return wrapper(
         strategy,
         noise_multiplier=user_level_noise(cfg, n_clients),
         clipping_norm=p.clipping_norm,

@@ -91,7 +91,8 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
     assert tampered.returncode == 1 and "FAILED" in tampered.stderr
 
 
-def test_user_level_dp_fedavg_is_accounted_by_flower_and_the_ledger(tmp_path):
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_user_level_dp_fedavg_is_accounted_by_flower_and_the_ledger(tmp_path, side):
     cfg = load_config(
         None,
         {
@@ -103,9 +104,11 @@ def test_user_level_dp_fedavg_is_accounted_by_flower_and_the_ledger(tmp_path):
             "privacy.mode": "user",
             "privacy.epsilon": 8.0,
             "privacy.delta": 1e-3,
+            "privacy.clipping_side": side,
         },
     )
     run, summary = simulate(cfg, baselines=False)
+    assert summary["rounds"] == 2  # with client-side clipping every client's mod clipped
     entries = read_ledger(run.ledger)
     assert [e["round"] for e in entries] == [1, 2]
     assert all(e["mechanism"] == "dp-fedavg" and e["sample_rate"] == 1.0 for e in entries)
