@@ -75,6 +75,7 @@ class FedrecConfig:
     server_lr: float = 0.01  # FedAdam only
     max_len: int = 50  # history length the models see
     eval_full_ranking: bool = True  # also rank the whole catalogue in the final evaluation
+    fusion_fit: str = "server"  # server: its validation users; federated: clients' (sums only)
     out: str = ""  # run directory; empty = runs/<dataset>-<time>
     tasks: Mapping[str, TaskConfig] = field(
         default_factory=lambda: {
@@ -113,6 +114,7 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.min_train_clients >= 1, "min_train_clients", "must be at least 1"),
         (cfg.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}"),
         (cfg.max_len >= 2, "max_len", "must be at least 2"),
+        (cfg.fusion_fit in ("server", "federated"), "fusion_fit", "must be server or federated"),
         (cfg.privacy.mode in PRIVACY_MODES, "privacy.mode", f"must be one of {PRIVACY_MODES}"),
         (cfg.privacy.epsilon > 0, "privacy.epsilon", "must be positive"),
         (0 < cfg.privacy.delta < 1, "privacy.delta", "must be in (0, 1)"),

@@ -36,18 +36,25 @@ class EvalSet:
     exclude: list[np.ndarray]  # items to exclude from full ranking (the history)
 
     def subset(self, n: int) -> EvalSet:
-        if n >= len(self.users):
-            return self
+        """The first ``n`` users."""
+        return self if n >= len(self.users) else self.take(np.arange(n))
+
+    def take(self, rows: np.ndarray) -> EvalSet:
+        """The users at ``rows`` (e.g. one client's users), in that order."""
         h = self.history
-        seqs = Sequences(*(getattr(h.seqs, f)[:n] for f in ("users", "items", "mask", "context")))
+        seqs = Sequences(*(getattr(h.seqs, f)[rows] for f in ("users", "items", "mask", "context")))
         return EvalSet(
-            self.users[:n],
-            LocalData(seqs, h.feats[:n]),
-            self.context[:n],
-            self.targets[:n],
-            self.negatives[:n],
-            self.exclude[:n],
+            self.users[rows],
+            LocalData(seqs, h.feats[rows]),
+            self.context[rows],
+            self.targets[rows],
+            self.negatives[rows],
+            [self.exclude[i] for i in rows],
         )
+
+    def of_users(self, users: np.ndarray) -> EvalSet:
+        """The rows of the given user indices that this set holds."""
+        return self.take(np.flatnonzero(np.isin(self.users, users)))
 
 
 @dataclass(frozen=True)

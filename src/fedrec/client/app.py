@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedrec.client.fusion_query import fusion_reply
 from fedrec.client.local import build_task_models, train_round
 from fedrec.client.mods import user_dp_clipping
 from fedrec.client.privacy import PrivacyRefusal, client_privacy
@@ -67,6 +68,19 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({ARRAYS_KEY: pack(models), "metrics": metrics})
     content["ledger"] = ConfigRecord({"entries": [str(e) for e in ledger]})
     return Message(content=content, reply_to=msg)
+
+
+@app.query("fusion")
+def fusion(msg: Message, context: Context) -> Message:
+    """Federated fusion fit: NDCG sums of candidate weightings on this client's validation users."""
+    torch.set_num_threads(1)
+    cfg = from_json(str(msg.content["config"]["fedrec"]))
+    client = int(context.node_config["partition-id"])
+    try:
+        return fusion_reply(msg, cfg, client)
+    except ValueError as err:
+        log.error("client %d cannot score fusions: %s", client, err)
+        return Message(Error(code=ERROR_CODE_FAILED, reason=str(err)), reply_to=msg)
 
 
 def _ledger_path(config: ConfigRecord, context: Context) -> str | None:

@@ -76,9 +76,16 @@ def fit_on_validation(
 
 
 def fuse_and_evaluate(
-    models: Mapping[str, TaskModel], work: Workload, *, method: str = "weighted", seed: int = 0
+    models: Mapping[str, TaskModel],
+    work: Workload,
+    *,
+    method: str = "weighted",
+    seed: int = 0,
+    chosen: Fuser | None = None,
 ) -> dict[str, Any]:
     """Fit every fuser on validation, measure them and each task on the test users.
+
+    ``chosen``: a fuser fitted elsewhere (the federated fit) that replaces ``method``'s.
 
     Returns ``{"fused": metrics of method, "fusion": {"method", "normalization", "weights",
     "cv_scores", "state"}, "per_method": {fuser: metrics}, "tasks": {task: metrics}}``;
@@ -87,6 +94,8 @@ def fuse_and_evaluate(
     if method not in FUSERS:
         raise ValueError(f"unknown fusion method {method!r}; choose one of {FUSERS}")
     fusers = _fit_all(models, work, FUSERS, seed)
+    if chosen is not None:
+        fusers[method] = chosen
     cands = sampled_candidates(work.test)
     scores = task_scores(models, work.test, cands)
     feats = popularity_features(item_popularity(work), cands)

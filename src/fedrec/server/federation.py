@@ -21,6 +21,7 @@ from fedrec.client.local import build_task_models
 from fedrec.config import FedrecConfig
 from fedrec.rundir import RunDir, append_metrics
 from fedrec.scoring import evaluate_model
+from fedrec.server.fusion import FederatedFusion, federated_fusion
 from fedrec.strategies import Observed, RoundLog, make_strategy
 from fedrec.strategies.records import pack, unpack_into
 from fedrec.workload import build_workload
@@ -42,6 +43,7 @@ class FederationResult:
     seconds: float
     eval_seconds: float
     per_round: list[dict] = field(default_factory=list)
+    fusion: FederatedFusion | None = None  # when cfg.fusion_fit == "federated"
 
 
 OnRound = Callable[[int, list[dict], RoundLog], None]
@@ -108,14 +110,19 @@ def run_federation(
     except (TooFewClients, PrivacyBudgetExhausted) as err:
         stopped = str(err)
         log.warning("federation stopped early: %s", err)
+    seconds = time.perf_counter() - start
+    fusion = None
+    if cfg.fusion_fit == "federated" and state["done"] > 0:
+        fusion = federated_fusion(grid, cfg, models)
     return FederationResult(
         models,
         state["done"],
         stopped,
         strategy.rounds,
-        time.perf_counter() - start,
+        seconds,
         state["eval"],
         rows_all,
+        fusion,
     )
 
 

@@ -20,6 +20,14 @@ from fedrec.workload import build_workload
 log = logging.getLogger(__name__)
 
 
+def _fitted_on(result: FederationResult) -> str:
+    if result.fusion is None:
+        return "the server's validation users (99 sampled negatives each)"
+    f = result.fusion
+    return (f"federated: {f.users} validation users of {f.clients} clients, sums only "
+            f"({f.failed} clients did not answer); validation NDCG@10 {f.validation_ndcg:.4f}")
+
+
 def write_outputs(
     cfg: FedrecConfig, run: RunDir, result: FederationResult, *, baselines: bool, on_stage=None
 ) -> dict[str, Any]:
@@ -33,7 +41,10 @@ def write_outputs(
     for task, model in result.models.items():
         save_model(model, run.models / task)
     stage("fusion (fitted on validation users, measured on test)")
-    fusion = fuse_and_evaluate(result.models, work, method="weighted", seed=cfg.seed)
+    chosen = result.fusion.fuser if result.fusion else None
+    fusion = fuse_and_evaluate(
+        result.models, work, method="weighted", seed=cfg.seed, chosen=chosen
+    )
     save_fuser(run.path, fuser_from_dict(fusion["fusion"]["state"]))
     summary: dict[str, Any] = {
         "dataset": work.dataset.name,
@@ -48,7 +59,7 @@ def write_outputs(
         "fused": fusion["fused"],
         "fusion": {
             **{k: v for k, v in fusion["fusion"].items() if k != "state"},
-            "fitted_on": "validation users (99 sampled negatives each)",
+            "fitted_on": _fitted_on(result),
             "per_method": fusion["per_method"],
         },
         "timing": _timing(result, eval_seconds),

@@ -130,3 +130,15 @@ def test_bad_input_fails_before_a_run_directory_exists(tmp_path, bad, match):
     with pytest.raises(DataError, match=match):
         simulate(_cfg(tmp_path, **bad))
     assert not (tmp_path / "run").exists()
+
+
+def test_fusion_weights_can_be_chosen_by_the_clients(tmp_path):
+    """fusion_fit = federated: clients return NDCG sums only; the server's choice is used."""
+    cfg = _cfg(tmp_path, fusion_fit="federated", eval_full_ranking=False)
+    run, summary = simulate(cfg, baselines=False)
+    fusion = summary["fusion"]
+    assert fusion["fitted_on"].startswith("federated:") and "of 4 clients" in fusion["fitted_on"]
+    assert abs(sum(fusion["weights"].values()) - 1.0) < 1e-9
+    saved = json.loads((run.path / "fusion.json").read_text())
+    assert saved["weights"] == fusion["weights"]
+    assert 0.0 <= summary["fused"]["hr@10"] <= 1.0
