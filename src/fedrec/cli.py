@@ -44,6 +44,12 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         choices=["off", "beside", "instead"],
         help="item text through the frozen encoder: beside or instead of item-ID embeddings",
     )
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        default=None,
+        help="the server learns only the sum of each round's updates (fedrec.secagg)",
+    )
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
@@ -59,6 +65,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         out["privacy.delta"] = args.delta
     if getattr(args, "text", None) is not None:
         out["text.mode"] = args.text
+    if getattr(args, "secure_aggregation", None):
+        out["secure_aggregation"] = True
     return out
 
 
@@ -231,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedrec.data import DataError
     from fedrec.fusion.pipeline import RecommendError
     from fedrec.privacy import PrivacyError
+    from fedrec.text.items import TextError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus.accountants")
@@ -244,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PrivacyError,
         FileExistsError,
         RecommendError,
+        TextError,
     ) as err:
         console.print(f"[red]error:[/] {err}")
         return EXIT_USAGE

@@ -71,11 +71,14 @@ class FedrecConfig:
     strategy: str = "fedavg"
     fraction_train: float = 1.0  # share of clients sampled per round
     min_train_clients: int = 2  # a round needs at least this many replies
+    round_timeout: float = 3600.0  # seconds a round waits for replies; later ones are dropped
+    reject_norm_factor: float = 10.0  # reject an update over this x the round's median norm (0 off)
     proximal_mu: float = 0.01  # FedProx only
     server_lr: float = 0.01  # FedAdam only
     max_len: int = 50  # history length the models see
     eval_full_ranking: bool = True  # also rank the whole catalogue in the final evaluation
     fusion_fit: str = "server"  # server: its validation users; federated: clients' (sums only)
+    secure_aggregation: bool = False  # the server learns only the sum of each round's updates
     out: str = ""  # run directory; empty = runs/<dataset>-<time>
     tasks: Mapping[str, TaskConfig] = field(
         default_factory=lambda: {
@@ -112,9 +115,18 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.clients >= 0, "clients", "must be positive (or 0 to let the partition decide)"),
         (0 < cfg.fraction_train <= 1, "fraction_train", "must be in (0, 1]"),
         (cfg.min_train_clients >= 1, "min_train_clients", "must be at least 1"),
+        (cfg.round_timeout > 0, "round_timeout", "must be positive (seconds)"),
+        (cfg.reject_norm_factor == 0 or cfg.reject_norm_factor > 1, "reject_norm_factor",
+         "must be above 1 (or 0 to turn the median-norm check off)"),
         (cfg.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}"),
         (cfg.max_len >= 2, "max_len", "must be at least 2"),
         (cfg.fusion_fit in ("server", "federated"), "fusion_fit", "must be server or federated"),
+        (not cfg.secure_aggregation or cfg.strategy in ("fedavg", "fedprox", "fedadam"),
+         "secure_aggregation", "needs strategy fedavg, fedprox or fedadam: robust aggregators "
+         "need individual updates, which secure aggregation hides"),
+        (not cfg.secure_aggregation or cfg.privacy.mode != "user", "secure_aggregation",
+         "does not compose with user-level DP yet (Flower's wrappers clip individual updates); "
+         "use record-level DP (--epsilon) with it"),
         (cfg.privacy.mode in PRIVACY_MODES, "privacy.mode", f"must be one of {PRIVACY_MODES}"),
         (cfg.privacy.epsilon > 0, "privacy.epsilon", "must be positive"),
         (0 < cfg.privacy.delta < 1, "privacy.delta", "must be in (0, 1)"),

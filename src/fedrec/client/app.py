@@ -7,6 +7,7 @@ its privacy budget would be exceeded; the strategy drops and logs such replies.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -16,8 +17,10 @@ from fedrec.client.fusion_query import fusion_reply
 from fedrec.client.local import build_task_models, train_round
 from fedrec.client.mods import user_dp_clipping
 from fedrec.client.privacy import PrivacyRefusal, client_privacy
+from fedrec.client.secure import secure_update
 from fedrec.config import from_json
 from fedrec.privacy import LedgerError
+from fedrec.secagg.flower import handle_secagg
 from fedrec.strategies.records import ARRAYS_KEY, pack, unpack_into
 from fedrec.workload import build_workload
 
@@ -68,6 +71,12 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({ARRAYS_KEY: pack(models), "metrics": metrics})
     content["ledger"] = ConfigRecord({"entries": [str(e) for e in ledger]})
     return Message(content=content, reply_to=msg)
+
+
+@app.train("secagg")
+def train_secagg(msg: Message, context: Context) -> Message:
+    """Secure aggregation (fedrec.secagg): the same training; only a masked delta leaves."""
+    return handle_secagg(msg, context, partial(secure_update, train))
 
 
 @app.query("fusion")

@@ -22,6 +22,7 @@ from fedrec.config import FedrecConfig
 from fedrec.rundir import RunDir, append_metrics
 from fedrec.scoring import evaluate_model
 from fedrec.server.fusion import FederatedFusion, federated_fusion
+from fedrec.server.secure_grid import SecureAggregationGrid
 from fedrec.strategies import Observed, RoundLog, make_strategy
 from fedrec.strategies.records import pack, unpack_into
 from fedrec.workload import build_workload
@@ -44,6 +45,7 @@ class FederationResult:
     eval_seconds: float
     per_round: list[dict] = field(default_factory=list)
     fusion: FederatedFusion | None = None  # when cfg.fusion_fit == "federated"
+    secure_rounds: dict[int, dict[str, float]] | None = None  # protocol metrics per round
 
 
 OnRound = Callable[[int, list[dict], RoundLog], None]
@@ -98,9 +100,10 @@ def run_federation(
 
     start = time.perf_counter()
     stopped = None
+    sgrid = secure_grid(grid, cfg, run) if cfg.secure_aggregation else None
     try:
         strategy.start(
-            grid,
+            sgrid or grid,
             pack(models),
             num_rounds=cfg.rounds,
             timeout=ROUND_TIMEOUT_S,
@@ -123,7 +126,15 @@ def run_federation(
         state["eval"],
         rows_all,
         fusion,
+        sgrid.rounds if sgrid else None,
     )
+
+
+def secure_grid(grid: Grid, cfg: FedrecConfig, run: RunDir) -> SecureAggregationGrid:
+    """The grid through which Flower's strategy gets only sums (fedrec.server.secure_grid)."""
+    from fedrec.secagg.params import SecAggConfig
+
+    return SecureAggregationGrid(grid, SecAggConfig(), run.path.name)
 
 
 class UserLevelLedger:

@@ -85,6 +85,8 @@ def write_outputs(
             task: _ratio(tasks[task]["hr@10"], summary["baselines"]["central"][task]["hr@10"])
             for task in tasks
         }
+    if result.secure_rounds is not None:
+        summary["secure_aggregation"] = {"rounds": result.secure_rounds}
     if cfg.privacy.mode != "none":
         summary["privacy"] = privacy_summary(cfg, run)
     write_report(run, summary, read_metrics(run))

@@ -142,3 +142,23 @@ def test_fusion_weights_can_be_chosen_by_the_clients(tmp_path):
     saved = json.loads((run.path / "fusion.json").read_text())
     assert saved["weights"] == fusion["weights"]
     assert 0.0 <= summary["fused"]["hr@10"] <= 1.0
+
+
+def test_secure_aggregation_with_record_level_dp(tmp_path):
+    """Flower's FedAvg over SecAgg on the real engine: 2 rounds, 4 clients, DP-SGD before
+    masking; every client survives, the ledger audits, and the summary reports the protocol."""
+    cfg = _cfg(tmp_path, secure_aggregation=True, eval_full_ranking=False,
+               **{"privacy.mode": "record", "privacy.epsilon": 8.0, "privacy.delta": 1e-3})
+    run, summary = simulate(cfg, baselines=False)
+    assert summary["rounds"] == 2 and not summary["stopped_early"]
+    rounds = summary["secure_aggregation"]["rounds"]
+    assert [rounds[r]["secagg.survivors"] for r in sorted(rounds)] == [4.0, 4.0]
+    assert audit_ledger(run.ledger, run_id=run.path.name).ok
+    assert summary["tasks"]["personal"]["hr@10"] > 0.0
+
+
+def test_secure_aggregation_refuses_robust_aggregators(tmp_path):
+    from fedrec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="robust aggregators"):
+        _cfg(tmp_path, secure_aggregation=True, strategy="krum")
