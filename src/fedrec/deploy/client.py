@@ -1,0 +1,91 @@
+"""The partner's side: check everything locally, then start a SuperNode that trains on local data.
+
+The data path reaches the ClientApp through the SuperNode's node config; it never enters the
+app bundle or any message. A refused key or an untrusted server ends start-up with one line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedrec.deploy import launch
+from fedrec.deploy.certdir import CertDir, read_manifest
+from fedrec.deploy.checks import check_data, check_partner_files, probe_superlink
+from fedrec.deploy.errors import DeployError
+from fedrec.deploy.process import Child
+
+CONNECTED = "SuperNode ID:"  # what flower-supernode prints once the SuperLink accepted it
+START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Partner:
+    """One partner's SuperNode: whose key, which data, which SuperLink."""
+
+    superlink: str
+    data: Path
+    certs: CertDir | None  # None: --insecure (local development only)
+    name: str | None
+    client_id: int | None = None  # None: the number the platform gave it (manifest), else 0
+    ledger: Path | None = None
+    runtime_port: int = launch.DEFAULT_RUNTIME_PORT
+    flwr_home: Path | None = None
+
+
+def preflight(partner: Partner) -> Path:
+    """Everything checkable before launching; returns the resolved data path."""
+    host, port = launch.parse_address(partner.superlink)
+    if partner.certs is not None:
+        if partner.name is None:
+            raise DeployError("--partner is required unless --insecure")
+        check_partner_files(partner.certs, partner.name)
+    if partner.client_id is not None and partner.client_id < 0:
+        raise DeployError(f"--client-id {partner.client_id}: must be 0 or more")
+    data = check_data(partner.data)
+    if partner.ledger is not None and not os.access(partner.ledger.parent, os.W_OK):
+        raise DeployError(f"--ledger {partner.ledger}: its folder is missing or not writable")
+    probe_superlink(host, port, ca_cert=partner.certs.ca_cert if partner.certs else None)
+    return data
+
+
+def supernode_command(partner: Partner, data: Path) -> list[str]:
+    config = launch.client_node_config(
+        data,
+        client_id=client_id(partner),
+        ledger=partner.ledger.resolve() if partner.ledger is not None else None,
+    )
+    return launch.supernode_command(
+        launch.bin_dir(),
+        superlink=partner.superlink,
+        certs=partner.certs,
+        partner=partner.name,
+        node_config=config,
+        runtime_port=partner.runtime_port,
+    )
+
+
+def client_id(partner: Partner) -> int:
+    """This site's number: given, else assigned by the platform in the kit's manifest, else 0."""
+    if partner.client_id is not None:
+        return partner.client_id
+    if partner.certs is None or partner.name is None or not partner.certs.manifest.is_file():
+        return 0
+    entry = read_manifest(partner.certs.path)["partners"].get(partner.name, {})
+    return int(entry.get("id", 0))
+
+
+def start_supernode(partner: Partner, *, echo: bool = True) -> Child:
+    """Check, launch, and wait until the SuperLink has accepted this node."""
+    data = preflight(partner)
+    env = launch.child_env(os.environ, flwr_home=partner.flwr_home, bins=launch.bin_dir())
+    child = Child(supernode_command(partner, data), env, echo=echo)
+    try:
+        child.wait_until(
+            lambda: CONNECTED in child.output, timeout=START_TIMEOUT_S, what="SuperNode"
+        )
+    except DeployError:
+        child.stop()
+        raise
+    return child

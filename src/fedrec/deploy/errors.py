@@ -1,0 +1,9 @@
+"""The one exception type of ``fedrec.deploy``."""
+
+
+class DeployError(ValueError):
+    """A certificate, key, address or file a deployment needs is missing, wrong or unusable.
+
+    The message is one line naming the file or address at fault and how to fix it, so the CLI
+    prints it as is.
+    """
