@@ -74,7 +74,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedrec.progress import RoundProgress
     from fedrec.simulation import simulate
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = _resume_config(args) if args.resume else load_config(args.config, _overrides(args))
     console.print(
         f"[bold]fedrec simulate[/]: {cfg.dataset}, partition {cfg.partition}, "
         f"{cfg.rounds} rounds, strategy {cfg.strategy}"
@@ -86,6 +86,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             on_round=progress.on_round,
             on_stage=progress.stage,
             verbose=args.verbose,
+            resume_from=args.resume,
         )
     _print_summary(summary)
     console.print(
@@ -93,6 +94,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     print(run.path)
     return 0
+
+
+def _resume_config(args: argparse.Namespace) -> FedrecConfig:
+    """A resumed run keeps the config in its config.toml: other config flags are refused."""
+    from fedrec.server.checkpoint import resume_config
+
+    if args.config or _overrides(args):
+        raise UserError("--resume continues a run with its own config.toml; drop the other flags")
+    return resume_config(args.resume)
 
 
 def cmd_train_central(args: argparse.Namespace) -> int:
@@ -203,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run a federation on one machine (Flower simulation)")
     _data_flags(p)
     p.add_argument("--no-baselines", action="store_true", help="skip popularity and central")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its checkpoint")
     p.set_defaults(func=cmd_simulate)
     p = sub.add_parser("train-central", help="train the same models centrally (baseline)")
     _data_flags(p)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +66,17 @@ def create_run_dir(cfg: FedrecConfig, path: str | Path | None = None) -> RunDir:
     return run
 
 
-def append_metrics(run: RunDir, rows: list[Mapping[str, Any]]) -> None:
+def append_metrics(run: RunDir, rows: Sequence[Mapping[str, Any]]) -> None:
     with run.metrics.open("a") as fh:
         for row in rows:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def write_metrics(run: RunDir, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Replace metrics.jsonl with ``rows`` (a resumed run drops rows its checkpoint lacks)."""
+    tmp = run.metrics.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    os.replace(tmp, run.metrics)
 
 
 def read_metrics(run: RunDir) -> list[dict[str, Any]]:

@@ -52,6 +52,9 @@ def train(msg: Message, context: Context) -> Message:
             ledger_path=_ledger_path(config, context),
             run_id=str(config.get("run-id", "")),
         )
+        kept = privacy.replay(server_round, msg.content[ARRAYS_KEY]) if privacy else None
+        if kept is not None:  # released before the server died: send it again (client/replay.py)
+            return Message(content=kept, reply_to=msg)
         dp = privacy.before_round(server_round) if privacy else None
         result = train_round(
             cfg,
@@ -72,6 +75,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"num-examples": data.n_users, "dp-weight": 1.0, **result.metrics()})
     content = RecordDict({ARRAYS_KEY: pack(models), "metrics": metrics})
     content["ledger"] = ConfigRecord({"entries": [str(e) for e in ledger]})
+    if privacy:
+        privacy.remember(server_round, content)
     return Message(content=content, reply_to=msg)
 
 

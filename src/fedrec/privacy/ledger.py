@@ -155,8 +155,13 @@ def _split(data: bytes) -> list[bytes]:
 def read_ledger(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """All entries of a ledger file in order. Raises ``LedgerError`` on a malformed line;
     this does not verify the chain (use ``verify_chain``)."""
+    return _parse(_lines_of(path), path)
+
+
+def _parse(source: bytes | list[bytes], path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    lines = _split(source) if isinstance(source, bytes) else source
     entries = []
-    for i, line in enumerate(_lines_of(path), start=1):
+    for i, line in enumerate(lines, start=1):
         if not line.endswith(b"\n"):
             raise LedgerError(f"{path}: line {i} is truncated (a half-written append)")
         try:
@@ -220,10 +225,21 @@ class Ledger:
         return entry
 
     def read(self) -> list[dict[str, Any]]:
-        return read_ledger(self.path) if self.path.exists() else []
+        """All entries, read under a shared lock: never half of a concurrent append."""
+        return _parse(read_locked(self.path), self.path) if self.path.exists() else []
 
     def verify(self, *, expected_head: str | None = None) -> ChainReport:
         return verify_chain(self.path, run_id=self.run_id, expected_head=expected_head)
+
+
+def read_locked(path: str | os.PathLike[str]) -> bytes:
+    """A ledger file's bytes under a shared lock (appends take an exclusive one)."""
+    with open(path, "rb") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+        try:
+            return fh.read()
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,7 +9,7 @@ cumulative over the run; the state never reports a per-round epsilon.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -127,6 +127,29 @@ class ClientPrivacyState:
         for rec in data["records"]:
             task, sigma, q, steps = rec
             state.record(task, noise_multiplier=sigma, sample_rate=q, steps=steps)
+        return state
+
+    @classmethod
+    def from_entries(
+        cls, entries: Sequence[Mapping[str, Any]], *, accountant: str
+    ) -> ClientPrivacyState:
+        """The state a sequence of one client's ledger entries describes (in ledger order).
+
+        The ledger is the source of truth after a restart: it outlives any in-memory state.
+        """
+        state = cls(accountant=accountant)  # type: ignore[arg-type]
+        for e in entries:
+            if e.get("accountant") != accountant:
+                raise PrivacyError(
+                    f"ledger entry seq {e.get('seq')} was accounted with {e.get('accountant')!r}, "
+                    f"this run uses {accountant!r}: resume with the run's own config"
+                )
+            state.record(
+                e["task"],
+                noise_multiplier=e["noise_multiplier"],
+                sample_rate=e["sample_rate"],
+                steps=e["steps"],
+            )
         return state
 
     def to_json(self) -> str:

@@ -23,12 +23,13 @@ def make_server_app(
     run: RunDir,
     on_round: OnRound | None = None,
     on_done: Callable[[FederationResult], None] | None = None,
+    resume: bool = False,
 ) -> ServerApp:
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        result = run_federation(grid, cfg, run, on_round)
+        result = run_federation(grid, cfg, run, on_round, resume=resume)
         if on_done is not None:
             on_done(result)
 

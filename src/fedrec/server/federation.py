@@ -2,7 +2,9 @@
 
 Each round the sampled clients train all task models; the strategy aggregates each task's keys
 into that task's global model; the server evaluates every global model on the validation users,
-logs one metrics line per task, and stops cleanly when too few clients are left to train.
+logs one metrics line per task, checkpoints (server/checkpoint.py; ``resume`` continues from the
+last checkpoint, server/resume.py), and stops cleanly when too few clients are left to train.
+Malformed updates are screened out before aggregation (strategies/screen.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
@@ -21,14 +23,16 @@ from fedrec.client.local import build_task_models
 from fedrec.config import FedrecConfig
 from fedrec.rundir import RunDir, append_metrics
 from fedrec.scoring import evaluate_model
+from fedrec.server.checkpoint import Progress, save_checkpoint
 from fedrec.server.fusion import FederatedFusion, federated_fusion
+from fedrec.server.resume import resume_state
+from fedrec.server.rounds import run_rounds, wait_for_nodes
 from fedrec.server.secure_grid import SecureAggregationGrid
-from fedrec.strategies import Observed, RoundLog, make_strategy
+from fedrec.strategies import Observed, RoundLog, make_screen, make_strategy
 from fedrec.strategies.records import pack, unpack_into
 from fedrec.workload import build_workload
 
 log = logging.getLogger(__name__)
-ROUND_TIMEOUT_S = 3600.0
 
 
 class TooFewClients(RuntimeError):
@@ -46,33 +50,41 @@ class FederationResult:
     per_round: list[dict] = field(default_factory=list)
     fusion: FederatedFusion | None = None  # when cfg.fusion_fit == "federated"
     secure_rounds: dict[int, dict[str, float]] | None = None  # protocol metrics per round
+    resumes: list[dict] = field(default_factory=list)  # one entry per resume (server/checkpoint.py)
 
 
 OnRound = Callable[[int, list[dict], RoundLog], None]
 
 
 def run_federation(
-    grid: Grid, cfg: FedrecConfig, run: RunDir, on_round: OnRound | None = None
+    grid: Grid,
+    cfg: FedrecConfig,
+    run: RunDir,
+    on_round: OnRound | None = None,
+    *,
+    resume: bool = False,
 ) -> FederationResult:
+    """Train ``cfg.rounds`` rounds (from the run's last checkpoint when ``resume``)."""
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     work = build_workload(cfg)
     models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
-    strategy = Observed(make_strategy(cfg, work.partition.n_clients))
+    strategy = Observed(make_strategy(cfg, work.partition.n_clients), screen=make_screen(cfg))
     train_config = ConfigRecord(
         {"fedrec": cfg.to_json(), "run-id": run.path.name, "ledger-path": str(run.ledger.resolve())}
     )
-    state = {"done": 0, "eval": 0.0}
     user_ledger = UserLevelLedger(cfg, strategy.inner, run) if cfg.privacy.mode == "user" else None
-    rows_all: list[dict] = []
+    arrays, progress = pack(models), Progress()
+    if resume:
+        arrays, progress = resume_state(run, cfg, strategy, user_ledger, arrays)
+        unpack_into(arrays, models)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            return None
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> list[dict]:
         rlog = strategy.rounds.get(server_round, RoundLog(server_round))
         if rlog.replies < min(cfg.min_train_clients, work.partition.n_clients):
             raise TooFewClients(
                 f"round {server_round}: only {rlog.replies} client(s) trained "
-                f"({len(rlog.failures)} refused or failed); at least {cfg.min_train_clients} needed"
+                f"({len(rlog.failures)} refused or failed, {len(rlog.rejected)} rejected); "
+                f"at least {cfg.min_train_clients} needed"
             )
         if user_ledger is not None:
             user_ledger.after_round(server_round)
@@ -90,43 +102,53 @@ def run_federation(
                     **metrics,
                 }
             )
-        state["eval"] += time.perf_counter() - t0
-        state["done"] = server_round
+        progress.eval_seconds += time.perf_counter() - t0
         append_metrics(run, rows)
-        rows_all.extend(rows)
-        if on_round is not None:
-            on_round(server_round, rows, rlog)
-        return MetricRecord({f"{r['task']}.hr@10": float(r["hr@10"]) for r in rows})
+        return rows
 
-    start = time.perf_counter()
+    start, before = time.perf_counter(), progress.seconds
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> None:
+        """Evaluate, then checkpoint, then report: a crash in ``on_round`` loses nothing."""
+        rows = evaluate_fn(server_round, arrays)
+        progress.round, progress.seconds = server_round, before + time.perf_counter() - start
+        progress.rows.extend(rows)
+        progress.rounds[server_round] = strategy.rounds[server_round]
+        save_checkpoint(run, cfg, arrays, strategy, progress)
+        if on_round is not None:
+            on_round(server_round, rows, progress.rounds[server_round])
+
     stopped = None
     sgrid = secure_grid(grid, cfg, run) if cfg.secure_aggregation else None
     try:
-        strategy.start(
+        wait_for_nodes(grid, work.partition.n_clients, cfg.round_timeout)
+        run_rounds(
+            strategy,
             sgrid or grid,
-            pack(models),
-            num_rounds=cfg.rounds,
-            timeout=ROUND_TIMEOUT_S,
+            arrays,
+            rounds=range(progress.round + 1, cfg.rounds + 1),
+            timeout=cfg.round_timeout,
             train_config=train_config,
-            evaluate_fn=evaluate_fn,
+            after_round=after_round,
         )
     except (TooFewClients, PrivacyBudgetExhausted) as err:
         stopped = str(err)
         log.warning("federation stopped early: %s", err)
-    seconds = time.perf_counter() - start
+    seconds = before + time.perf_counter() - start
     fusion = None
-    if cfg.fusion_fit == "federated" and state["done"] > 0:
+    if cfg.fusion_fit == "federated" and progress.round > 0:
         fusion = federated_fusion(grid, cfg, models)
     return FederationResult(
         models,
-        state["done"],
+        progress.round,
         stopped,
-        strategy.rounds,
+        {**progress.rounds, **strategy.rounds},
         seconds,
-        state["eval"],
-        rows_all,
+        progress.eval_seconds,
+        progress.rows,
         fusion,
         sgrid.rounds if sgrid else None,
+        resumes=progress.resumes,
     )
 
 

@@ -68,6 +68,7 @@ def write_outputs(
             for r, rlog in sorted(result.rounds.items())
             for node, code, reason in rlog.failures
         ],
+        **_fault_summary(result),
     }
     if baselines:
         stage("baselines: popularity")
@@ -92,6 +93,23 @@ def write_outputs(
     write_report(run, summary, read_metrics(run))
     finish(run, summary)
     return summary
+
+
+def _fault_summary(result: FederationResult) -> dict[str, Any]:
+    """Screened-out updates (node and reason, and a count per round) and resumes, if any."""
+    out: dict[str, Any] = {
+        "rejected_updates": [
+            {"round": r, "node": node, "reason": reason}
+            for r, rlog in sorted(result.rounds.items())
+            for node, reason in rlog.rejected
+        ],
+        "rejected_per_round": {
+            str(r): len(rlog.rejected) for r, rlog in sorted(result.rounds.items())
+        },
+    }
+    if result.resumes:
+        out["resumes"] = result.resumes
+    return out
 
 
 def _ratio(a: float, b: float) -> float:

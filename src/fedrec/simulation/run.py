@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from fedrec.client.replay import DIRNAME as RELEASES_DIRNAME
 from fedrec.config import FedrecConfig
 from fedrec.rundir import RunDir, create_run_dir
 from fedrec.server.federation import FederationResult, OnRound
 from fedrec.workload import build_workload
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +49,27 @@ def simulate(
     on_round: OnRound | None = None,
     on_stage: Callable[[str], None] | None = None,
     verbose: bool = False,
+    resume_from: str | Path | None = None,
+    client_app: ClientApp | None = None,
 ) -> tuple[RunDir, dict[str, Any]]:
-    """Run the federation described by ``cfg``; returns the run directory and its summary."""
+    """Run the federation described by ``cfg``; returns the run directory and its summary.
+
+    ``resume_from``: an unfinished run directory (made with this ``cfg``, see
+    ``fedrec.server.checkpoint.resume_config``) to continue from its last checkpoint.
+    ``client_app``: another ClientApp, for tests and benchmarks only (fedrec.simulation.faults).
+    """
     from flwr.simulation import run_simulation
 
-    from fedrec.client.app import app as client_app
+    from fedrec.client.app import app as fedrec_client
     from fedrec.server.app import make_server_app
     from fedrec.server.outputs import write_outputs
 
     n_clients = check_inputs(cfg)
-    run = create_run_dir(cfg)
+    run = _resumable(cfg, resume_from) if resume_from is not None else create_run_dir(cfg)
     holder: dict[str, FederationResult] = {}
-    server_app = make_server_app(cfg, run, on_round, on_done=lambda r: holder.update(r=r))
+    server_app = make_server_app(
+        cfg, run, on_round, on_done=lambda r: holder.update(r=r), resume=resume_from is not None
+    )
     _quiet_flower(verbose)
     cpus = os.cpu_count() or 1
     backend = {
@@ -69,7 +84,7 @@ def simulate(
     t0 = time.perf_counter()
     run_simulation(
         server_app=server_app,
-        client_app=client_app,
+        client_app=client_app or fedrec_client,
         num_supernodes=n_clients,
         backend_config=backend,
         verbose_logging=verbose,
@@ -78,7 +93,18 @@ def simulate(
         raise RuntimeError(f"the simulation ended without a result; see the log ({run.path})")
     log.info("simulation finished in %.1f s", time.perf_counter() - t0)
     summary = write_outputs(cfg, run, holder["r"], baselines=baselines, on_stage=on_stage)
+    shutil.rmtree(run.path / RELEASES_DIRNAME, ignore_errors=True)  # only a crash needs them
     return run, summary
+
+
+def _resumable(cfg: FedrecConfig, path: str | Path) -> RunDir:
+    """The run directory to resume; CheckpointError before anything starts if it cannot be."""
+    from fedrec.server.resume import check_resumable
+
+    run = RunDir(Path(path))
+    done = check_resumable(run, cfg)
+    log.warning("resuming %s after round %d of %d", run.path, done, cfg.rounds)
+    return run
 
 
 def _quiet_flower(verbose: bool) -> None:

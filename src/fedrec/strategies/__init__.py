@@ -2,5 +2,6 @@
 
 from fedrec.strategies.factory import make_strategy
 from fedrec.strategies.observed import Observed, RoundLog
+from fedrec.strategies.screen import UpdateScreen, make_screen
 
-__all__ = ["Observed", "RoundLog", "make_strategy"]
+__all__ = ["Observed", "RoundLog", "UpdateScreen", "make_screen", "make_strategy"]

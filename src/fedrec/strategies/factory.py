@@ -31,14 +31,19 @@ def make_strategy(cfg: FedrecConfig, n_clients: int) -> Strategy:
 
 
 def _base_strategy(cfg: FedrecConfig, n_clients: int) -> Strategy:
-    """The named strategy, sampling ``fraction_train`` of ``n_clients`` each round."""
+    """The named strategy, sampling ``fraction_train`` of ``n_clients`` each round.
+
+    The server waits for all ``n_clients`` once, before its first round (server/rounds.py);
+    after that a round needs only ``min_train_clients`` connected nodes, so a site that died
+    mid-run does not stall the federation.
+    """
     min_nodes = min(cfg.min_train_clients, n_clients)
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,  # evaluation is central in simulation (see server/federation.py)
         min_train_nodes=min_nodes,
         min_evaluate_nodes=0,
-        min_available_nodes=n_clients,
+        min_available_nodes=min_nodes,  # not n_clients: a lost node must not block later rounds
         arrayrecord_key=ARRAYS_KEY,
         train_metrics_aggr_fn=aggregate_train_metrics,
         weighted_by_key=UNIFORM_WEIGHT_KEY if cfg.privacy.mode == "user" else "num-examples",

@@ -1,18 +1,25 @@
-"""A transparent wrapper that records what each round's aggregation saw.
+"""A wrapper that records what each round's aggregation saw, and screens what it may see.
 
 The server needs per-round training metrics and the list of clients that refused or failed
 (budget refusals end a run cleanly when too few clients remain); Flower's strategies log these
-but do not return them, so we observe ``aggregate_train`` without changing its result.
+but do not return them, so we observe ``aggregate_train`` without changing its result. With a
+``screen`` (strategies/screen.py), malformed updates are dropped before ``inner`` aggregates
+and recorded as rejections with the client's node id and the reason.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from fedrec.strategies.screen import UpdateScreen
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,16 +29,19 @@ class RoundLog:
     round: int
     replies: int = 0
     failures: list[tuple[int, int, str]] = field(default_factory=list)  # (node, code, reason)
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): screened out
     metrics: dict[str, float] = field(default_factory=dict)
     ledger_entries: list[str] = field(default_factory=list)
 
 
 class Observed(Strategy):
-    """Delegates everything to ``inner``; keeps a RoundLog per round."""
+    """Delegates everything to ``inner``; keeps a RoundLog per round; screens replies if asked."""
 
-    def __init__(self, inner: Strategy) -> None:
+    def __init__(self, inner: Strategy, screen: UpdateScreen | None = None) -> None:
         self.inner = inner
+        self.screen = screen
         self.rounds: dict[int, RoundLog] = {}
+        self._sent: ArrayRecord | None = None  # the global model of the round being trained
 
     def summary(self) -> None:
         self.inner.summary()
@@ -39,6 +49,7 @@ class Observed(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._sent = arrays
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -46,6 +57,12 @@ class Observed(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         rlog = RoundLog(server_round)
+        if self.screen is not None and self._sent is not None:
+            replies, rlog.rejected = self.screen.screen(self._sent, replies)
+            for node, reason in rlog.rejected:
+                log.warning(
+                    "round %d: rejected the update of node %d: %s", server_round, node, reason
+                )
         for msg in replies:
             if msg.has_error():
                 rlog.failures.append((msg.metadata.src_node_id, msg.error.code, msg.error.reason))

@@ -56,3 +56,69 @@ def test_no_dp_means_no_controller(tmp_path):
     cfg, data, ctx = _setup(tmp_path)
     plain = load_config(None, {"dataset": cfg.dataset, "partition": cfg.partition})
     assert client_privacy(plain, ctx, 0, data, ledger_path=None, run_id="r") is None
+
+
+def _fresh_context():
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_a_restarted_client_rebuilds_its_accountant_from_the_ledger(tmp_path):
+    """Issue 5: context.state does not survive a restart; the ledger does (no epsilon lost)."""
+    cfg, data, ctx = _setup(tmp_path, rounds=2)
+    ledger = tmp_path / "privacy_ledger.jsonl"
+    ctl = client_privacy(cfg, ctx, 0, data, ledger_path=str(ledger), run_id="run-x")
+    ctl.before_round(1)
+    ctl.after_round(1, _fake_round(ctl))
+    spent = ctl.state.composed_epsilon(delta=1e-3)
+    other = client_privacy(cfg, _fresh_context(), 1, data, ledger_path=str(ledger), run_id="run-x")
+    assert len(other.state) == 0  # another client's lines are not this one's
+    again = client_privacy(cfg, _fresh_context(), 0, data, ledger_path=str(ledger), run_id="run-x")
+    assert len(again.state) == len(ctl.state) == 3
+    assert again.state.composed_epsilon(delta=1e-3) == pytest.approx(spent)
+    again.before_round(2)
+    again.after_round(2, _fake_round(again))
+    last = client_privacy(cfg, _fresh_context(), 0, data, ledger_path=str(ledger), run_id="run-x")
+    with pytest.raises(PrivacyRefusal):  # planned for 2 rounds: the ledger remembers both
+        last.before_round(3)
+
+
+def test_a_ledger_with_fewer_releases_than_the_state_is_refused(tmp_path):
+    from fedrec.privacy import LedgerError
+
+    cfg, data, ctx = _setup(tmp_path, rounds=2)
+    ledger = tmp_path / "privacy_ledger.jsonl"
+    ctl = client_privacy(cfg, ctx, 0, data, ledger_path=str(ledger), run_id="run-x")
+    ctl.after_round(1, _fake_round(ctl))
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    ledger.write_bytes(b"".join(lines[:1]))  # the tail cut off: the chain alone cannot tell
+    with pytest.raises(LedgerError, match="removed"):
+        client_privacy(cfg, ctx, 0, data, ledger_path=str(ledger), run_id="run-x")
+
+
+def test_a_release_is_sent_again_not_made_twice(tmp_path):
+    """Issue 5: the server died after the client released round 1; the resumed server asks again."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+    cfg, data, ctx = _setup(tmp_path, rounds=2)
+    ledger = tmp_path / "privacy_ledger.jsonl"
+    sent = ArrayRecord({"recall/w": Array(np.arange(4, dtype=np.float32))})
+    ctl = client_privacy(cfg, ctx, 0, data, ledger_path=str(ledger), run_id="run-x")
+    assert ctl.replay(1, sent) is None
+    entries = ctl.after_round(1, _fake_round(ctl))
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord({"recall/w": Array(np.ones(4, dtype=np.float32))}),
+            "metrics": MetricRecord({"num-examples": 80, "recall.loss": 0.25}),
+            "ledger": ConfigRecord({"entries": entries}),
+        }
+    )
+    ctl.remember(1, reply)
+    again = client_privacy(cfg, _fresh_context(), 0, data, ledger_path=str(ledger), run_id="run-x")
+    kept = again.replay(1, sent)
+    assert kept is not None and dict(kept["metrics"]) == {"num-examples": 80, "recall.loss": 0.25}
+    np.testing.assert_array_equal(kept["arrays"]["recall/w"].numpy(), np.ones(4))
+    assert len(read_ledger(ledger)) == 3  # nothing new released or written
+    moved = ArrayRecord({"recall/w": Array(np.arange(4, dtype=np.float32) + 1)})
+    assert again.replay(1, moved) is None  # another global model: a new release
+    assert again.replay(2, sent) is None  # another round: a new release

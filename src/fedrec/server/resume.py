@@ -1,0 +1,105 @@
+"""Resuming a killed federation from its last checkpoint; the privacy ledger is the truth.
+
+What a resume restores: the global models, the strategy's state (server-optimizer moments, DP
+accountants), the server's RNG states, the metrics and round logs of the checkpointed rounds
+(``metrics.jsonl`` is rewritten to them), and continues at the next round with the same config.
+
+The ledger is never rewritten. It must extend the checkpoint's position exactly (same line count
+at least, same last line, valid chain), or the resume is refused. Lines past that position are
+releases made after the checkpoint, typically updates sent in the round the server died in; they
+stay in the ledger and count towards epsilon (truncating them would under-report what left the
+clients). Each record-level client rebuilds its accountant from its own ledger lines
+(client/privacy.py) and re-sends, rather than re-trains, an update it already released for the
+same round and global model, so a crash mid-round costs no second release: the resumed run ends
+with the ledger (non-random fields) of an uninterrupted one. Under user-level DP the server's
+own lines past the checkpoint are composed into Flower's accountant as well.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord
+from flwr.serverapp import GaussianPrivacyEvent
+from flwr.serverapp.strategy import Strategy
+
+from fedrec.config import FedrecConfig
+from fedrec.privacy import Ledger
+from fedrec.rundir import RunDir, write_metrics
+from fedrec.server.checkpoint import (
+    CheckpointError,
+    LedgerPosition,
+    Progress,
+    lines_past,
+    load_checkpoint,
+    restore,
+)
+
+log = logging.getLogger(__name__)
+USER_LEVEL_CLIENT = "federation"  # the ledger's client name for server-side (user-level) DP
+
+
+def check_resumable(run: RunDir, cfg: FedrecConfig) -> int:
+    """The round a resume continues after; CheckpointError if the run cannot be resumed."""
+    if not run.incomplete_marker().exists() or run.summary.exists():
+        raise CheckpointError(f"{run.path}: not an unfinished fedrec run; nothing to resume")
+    ckpt = load_checkpoint(run, cfg)
+    lines_past(run.ledger, run.path.name, ckpt.ledger if ckpt else LedgerPosition())
+    return ckpt.progress.round if ckpt else 0
+
+
+def resume_state(
+    run: RunDir, cfg: FedrecConfig, strategy: Strategy, user_ledger, initial: ArrayRecord
+) -> tuple[ArrayRecord, Progress]:
+    """Load the last checkpoint into ``strategy``; returns the global arrays and the progress.
+
+    Without a checkpoint (killed during round 1) the run restarts from ``initial``, keeping and
+    counting the ledger lines already written.
+    """
+    ckpt = load_checkpoint(run, cfg)
+    past = lines_past(run.ledger, run.path.name, ckpt.ledger if ckpt else LedgerPosition())
+    progress = ckpt.progress if ckpt else Progress()
+    if ckpt is not None:
+        restore(ckpt, strategy)
+    if user_ledger is not None:
+        restore_user_ledger(user_ledger)
+    progress.resumes.append({"after_round": progress.round, "ledger_lines_past_checkpoint": past})
+    write_metrics(run, progress.rows)
+    log.warning(
+        "resuming %s after round %d; %d ledger line(s) past the checkpoint kept and counted",
+        run.path,
+        progress.round,
+        past,
+    )
+    return (ckpt.arrays if ckpt else initial), progress
+
+
+def restore_user_ledger(user_ledger) -> None:
+    """Rebuild the server's DP-FedAvg state from its ledger lines; compose into Flower's
+    accountant the releases it has not counted (lines written after the checkpoint)."""
+    ledger: Ledger = user_ledger.ledger
+    lines = [e for e in ledger.read() if e["client"] == USER_LEVEL_CLIENT]
+    for e in lines:
+        user_ledger.state.record(
+            e["task"],
+            noise_multiplier=e["noise_multiplier"],
+            sample_rate=e["sample_rate"],
+            steps=e["steps"],
+        )
+    wrapper = user_ledger.wrapper
+    accountant = wrapper.accountant
+    missing = len(lines) - accountant.num_releases
+    if missing < 0:
+        raise CheckpointError(
+            f"{ledger.path}: {len(lines)} DP-FedAvg release(s) in the ledger, but the checkpoint "
+            f"counted {accountant.num_releases}: the ledger lost lines"
+        )
+    for e in lines[len(lines) - missing :]:
+        accountant.compose(
+            GaussianPrivacyEvent(
+                noise_multiplier=e["noise_multiplier"],
+                sample_size=wrapper.num_sampled_clients,
+                population_size=accountant.config.population_size,
+            )
+        )
+    user_ledger.released = accountant.num_releases

@@ -1,0 +1,62 @@
+"""The round loop: Flower's ``Strategy.start``, but able to begin at any round.
+
+``Strategy.start`` always begins at round 1 and returns only at the end; resuming from a
+checkpoint must begin at round k + 1, and a checkpoint is written after every round. The loop
+makes the same calls in the same order (configure_train, send_and_receive, aggregate_train,
+configure/aggregate_evaluate, then the server's own per-round work), so every Flower strategy
+and wrapper runs unchanged. Replies later than ``timeout`` are dropped by the Grid: the round
+goes on with the clients that answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+log = logging.getLogger(__name__)
+POLL_S = 0.2
+
+AfterRound = Callable[[int, ArrayRecord], None]
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> int:
+    """Wait until ``expected`` nodes are connected or ``timeout`` passed; returns how many are."""
+    deadline = time.monotonic() + timeout
+    while (n := len(list(grid.get_node_ids()))) < expected and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    if n < expected:
+        log.warning("%d of %d clients connected after %.0f s; going on", n, expected, timeout)
+    return n
+
+
+def run_rounds(
+    strategy: Strategy,
+    grid: Grid,
+    arrays: ArrayRecord,
+    *,
+    rounds: range,
+    timeout: float,
+    train_config: ConfigRecord,
+    after_round: AfterRound,
+) -> ArrayRecord:
+    """Train ``rounds``; ``after_round(round, global arrays)`` runs after each aggregation."""
+    for server_round in rounds:
+        log.info("round %d/%d", server_round, rounds.stop - 1)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
+        )
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        if aggregated is not None:
+            arrays = aggregated
+        messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        if messages:
+            strategy.aggregate_evaluate(
+                server_round, grid.send_and_receive(messages, timeout=timeout)
+            )
+        after_round(server_round, arrays)
+    return arrays

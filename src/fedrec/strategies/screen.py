@@ -1,0 +1,158 @@
+"""Screen client updates before aggregation: a malformed or absurd reply never reaches a strategy.
+
+A reply is rejected (and logged with the client's node id and the reason) when
+
+- it does not hold one ArrayRecord under ``arrays`` and one MetricRecord whose weight is a finite
+  positive number (Flower's strategies would otherwise abort the whole round);
+- its keys, shapes or dtypes differ from the global model the round sent;
+- any value is NaN or infinite;
+- a task's update norm ``||w_client - w_global||`` is far above what an honest client sends:
+  above the clipping norm when every honest client clips its whole update to it (user-level DP
+  with client-side clipping), otherwise above ``median_factor`` times the median over the round's
+  well-formed replies (at least 3 of them). Record-level DP-SGD clips per-example gradients and
+  Adam rescales every step, so there the clipping norm does not bound a client's update and the
+  median rule applies. Robust aggregation (FedMedian, FedTrimmedAvg, Krum) handles what is
+  subtler than this: the screen only drops what no sane aggregator should average.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, RecordDict
+
+from fedrec.config import FedrecConfig
+from fedrec.strategies.records import ARRAYS_KEY, SEP
+from fedrec.strategies.user_dp import UNIFORM_WEIGHT_KEY
+
+BOUND_SLACK = 1e-3  # relative float error allowed over a clipping bound
+MIN_FOR_MEDIAN = 3  # fewer well-formed replies: the median is no reference
+
+Rejection = tuple[int, str]  # (node id, reason)
+
+
+@dataclass(frozen=True)
+class UpdateScreen:
+    """Checks one round's replies against the global model the round sent."""
+
+    weight_key: str = "num-examples"
+    norm_bound: float | None = None  # the whole update's L2 norm may not exceed this
+    median_factor: float = 10.0  # 0 turns the median rule off
+
+    def __post_init__(self) -> None:
+        if self.norm_bound is not None and not self.norm_bound > 0:
+            raise ValueError("norm_bound must be positive (or None for no absolute bound).")
+        if self.median_factor != 0 and not self.median_factor > 1:
+            raise ValueError("median_factor must be above 1, or 0 to turn the median rule off.")
+
+    def screen(
+        self, sent: ArrayRecord, replies: Sequence[Message]
+    ) -> tuple[list[Message], list[Rejection]]:
+        """The replies to aggregate (error replies pass through) and the rejected ones."""
+        reference = {k: v.numpy() for k, v in sent.items()}
+        kept: list[Message] = []
+        rejected: list[Rejection] = []
+        norms: dict[int, dict[str, float]] = {}
+        for msg in replies:
+            if msg.has_error():
+                kept.append(msg)
+                continue
+            reason, task_norms = self.check(msg.content, reference)
+            if reason is None:
+                reason = self._over_bound(task_norms)
+            if reason is None:
+                kept.append(msg)
+                norms[id(msg)] = task_norms
+            else:
+                rejected.append((msg.metadata.src_node_id, reason))
+        outliers = self._median_outliers(norms)
+        for msg in [m for m in kept if id(m) in outliers]:
+            kept.remove(msg)
+            rejected.append((msg.metadata.src_node_id, outliers[id(msg)]))
+        return kept, rejected
+
+    def check(
+        self, content: RecordDict, reference: dict[str, np.ndarray]
+    ) -> tuple[str | None, dict[str, float]]:
+        """(reason, {}) for a malformed reply; (None, update norm per task) for a sound one."""
+        reason = _records_problem(content, self.weight_key)
+        if reason is not None:
+            return reason, {}
+        record = content.array_records[ARRAYS_KEY]
+        if set(record) != set(reference):
+            missing, extra = (
+                sorted(set(reference) - set(record)),
+                sorted(set(record) - set(reference)),
+            )
+            return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})", {}
+        squares: dict[str, float] = defaultdict(float)
+        for key, ref in reference.items():
+            arr = record[key]
+            if arr.dtype != str(ref.dtype):
+                return f"'{key}' has dtype {arr.dtype}, expected {ref.dtype}", {}
+            if tuple(arr.shape) != ref.shape:
+                return f"'{key}' has shape {tuple(arr.shape)}, expected {ref.shape}", {}
+            try:
+                values = arr.numpy()
+            except Exception as err:  # undecodable bytes from a broken or hostile client
+                return f"'{key}' cannot be decoded ({type(err).__name__})", {}
+            if values.shape != ref.shape or not np.isfinite(values).all():
+                return f"'{key}' holds NaN or Inf", {}
+            diff = values.astype(np.float64) - ref
+            squares[key.split(SEP, 1)[0]] += float(np.dot(diff.ravel(), diff.ravel()))
+        return None, {task: math.sqrt(s) for task, s in squares.items()}
+
+    def _over_bound(self, task_norms: dict[str, float]) -> str | None:
+        if self.norm_bound is None:
+            return None
+        total = math.sqrt(sum(n * n for n in task_norms.values()))
+        if total > self.norm_bound * (1 + BOUND_SLACK):
+            return f"update norm {total:.4g} exceeds the clipping bound {self.norm_bound:g}"
+        return None
+
+    def _median_outliers(self, norms: dict[int, dict[str, float]]) -> dict[int, str]:
+        if self.median_factor == 0 or len(norms) < MIN_FOR_MEDIAN:
+            return {}
+        out: dict[int, str] = {}
+        for task in {t for n in norms.values() for t in n}:
+            median = statistics.median(n.get(task, 0.0) for n in norms.values())
+            for msg_id, n in norms.items():
+                if median > 0 and n.get(task, 0.0) > self.median_factor * median:
+                    out.setdefault(
+                        msg_id,
+                        f"'{task}' update norm {n[task]:.4g} is over {self.median_factor:g}x "
+                        f"the round's median {median:.4g}",
+                    )
+        return out
+
+
+def _records_problem(content: RecordDict, weight_key: str) -> str | None:
+    if list(content.array_records) != [ARRAYS_KEY]:
+        return f"expected one ArrayRecord '{ARRAYS_KEY}', got {sorted(content.array_records)}"
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    weight = next(iter(content.metric_records.values())).get(weight_key)
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+        or weight <= 0
+    ):
+        return f"weight '{weight_key}' is {weight!r}, not a finite positive number"
+    return None
+
+
+def make_screen(cfg: FedrecConfig) -> UpdateScreen:
+    """The screen for a run: an absolute bound only where honest clients clip their updates."""
+    p = cfg.privacy
+    user = p.mode == "user"
+    return UpdateScreen(
+        weight_key=UNIFORM_WEIGHT_KEY if user else "num-examples",
+        norm_bound=p.clipping_norm if user and p.clipping_side == "client" else None,
+        median_factor=cfg.reject_norm_factor,
+    )

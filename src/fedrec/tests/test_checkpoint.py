@@ -1,0 +1,202 @@
+"""Per-round checkpoints: written atomically, loadable, refused when they do not fit (issue 5)."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import GaussianPrivacyEvent
+
+from fedrec.config import load_config
+from fedrec.privacy import Ledger, LedgerEntry, read_ledger
+from fedrec.privacy.state import ClientPrivacyState
+from fedrec.rundir import create_run_dir
+from fedrec.server.checkpoint import (
+    CheckpointError,
+    Progress,
+    checkpoint_dir,
+    ledger_position,
+    lines_past,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
+from fedrec.strategies import Observed, RoundLog, make_strategy
+from fedrec.strategies.state import StrategyStateError
+
+KEYS = {"recall/emb": (5, 3), "ranking/w": (4,)}
+
+
+def _cfg(tmp_path, **extra):
+    return load_config(None, {"out": str(tmp_path / "run"), "rounds": 4, **extra})
+
+
+def _arrays(seed):
+    rng = np.random.default_rng(seed)
+    return ArrayRecord({k: Array(rng.normal(size=s).astype(np.float32)) for k, s in KEYS.items()})
+
+
+def _progress(rounds=2):
+    p = Progress(round=rounds, seconds=3.5, eval_seconds=1.25)
+    for r in range(1, rounds + 1):
+        p.rows.append({"round": r, "task": "recall", "hr@10": 0.1 * r, "train_loss": None})
+        p.rounds[r] = RoundLog(r, replies=3, failures=[(7, 4001, "budget")], rejected=[(9, "NaN")])
+        p.rounds[r].metrics = {"recall.loss": 0.5 / r}
+    return p
+
+
+def _fedadam(cfg):
+    strategy = Observed(make_strategy(cfg, 3))
+    inner = strategy.inner
+    inner.m_t = {k: np.full(s, 0.5, np.float32) for k, s in KEYS.items()}
+    inner.v_t = {k: np.full(s, 0.25, np.float32) for k, s in KEYS.items()}
+    return strategy
+
+
+def test_checkpoint_round_trip_restores_models_strategy_rng_and_progress(tmp_path):
+    cfg = _cfg(tmp_path, strategy="fedadam")
+    run = create_run_dir(cfg)
+    random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    save_checkpoint(run, cfg, _arrays(0), _fedadam(cfg), _progress())
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+
+    fresh = Observed(make_strategy(cfg, 3))
+    ckpt = load_checkpoint(run, cfg)
+    restore(ckpt, fresh)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert list(ckpt.arrays) == list(KEYS)
+    for k in KEYS:
+        np.testing.assert_array_equal(ckpt.arrays[k].numpy(), _arrays(0)[k].numpy())
+        np.testing.assert_array_equal(fresh.inner.m_t[k], np.full(KEYS[k], 0.5, np.float32))
+        np.testing.assert_array_equal(fresh.inner.v_t[k], np.full(KEYS[k], 0.25, np.float32))
+    assert ckpt.progress == _progress()
+    manifest = json.loads((checkpoint_dir(run) / "checkpoint.json").read_text())
+    assert manifest["round"] == 2 and manifest["ledger"] == {"lines": 0, "head": ""}
+
+
+def test_each_round_replaces_the_last_checkpoint_and_leaves_no_stray_files(tmp_path):
+    cfg = _cfg(tmp_path)
+    run = create_run_dir(cfg)
+    strategy = Observed(make_strategy(cfg, 3))
+    for r in (1, 2, 3):
+        save_checkpoint(run, cfg, _arrays(r), strategy, _progress(r))
+    names = sorted(p.name for p in checkpoint_dir(run).iterdir())
+    assert names == ["checkpoint.json", "models-r0003.safetensors", "server-r0003.safetensors"]
+    ckpt = load_checkpoint(run, cfg)
+    assert ckpt.progress.round == 3
+    np.testing.assert_array_equal(ckpt.arrays["ranking/w"].numpy(), _arrays(3)["ranking/w"].numpy())
+
+
+def test_damaged_or_foreign_checkpoints_are_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    run = create_run_dir(cfg)
+    assert load_checkpoint(run, cfg) is None
+    save_checkpoint(run, cfg, _arrays(0), Observed(make_strategy(cfg, 3)), _progress())
+    with pytest.raises(CheckpointError, match="another config"):
+        load_checkpoint(run, _cfg(tmp_path, seed=9))
+    with pytest.raises(StrategyStateError, match="not of"):
+        restore(load_checkpoint(run, cfg), make_strategy(cfg, 3))  # not wrapped in Observed
+    models = next(checkpoint_dir(run).glob("models-*"))
+    models.write_bytes(models.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(run, cfg)
+
+
+def test_user_level_dp_accountant_state_survives_a_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, **{"privacy.mode": "user", "partition": "user"})
+    run = create_run_dir(cfg)
+    strategy = Observed(make_strategy(cfg, 30))
+    acct = strategy.inner.accountant
+    event = GaussianPrivacyEvent(
+        noise_multiplier=strategy.inner.noise_multiplier,
+        sample_size=strategy.inner.num_sampled_clients,
+        population_size=30,
+    )
+    acct.compose(event, count=2)
+    save_checkpoint(run, cfg, _arrays(0), strategy, _progress())
+    fresh = Observed(make_strategy(cfg, 30))
+    restore(load_checkpoint(run, cfg), fresh)
+    assert fresh.inner.accountant.num_releases == 2
+    assert fresh.inner.accountant.get_epsilon(1e-3) == pytest.approx(acct.get_epsilon(1e-3))
+
+
+def _append(ledger, client, rnd):
+    state = ClientPrivacyState(accountant="rdp")
+    state.record("recall", noise_multiplier=1.0, sample_rate=0.1, steps=10)
+    ledger.append(
+        LedgerEntry.from_state(
+            state, client=client, task="recall", round=rnd, clipping_norm=1.0, delta=1e-3,
+            budget_epsilon=8.0,
+        )
+    )  # fmt: skip
+
+
+def test_the_ledger_must_extend_the_checkpointed_position(tmp_path):
+    path = tmp_path / "run-x" / "privacy_ledger.jsonl"
+    ledger = Ledger(path, "run-x")
+    for rnd in (1, 2):
+        _append(ledger, "client-0", rnd)
+    saved = ledger_position(path)
+    assert saved.lines == 2 and lines_past(path, "run-x", saved) == 0
+    _append(ledger, "client-0", 3)  # a release made after the checkpoint: kept and counted
+    assert lines_past(path, "run-x", saved) == 1
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:1]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        lines_past(path, "run-x", saved)
+    path.write_bytes(b"".join([lines[0], lines[1].replace(b'"steps":10', b'"steps":11')]))
+    with pytest.raises(CheckpointError, match="rewritten"):
+        lines_past(path, "run-x", saved)
+    assert len(read_ledger(path)) == 2
+
+
+class _Grid:
+    """A grid whose stragglers never answer within the round's timeout."""
+
+    def __init__(self, nodes, late):
+        self.nodes, self.late, self.timeouts = nodes, late, []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        self.timeouts.append(timeout)
+        replies = []
+        for msg in messages:
+            if msg.metadata.dst_node_id in self.late:
+                continue
+            arrays = ArrayRecord(
+                {k: Array(v.numpy() + 1.0) for k, v in msg.content["arrays"].items()}
+            )
+            metrics = MetricRecord({"num-examples": 1})
+            replies.append(
+                Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+            )
+        return replies
+
+
+def test_rounds_go_on_with_the_clients_that_answered_in_time(tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.server.rounds import run_rounds, wait_for_nodes
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = _cfg(tmp_path, round_timeout=7.5, min_train_clients=2)
+    strategy = Observed(make_strategy(cfg, 5))
+    grid = _Grid(nodes=[11, 12, 13, 14, 15], late={12, 14})
+    assert wait_for_nodes(grid, 5, timeout=1.0) == 5
+    done = []
+    final = run_rounds(
+        strategy, grid, _arrays(0), rounds=range(3, 5), timeout=cfg.round_timeout,
+        train_config=ConfigRecord(), after_round=lambda r, a: done.append(r),
+    )  # fmt: skip
+    assert done == [3, 4] and grid.timeouts == [7.5, 7.5]
+    assert [strategy.rounds[r].replies for r in (3, 4)] == [3, 3]
+    np.testing.assert_allclose(final["ranking/w"].numpy(), _arrays(0)["ranking/w"].numpy() + 2)
+    assert wait_for_nodes(_Grid([1], set()), 2, timeout=0.3) == 1  # gives up, goes on

@@ -1,0 +1,152 @@
+"""Issue 5, fault tolerance on Flower's simulation engine (Ray): dropouts, kill and resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedrec.cli import main as cli_main
+from fedrec.config import load_config
+from fedrec.models.registry import load_model
+from fedrec.privacy import audit_ledger, read_ledger
+from fedrec.server.checkpoint import CheckpointError, resume_config
+from fedrec.simulation import simulate
+from fedrec.simulation.faults import FaultPlan, with_faults
+
+RELEASE_FIELDS = (
+    "client", "task", "round", "mechanism", "noise_multiplier", "sample_rate", "steps",
+    "epsilon", "epsilon_composed",
+)  # fmt: skip
+SMALL_TASKS = {
+    "recall": {"local_epochs": 1, "dim": 16},
+    "ranking": {"local_epochs": 1, "dim": 16},
+    "personal": {"local_epochs": 1, "dim": 16},
+}
+
+
+def _cfg(out, **extra):
+    return load_config(
+        None,
+        {
+            "dataset": "synthetic:merchants=4,users=160,items=300",
+            "partition": "site",
+            "rounds": 3,
+            "seed": 1,
+            "out": str(out),
+            "eval_full_ranking": False,
+            "tasks": SMALL_TASKS,
+            **extra,
+        },
+    )
+
+
+def _dp(out):
+    return _cfg(out, **{"privacy.mode": "record", "privacy.epsilon": 4.0, "privacy.delta": 1e-3})
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _crash_after(k):
+    def on_round(server_round, rows, rlog):
+        if server_round == k:
+            raise Crash(f"simulated server crash after round {k}")
+
+    return on_round
+
+
+def _releases(run):
+    return sorted(tuple(e[f] for f in RELEASE_FIELDS) for e in read_ledger(run.ledger))
+
+
+def _final_epsilon(run):
+    return {e["client"]: e["epsilon_composed"] for e in read_ledger(run.ledger)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return simulate(_dp(tmp_path_factory.mktemp("a") / "run"), baselines=False)
+
+
+@pytest.mark.parametrize("crash", ["after round 2", "in round 2, before its checkpoint"])
+def test_killed_run_resumes_to_the_ledger_of_an_uninterrupted_one(
+    tmp_path, uninterrupted, monkeypatch, crash
+):
+    cfg = _dp(tmp_path / "run")
+    if crash == "after round 2":
+        on_round = _crash_after(2)
+    else:  # clients released round 2 (ledger lines written), the server died before aggregating
+        import fedrec.server.federation as federation
+
+        real = federation.save_checkpoint
+        on_round = None
+
+        def dying(run, cfg, arrays, strategy, progress):
+            if progress.round == 2:
+                raise Crash("simulated server crash before the round-2 checkpoint")
+            return real(run, cfg, arrays, strategy, progress)
+
+        monkeypatch.setattr(federation, "save_checkpoint", dying)
+    with pytest.raises(Crash):  # Flower re-raises the ServerApp's exception
+        simulate(cfg, baselines=False, on_round=on_round)
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "summary.json").exists()
+    assert resume_config(run_dir) == cfg
+
+    run, summary = simulate(resume_config(run_dir), baselines=False, resume_from=run_dir)
+    ref_run, ref = uninterrupted
+    assert summary["rounds"] == ref["rounds"] == 3 and summary["client_failures"] == []
+    past = 12 if crash.startswith("in") else 0  # 4 clients x 3 tasks had released round 2
+    assert summary["resumes"] == [
+        {"after_round": 2 if past == 0 else 1, "ledger_lines_past_checkpoint": past}
+    ]
+    rows = [json.loads(x) for x in run.metrics.read_text().splitlines()]
+    assert [(r["round"], r["task"]) for r in rows] == [
+        (r, t) for r in (1, 2, 3) for t in ("recall", "ranking", "personal")
+    ]
+    for task in ("recall", "ranking", "personal"):
+        ours, theirs = load_model(run.models / task), load_model(ref_run.models / task)
+        shapes = {k: v.shape for k, v in ours.state_dict().items()}
+        assert shapes == {k: v.shape for k, v in theirs.state_dict().items()}
+        for key, value in ours.state_dict().items():  # seeded noise: equal up to the order
+            np.testing.assert_allclose(value, theirs.state_dict()[key], atol=1e-4)  # of summing
+    assert audit_ledger(run.ledger, run_id=run.path.name).ok  # a valid hash chain
+    assert _releases(run) == _releases(ref_run)  # not one release twice, none lost
+    assert _final_epsilon(run) == _final_epsilon(ref_run)
+    assert not (run.path / "releases").exists()
+
+
+def test_resume_is_refused_with_other_flags_or_for_a_finished_run(uninterrupted, capsys):
+    ref_run, _ = uninterrupted
+    assert cli_main(["simulate", "--resume", str(ref_run.path), "--rounds", "5"]) == 2
+    assert "drop the other flags" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="finished"):
+        resume_config(ref_run.path)
+
+
+def test_thirty_percent_of_clients_failing_every_round_do_not_stop_the_run(tmp_path):
+    from fedrec.client.app import app
+
+    cfg = _cfg(tmp_path / "run", dataset="synthetic:merchants=10,users=300,items=300")
+    plan = FaultPlan(fail_share=0.3, seed=4)
+    run, summary = simulate(cfg, baselines=False, client_app=with_faults(app, plan))
+    assert summary["rounds"] == 3 and summary["stopped_early"] is None
+    failures = summary["client_failures"]
+    assert [sum(f["round"] == r for f in failures) for r in (1, 2, 3)] == [3, 3, 3]
+    assert all("simulated failure" in f["reason"] for f in failures)
+    assert summary["rejected_per_round"] == {"1": 0, "2": 0, "3": 0}
+    assert all(np.isfinite(m["hr@10"]) for m in summary["tasks"].values())
+
+
+def test_poisoned_updates_are_screened_out_and_logged(tmp_path):
+    from fedrec.client.app import app
+
+    cfg = _cfg(tmp_path / "run", dataset="synthetic:merchants=5,users=200,items=300", rounds=2)
+    plan = FaultPlan(attack_share=0.2, attack_factor=1000.0, seed=2)
+    run, summary = simulate(cfg, baselines=False, client_app=with_faults(app, plan))
+    assert summary["rounds"] == 2
+    assert summary["rejected_per_round"] == {"1": 1, "2": 1}
+    assert all("median" in r["reason"] for r in summary["rejected_updates"])
+    assert len({r["node"] for r in summary["rejected_updates"]}) == 1

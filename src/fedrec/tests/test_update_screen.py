@@ -1,0 +1,155 @@
+"""Malformed updates are rejected before aggregation, with the node id and the reason (issue 5)."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedrec.config import load_config
+from fedrec.simulation.faults import FaultPlan, poison
+from fedrec.strategies import Observed, UpdateScreen, make_screen
+from fedrec.strategies.records import ARRAYS_KEY
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    for attr in ("_run_id", "_node_id", "_task_id"):  # Message() outside a running app needs them
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+RNG = np.random.default_rng(0)
+GLOBAL = {
+    "recall/emb": RNG.normal(size=(6, 4)).astype(np.float32),
+    "ranking/w": RNG.normal(size=(3,)).astype(np.float32),
+}
+
+
+def _sent() -> ArrayRecord:
+    return ArrayRecord({k: Array(v.copy()) for k, v in GLOBAL.items()})
+
+
+def _reply(node, arrays=None, *, weight=10, step=0.01, extra_records=None):
+    if arrays is None:
+        arrays = {k: v + step * np.ones_like(v) * (1 + node % 3) for k, v in GLOBAL.items()}
+    content = RecordDict(
+        {
+            ARRAYS_KEY: ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": weight, "recall.loss": 0.5}),
+            "ledger": ConfigRecord({"entries": ["x"]}),
+            **(extra_records or {}),
+        }
+    )
+    ins = Message(RecordDict(), dst_node_id=node, message_type="train")
+    return Message(content, reply_to=ins)
+
+
+def _honest(n=4):
+    return [_reply(node) for node in range(1, n + 1)]
+
+
+def _bad(kind):
+    g = {k: v.copy() for k, v in GLOBAL.items()}
+    if kind == "nan":
+        g["recall/emb"][0, 0] = np.nan
+    elif kind == "inf":
+        g["ranking/w"][1] = np.inf
+    elif kind == "missing key":
+        del g["ranking/w"]
+    elif kind == "extra key":
+        g["personal/x"] = np.zeros(2, np.float32)
+    elif kind == "shape":
+        g["ranking/w"] = np.zeros(4, np.float32)
+    elif kind == "dtype":
+        g["ranking/w"] = g["ranking/w"].astype(np.float64)
+    elif kind == "huge norm":
+        g = {k: v + 50.0 for k, v in g.items()}
+    return _reply(99, g)
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("nan", "NaN or Inf"),
+        ("inf", "NaN or Inf"),
+        ("missing key", "wrong keys"),
+        ("extra key", "wrong keys"),
+        ("shape", "shape"),
+        ("dtype", "dtype float64"),
+        ("huge norm", "median"),
+    ],
+)
+def test_each_kind_of_malformed_update_is_rejected_with_node_and_reason(kind, match):
+    screen = UpdateScreen(median_factor=10.0)
+    kept, rejected = screen.screen(_sent(), [*_honest(), _bad(kind)])
+    assert len(kept) == 4 and [node for node, _ in rejected] == [99]
+    assert match in rejected[0][1]
+
+
+@pytest.mark.parametrize(
+    "weight, extra", [(0, None), (float("nan"), None), (10, {"other": ArrayRecord()})]
+)
+def test_replies_flower_would_choke_on_are_rejected(weight, extra):
+    kept, rejected = UpdateScreen().screen(
+        _sent(), [*_honest(), _reply(7, weight=weight, extra_records=extra)]
+    )
+    assert len(kept) == 4 and rejected[0][0] == 7
+
+
+def test_clipping_bound_applies_when_clients_clip_their_whole_update():
+    screen = UpdateScreen(norm_bound=1.0, median_factor=0)
+    small = _reply(1, step=0.01)  # norm ~0.05
+    big = _reply(2, {k: v + 0.5 for k, v in GLOBAL.items()})  # norm ~2.2
+    kept, rejected = screen.screen(_sent(), [small, big])
+    assert kept == [small] and rejected[0][0] == 2 and "clipping bound" in rejected[0][1]
+
+
+def test_median_rule_needs_three_replies_and_can_be_switched_off():
+    pair = [_honest(1)[0], _bad("huge norm")]
+    assert UpdateScreen().screen(_sent(), pair)[1] == []  # two replies: no reference
+    many = [*_honest(), _bad("huge norm")]
+    assert UpdateScreen(median_factor=0).screen(_sent(), many)[1] == []
+
+
+def test_error_replies_pass_through_to_the_strategy():
+    ins = Message(RecordDict(), dst_node_id=5, message_type="train")
+    err = Message(Error(code=4001, reason="budget"), reply_to=ins)
+    kept, rejected = UpdateScreen().screen(_sent(), [*_honest(), err])
+    assert err in kept and rejected == []
+
+
+def test_observed_aggregates_only_what_the_screen_kept():
+    inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
+    strategy = Observed(inner, screen=UpdateScreen())
+    honest = _honest()
+    strategy._sent = _sent()
+    arrays, _ = strategy.aggregate_train(1, [*honest, _bad("nan"), _bad("huge norm")])
+    rlog = strategy.rounds[1]
+    assert rlog.replies == 4 and len(rlog.rejected) == 2
+    expected = FedAvg(arrayrecord_key=ARRAYS_KEY).aggregate_train(1, _honest())[0]
+    for key in GLOBAL:
+        np.testing.assert_allclose(arrays[key].numpy(), expected[key].numpy(), rtol=1e-6)
+
+
+def test_screen_follows_the_config():
+    plain = make_screen(load_config(None, {"reject_norm_factor": 5.0}))
+    assert plain.norm_bound is None and plain.median_factor == 5.0
+    user = make_screen(
+        load_config(None, {"privacy.mode": "user", "privacy.clipping_side": "client"})
+    )
+    assert user.norm_bound == 1.0 and user.weight_key == "dp-weight"
+    with pytest.raises(ValueError, match="median_factor"):
+        UpdateScreen(median_factor=0.5)
+
+
+def test_poisoned_update_is_the_honest_one_scaled_or_flipped():
+    sent, honest = _sent(), _reply(1).content[ARRAYS_KEY]
+    for factor in (10.0, -1.0):
+        bad = poison(sent, honest, factor)
+        for k in GLOBAL:
+            delta = honest[k].numpy() - GLOBAL[k]
+            np.testing.assert_allclose(bad[k].numpy() - GLOBAL[k], factor * delta, rtol=1e-4)
+            assert bad[k].numpy().dtype == np.float32
+    plan = FaultPlan(fail_share=0.3, attack_share=0.1, seed=3)
+    assert all(len(plan.failing(10, r)) == 3 for r in (1, 2, 3))
+    assert len(plan.attackers(10)) == 1 and plan.failing(10, 1) != plan.failing(10, 2)
