@@ -115,10 +115,15 @@ def load_ml100k_parquet(folder: str | Path) -> Dataset:
     return _from_frames(data, items, users, str(folder))
 
 
+def cache_root() -> Path:
+    """``$FEDREC_CACHE``, or ``~/.cache/fedrec`` when the variable is unset: every fedrec cache."""
+    root = os.environ.get("FEDREC_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "fedrec"
+
+
 def default_cache_dir() -> Path:
     """``$FEDREC_CACHE/ml-100k``, or ``~/.cache/fedrec/ml-100k`` when the variable is unset."""
-    root = os.environ.get("FEDREC_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "fedrec") / NAME
+    return cache_root() / NAME
 
 
 def is_cached(folder: Path) -> bool:

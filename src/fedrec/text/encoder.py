@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from fedrec.data.movielens import cache_root
 from fedrec.text.items import TextError, clean_texts, first_indices
 
 log = logging.getLogger(__name__)
@@ -292,8 +293,7 @@ class TextEncoder:
 
 def default_text_cache_dir() -> Path:
     """``$FEDREC_CACHE/text``, or ``~/.cache/fedrec/text``: the root fedrec.data caches under."""
-    root = os.environ.get("FEDREC_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "fedrec") / "text"
+    return cache_root() / "text"
 
 
 def cache_key(encoder: TextEncoder, texts: Sequence[str]) -> str:
