@@ -23,6 +23,7 @@ from fedrec.client.local import build_task_models
 from fedrec.config import FedrecConfig
 from fedrec.rundir import RunDir, append_metrics
 from fedrec.scoring import evaluate_model
+from fedrec.secagg.params import SecAggConfig
 from fedrec.server.checkpoint import Progress, save_checkpoint
 from fedrec.server.fusion import FederatedFusion, federated_fusion
 from fedrec.server.resume import resume_state
@@ -154,8 +155,6 @@ def run_federation(
 
 def secure_grid(grid: Grid, cfg: FedrecConfig, run: RunDir) -> SecureAggregationGrid:
     """The grid through which Flower's strategy gets only sums (fedrec.server.secure_grid)."""
-    from fedrec.secagg.params import SecAggConfig
-
     return SecureAggregationGrid(grid, SecAggConfig(), run.path.name)
 
 

@@ -11,9 +11,11 @@ optimiser then steps on the mean) work unchanged; dropped nodes come back as err
 strategy drops and the server records. Robust aggregators (median, trimmed mean, Krum) need
 individual updates and are refused with secure aggregation (``fedrec.config``).
 
-Why a Grid and not a Strategy: ``Strategy.start`` owns the round loop (sampling, evaluation,
-the server optimiser) and does one ``send_and_receive`` per round; wrapping the grid keeps all
-of that Flower's, where a strategy subclass would have to copy the loop.
+Why a Grid and not a Strategy: the round loop (Flower's ``Strategy.start``, or
+``fedrec.server.rounds.run_rounds``, which makes the same calls so it can resume) does one
+``send_and_receive`` per round, and sampling, evaluation and the server optimiser stay in the
+strategy; wrapping the grid leaves all of that untouched, where a strategy subclass would have
+to reimplement the aggregation it wraps.
 """
 
 from __future__ import annotations
