@@ -170,8 +170,7 @@ def _train_private(
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-    noise_gen = torch.Generator()
-    noise_gen.manual_seed(dp.noise_seed if dp.noise_seed is not None else _entropy_seed())
+    noise_gen = noise_generator(dp)
     expected = q * data.n_users
     gsm = GradSampleModuleFastGradientClipping(
         model,
@@ -194,7 +193,7 @@ def _train_private(
             rows = np.flatnonzero(rng.random(data.n_users) < q)
             dp_opt.zero_grad(set_to_none=True)
             if rows.size == 0:
-                _noise_only_step(model, dp_opt)
+                noise_only_step(model, dp_opt)
                 continue
             batch = _batch(data, rows, cfg, model.spec.num_items, gen)
             per_user = gsm(batch)  # (b,)
@@ -207,12 +206,19 @@ def _train_private(
     return losses
 
 
-def _noise_only_step(model: nn.Module, dp_opt) -> None:
+def noise_only_step(model: nn.Module, dp_opt) -> None:
     """An empty Poisson batch still releases (pure noise): zero gradients, then the DP step."""
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     dp_opt.step()
+
+
+def noise_generator(dp: DPSGDParams) -> torch.Generator:
+    """The Gaussian noise's generator: seeded by ``dp.noise_seed``, else from OS entropy."""
+    gen = torch.Generator()
+    gen.manual_seed(dp.noise_seed if dp.noise_seed is not None else _entropy_seed())
+    return gen
 
 
 def _entropy_seed() -> int:

@@ -79,7 +79,7 @@ def test_dp_noise_is_reproducible_from_its_seed(small):
 def test_noise_only_step_changes_weights(small):
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
-    from fedrec.training import _noise_only_step
+    from fedrec.training import noise_only_step
 
     _, spec = small
     model = _models(spec)["personal"]
@@ -92,7 +92,7 @@ def test_noise_only_step_changes_weights(small):
         generator=torch.Generator().manual_seed(0),
     )
     before = [p.detach().clone() for p in model.parameters()]
-    _noise_only_step(model, opt)
+    noise_only_step(model, opt)
     moved = [float((p - b).abs().max()) for p, b in zip(model.parameters(), before, strict=False)]
     assert min(moved) > 0  # every parameter received noise of std 1 * 1 / 4
 

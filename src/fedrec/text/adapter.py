@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedrec.text.encoder import mean_pool
 from fedrec.text.items import TextError, clean_texts, first_indices
-from fedrec.training import DPSGDParams, TrainStats, _entropy_seed, _noise_only_step
+from fedrec.training import DPSGDParams, TrainStats, noise_generator, noise_only_step
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,7 @@ class AdapterTrainer:
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
-        noise_gen = torch.Generator()
-        noise_gen.manual_seed(dp.noise_seed if dp.noise_seed is not None else _entropy_seed())
+        noise_gen = noise_generator(dp)
         self.gsm = GradSampleModuleFastGradientClipping(
             self.objective,
             batch_first=True,
@@ -401,7 +400,7 @@ class AdapterTrainer:
 
         self.dp_opt.zero_grad(set_to_none=True)
         if len(users) == 0:
-            _noise_only_step(self.model, self.dp_opt)
+            noise_only_step(self.model, self.dp_opt)
             return None
         per_user = self.gsm(self.make_batch(users, self.rng))  # (U,)
         with warnings.catch_warnings():  # the first adapter's input is frozen: benign
