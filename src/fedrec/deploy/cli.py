@@ -2,7 +2,8 @@
 
 ``add_parsers`` registers the three command groups on ``fedrec``'s sub-parsers and returns their
 own sub-parsers (``{"certs": ..., "server": ..., "client": ...}``) so other modules can add
-commands to a group (e.g. ``server resume``). Mistakes raise :class:`DeployError` (one line).
+commands to a group. Mistakes raise :class:`DeployError` (one line); ``server resume`` refuses a
+directory it cannot continue with a one-line CheckpointError.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -20,6 +21,9 @@ from fedrec.deploy import launch
 from fedrec.deploy.certdir import CertDir
 from fedrec.deploy.certs import DEFAULT_DAYS
 from fedrec.deploy.errors import DeployError
+
+if TYPE_CHECKING:
+    from fedrec.deploy.server import Site
 
 console = Console(stderr=True)
 INSECURE_WARNING = "[yellow]--insecure: no TLS and no SuperNode authentication (development only)"
@@ -91,6 +95,14 @@ def _server(subparsers: Any) -> Any:
     s.add_argument("--detach", action="store_true", help="print the run id and return")
     s.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
     s.set_defaults(func=cmd_server_run)
+    s = sub.add_parser("resume", help="continue a killed run from its last checkpoint (flwr run)")
+    s.add_argument(
+        "run_dir", metavar="RUN_DIR", help="the unfinished run directory on this machine"
+    )
+    _site_flags(s, "the SuperLink's HOST:PORT")
+    s.add_argument("--detach", action="store_true", help="print the run id and return")
+    s.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    s.set_defaults(func=cmd_server_resume)
     return sub
 
 
@@ -166,7 +178,7 @@ def cmd_certs_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _site(args: argparse.Namespace) -> Any:
+def _site(args: argparse.Namespace) -> Site:
     from fedrec.deploy.server import Site, flwr_home
 
     host, port = launch.parse_address(args.address)
@@ -211,7 +223,7 @@ def cmd_server_register(args: argparse.Namespace) -> int:
 
 def cmd_server_run(args: argparse.Namespace) -> int:
     from fedrec.config import load_config
-    from fedrec.deploy.server import submit_run, wait_for_run
+    from fedrec.deploy.server import submit_run
     from fedrec.rundir import default_run_path
 
     keys = ("dataset", "partition", "rounds", "out")
@@ -222,10 +234,37 @@ def cmd_server_run(args: argparse.Namespace) -> int:
     run_id = submit_run(site, cfg)
     console.print(f"started run {run_id}: {cfg.rounds} rounds; results in {out}")
     print(run_id)
+    return 0 if args.detach else _follow(site, run_id, args.timeout)
+
+
+def cmd_server_resume(args: argparse.Namespace) -> int:
+    from fedrec.deploy.resume import check_previous_run, resumable_run
+    from fedrec.deploy.server import submit_run
+
+    run = resumable_run(args.run_dir)
+    site = _site(args)
+    previous = check_previous_run(site, run.path)
+    run_id = submit_run(site, run.cfg, resume=run.path)
+    console.print(
+        f"started run {run_id}: resumes {run.path} after round {run.after_round} of "
+        f"{run.cfg.rounds}" + (f" (was Flower run {previous})" if previous is not None else "")
+    )
+    print(run_id)
     if args.detach:
         return 0
+    code = _follow(site, run_id, args.timeout)
+    if code == 0 and not (run.path / "summary.json").is_file():
+        console.print(f"[red]run {run_id} completed but wrote no summary.json in {run.path}")
+        return 1
+    return code
+
+
+def _follow(site: Site, run_id: int, timeout: float | None) -> int:
+    """Wait for the run, printing its status changes; 0 if it completed."""
+    from fedrec.deploy.server import wait_for_run
+
     status = wait_for_run(
-        site, run_id, timeout=args.timeout, on_status=lambda s: console.print(f"run {run_id}: {s}")
+        site, run_id, timeout=timeout, on_status=lambda s: console.print(f"run {run_id}: {s}")
     )
     if status != "finished:completed":
         console.print(

@@ -109,19 +109,39 @@ def _register(site: Site, certs: CertDir, name: str) -> str:
     raise DeployError(f"registering {name!r} failed: {failure_reason(out.stdout + out.stderr)}")
 
 
-def submit_run(site: Site, cfg: FedrecConfig) -> int:
-    """Start fedrec on the federation through ``flwr run``; return the run id."""
+def submit_run(site: Site, cfg: FedrecConfig, *, resume: Path | None = None) -> int:
+    """Start fedrec on the federation through ``flwr run``; return the run id. With ``resume``
+    (an unfinished run directory on this machine) the ServerApp continues that run."""
     host, port = launch.parse_address(site.local)
     probe_superlink(host, port, ca_cert=site.certs.ca_cert if site.certs else None)
     write_connection(site)
     with tempfile.TemporaryDirectory(prefix="fedrec-run-") as tmp:
         app = Path(tmp) / launch.APP_NAME
         app.mkdir()
-        (app / "pyproject.toml").write_text(tomli_w.dumps(launch.app_pyproject(cfg)))
+        (app / "pyproject.toml").write_text(tomli_w.dumps(launch.app_pyproject(cfg, resume=resume)))
         out = _flwr(launch.run_command(launch.bin_dir(), app), site)
     if out.returncode != 0:
         raise DeployError(f"flwr run failed: {failure_reason(out.stdout + out.stderr)}")
     return launch.parse_run_id(out.stdout)
+
+
+def run_status(site: Site, run_id: int) -> str | None:
+    """The run's status (``running``, ``finished:stopped``, ...), None if the SuperLink does not
+    know the run (e.g. it restarted without a database)."""
+    out = _flwr(launch.list_command(launch.bin_dir(), run_id), site)
+    if out.returncode != 0:
+        return None
+    try:
+        return launch.parse_run_status(out.stdout)
+    except DeployError:
+        return None
+
+
+def stop_run(site: Site, run_id: int) -> None:
+    """``flwr stop``: the SuperLink ends the run and drops its undelivered messages."""
+    out = _flwr(launch.stop_command(launch.bin_dir(), run_id), site)
+    if out.returncode != 0:
+        raise DeployError(f"flwr stop {run_id} failed: {failure_reason(out.stdout + out.stderr)}")
 
 
 def wait_for_run(

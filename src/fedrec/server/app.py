@@ -1,12 +1,14 @@
 """fedrec's Flower ServerApp. Thin: it resolves the config and calls run_federation.
 
-``app`` serves ``flwr run`` (config from the run_config, kebab-case keys); the simulation builds
-its own ServerApp around an already-resolved config with ``make_server_app``.
+``app`` serves ``flwr run`` (config from the run_config, kebab-case keys; with RESUME_KEY set,
+it continues that unfinished run directory: ``fedrec server resume``); the simulation builds its
+own ServerApp around an already-resolved config with ``make_server_app``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -16,6 +18,7 @@ from fedrec.config import FedrecConfig, from_dict, from_json
 from fedrec.rundir import RunDir, create_run_dir
 from fedrec.server.federation import FederationResult, OnRound, run_federation
 from fedrec.server.outputs import write_outputs
+from fedrec.server.resume import check_resumable, hold_run
 
 
 def make_server_app(
@@ -37,6 +40,7 @@ def make_server_app(
 
 
 RUN_CONFIG_KEY = "fedrec-config"  # `fedrec server run` sends the resolved config as JSON here
+RESUME_KEY = "fedrec-resume"  # `fedrec server resume` sends the run directory to continue here
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> FedrecConfig:
@@ -45,7 +49,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedrecConfig:
     if RUN_CONFIG_KEY in run_config:
         return from_json(str(run_config[RUN_CONFIG_KEY]))
     return from_dict(
-        {k: v for k, v in run_config.items() if k != "num-server-rounds"}
+        {k: v for k, v in run_config.items() if k not in ("num-server-rounds", RESUME_KEY)}
         | {"rounds": int(run_config.get("num-server-rounds", 10))}
     )
 
@@ -57,6 +61,10 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: config from [tool.flwr.app.config] and --run-config."""
     cfg = config_from_run_config(context.run_config)
-    run = create_run_dir(cfg)
-    result = run_federation(grid, cfg, run)
-    write_outputs(cfg, run, result, baselines=False)
+    resume = str(context.run_config.get(RESUME_KEY, ""))
+    run = RunDir(Path(resume)) if resume else create_run_dir(cfg)
+    with hold_run(run, context.run_id):
+        if resume:
+            check_resumable(run, cfg)
+        result = run_federation(grid, cfg, run, resume=bool(resume))
+        write_outputs(cfg, run, result, baselines=False)

@@ -17,7 +17,14 @@ own lines past the checkpoint are composed into Flower's accountant as well.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
 
 from flwr.app import ArrayRecord
 from flwr.serverapp import GaussianPrivacyEvent
@@ -37,6 +44,7 @@ from fedrec.server.checkpoint import (
 
 log = logging.getLogger(__name__)
 USER_LEVEL_CLIENT = "federation"  # the ledger's client name for server-side (user-level) DP
+HOLDER = "serverapp.lock"  # in the run directory: who writes it (a deployed ServerApp)
 
 
 def check_resumable(run: RunDir, cfg: FedrecConfig) -> int:
@@ -103,3 +111,61 @@ def restore_user_ledger(user_ledger) -> None:
             )
         )
     user_ledger.released = accountant.num_releases
+
+
+@contextlib.contextmanager
+def hold_run(run: RunDir, flower_run_id: int) -> Iterator[None]:
+    """Let one ServerApp at a time write ``run`` (a flock, freed when the process dies); the
+    file names its Flower run, so ``fedrec server resume`` can tell whether it is still alive."""
+    if not run.path.is_dir():
+        raise CheckpointError(f"{run.path}: no such run directory")
+    fd = os.open(run.path / HOLDER, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise CheckpointError(
+                f"{run.path}: another ServerApp is writing this run ({run_holder(run)}); "
+                "stop it first"
+            ) from err
+        os.ftruncate(fd, 0)
+        holder = {"flower_run_id": flower_run_id, "pid": os.getpid()}
+        os.write(fd, json.dumps(holder).encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_holder(run: RunDir) -> dict[str, Any] | None:
+    """The last ServerApp that held ``run`` (``flower_run_id``, ``pid``, and ``alive``: whether
+    it still holds it); None if no deployed ServerApp ever did."""
+    path = run.path / HOLDER
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            alive = False
+        except BlockingIOError:
+            alive = True
+        text = path.read_text()
+    finally:
+        os.close(fd)
+    try:
+        return {**json.loads(text), "alive": alive}
+    except json.JSONDecodeError:
+        return {"alive": alive}
+
+
+def wait_released(run: RunDir, timeout: float) -> bool:
+    """Wait (up to ``timeout`` s) until no ServerApp holds ``run``; True if none does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        holder = run_holder(run)
+        if holder is None or not holder["alive"]:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
