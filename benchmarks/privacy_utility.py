@@ -33,7 +33,7 @@ def slowdown(cfg: FedrecConfig, repeats: int = 7) -> dict[str, float]:
     sizes = [len(work.partition.users_of(c)) for c in range(work.partition.n_clients)]
     data = work.client_data(max(range(len(sizes)), key=sizes.__getitem__))
     ratios = {}
-    for task, model in build_task_models(cfg, work.spec, 0).items():
+    for task, model in build_task_models(cfg, work.spec, 0, item_text=work.item_text(cfg.text)).items():
         times: dict[str, list[float]] = {"dp": [], "plain": []}
         for r in range(repeats):
             for kind in ("plain", "dp"):
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/privacy_utility")
     parser.add_argument("--slowdown-only", action="store_true")
     parser.add_argument("--no-slowdown", action="store_true", help="only the utility sweep")
-    parser.add_argument("--text", choices=["off", "beside", "instead"], help="item text features")
+    parser.add_argument("--text", choices=["off", "beside", "instead", "content"], help="item text features")
     args = parser.parse_args()
     cfg = load_config(None, {"rounds": args.rounds, "text.mode": args.text})
     if not args.no_slowdown:

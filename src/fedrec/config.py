@@ -18,7 +18,7 @@ from typing import Any
 TASKS = ("recall", "ranking", "personal")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 PRIVACY_MODES = ("none", "record", "user")
-TEXT_MODES = ("off", "beside", "instead")
+TEXT_MODES = ("off", "beside", "instead", "content")
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,10 @@ class PrivacyConfig:
 class TextConfig:
     """Item text through a frozen public encoder (fedrec.text): features that cost no privacy."""
 
-    mode: str = "off"  # off | beside (text projection beside the item-ID embedding) | instead
+    # off | beside (text projection beside the item-ID embedding) | instead (of the ID, in recall
+    # and ranking) | content (all three tasks as small linear models over the text: the choice
+    # under DP, see fedrec.models.content)
+    mode: str = "off"
     model: str = ""  # a local Hugging Face model folder; empty = all-MiniLM-L6-v2 (fedrec[text])
     max_tokens: int = 64  # titles plus genres are short; longer texts are cut (with a warning)
 

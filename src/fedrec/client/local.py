@@ -28,15 +28,18 @@ def build_task_models(
     """The task models of a run, initialised identically wherever ``seed`` is the same.
 
     ``item_text`` Float[I, T] (from ``fedrec.text.item_text_features``) feeds the recall and
-    ranking models' item side as ``cfg.text.mode`` says; SASRec stays ID-based.
+    ranking models' item side as ``cfg.text.mode`` says ("beside", "instead"; SASRec stays
+    ID-based), or every task's model is its content variant ("content": fedrec.models.content).
     """
     if cfg.text.mode != "off" and item_text is None:
         raise ValueError("cfg.text.mode is on but no item_text was given")
     models = {}
     for i, (task, tcfg) in enumerate(cfg.tasks.items()):
         torch.manual_seed(seed * 1000 + i)
-        hparams = {}
-        if item_text is not None and cfg.text.mode != "off" and task in TEXT_TASKS:
+        hparams: dict = {}
+        if item_text is not None and cfg.text.mode == "content":
+            hparams = {"arch": "content", "text_dim": int(item_text.shape[1])}
+        elif item_text is not None and cfg.text.mode != "off" and task in TEXT_TASKS:
             hparams = {"text_dim": int(item_text.shape[1]), "use_item_id": cfg.text.mode == "beside"}
         models[task] = build_model(task, _with_dim(spec, tcfg.dim), **hparams)
         if hparams:

@@ -1,7 +1,14 @@
-"""Task models under one contract (``base.TaskModel``): two-tower recall, DCN-V2 ranking, SASRec."""
+"""Task models under one contract (``base.TaskModel``): two-tower recall, DCN-V2 ranking, SASRec,
+and their content variants over frozen item text, built for DP (``content``)."""
 
 from fedrec.models.base import ModelSpec, SequenceBatch, TaskModel, UserBatch
 from fedrec.models.batching import make_sequence_batch, make_user_batch
+from fedrec.models.content import (
+    ContentModel,
+    ContentRanking,
+    ContentRetrieval,
+    ContentSequential,
+)
 from fedrec.models.ranking import DCNv2
 from fedrec.models.recall import TwoTower
 from fedrec.models.registry import (
@@ -16,6 +23,10 @@ from fedrec.models.sequential import SASRec
 
 __all__ = [
     "TASKS",
+    "ContentModel",
+    "ContentRanking",
+    "ContentRetrieval",
+    "ContentSequential",
     "DCNv2",
     "ModelSpec",
     "SASRec",

@@ -19,21 +19,34 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedrec.models.base import ModelSpec, TaskModel
+from fedrec.models.content import CONTENT_MODELS
 from fedrec.models.ranking import DCNv2
 from fedrec.models.recall import TwoTower
 from fedrec.models.sequential import SASRec
 
 TASKS = ("recall", "ranking", "personal")
 MODELS: dict[str, type[TaskModel]] = {"recall": TwoTower, "ranking": DCNv2, "personal": SASRec}
+ARCHS: dict[str, dict[str, type[TaskModel]]] = {"id": MODELS, "content": dict(CONTENT_MODELS)}
+"""Model families: "id" (item-ID embeddings, optionally with text beside or instead) and
+"content" (small linear models over frozen item text, built for DP: models/content.py)."""
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def build_model(task: str, spec: ModelSpec, **hparams: Any) -> TaskModel:
-    """A freshly initialised model for ``task`` (seed torch beforehand for identical copies)."""
+def build_model(task: str, spec: ModelSpec, *, arch: str = "id", **hparams: Any) -> TaskModel:
+    """A freshly initialised model for ``task`` of family ``arch`` (seed torch beforehand for
+    identical copies)."""
     if task not in MODELS:
         raise ValueError(f"unknown task {task!r}; valid tasks are {', '.join(TASKS)}")
-    return MODELS[task](spec, **hparams)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model family {arch!r}; valid ones are {', '.join(ARCHS)}")
+    return ARCHS[arch][task](spec, **hparams)
+
+
+def arch_of(model: TaskModel) -> str:
+    """The family ``build_model`` rebuilds ``model`` with."""
+    inner = _unwrap(model)
+    return next(a for a, m in ARCHS.items() if type(inner) is m.get(inner.task))
 
 
 def save_model(model: TaskModel, directory: str | Path) -> None:
@@ -44,7 +57,12 @@ def save_model(model: TaskModel, directory: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    config = {"task": model.task, "spec": asdict(model.spec), "hparams": _hparams(model)}
+    config = {
+        "task": model.task,
+        "arch": arch_of(model),
+        "spec": asdict(model.spec),
+        "hparams": _hparams(model),
+    }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
@@ -52,7 +70,9 @@ def load_model(directory: str | Path) -> TaskModel:
     """The model saved by ``save_model`` in ``directory``, in eval mode."""
     src = Path(directory)
     config = json.loads((src / CONFIG_FILE).read_text())
-    model = build_model(config["task"], _spec(config["spec"]), **config["hparams"])
+    model = build_model(
+        config["task"], _spec(config["spec"]), arch=config.get("arch", "id"), **config["hparams"]
+    )
     model.load_state_dict(load_file(str(src / WEIGHTS_FILE)), strict=True)
     return model.eval()
 

@@ -58,11 +58,18 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad
 
 
+@pytest.mark.parametrize("arch", ["id", "content"])
 @pytest.mark.parametrize("task", TASKS)
-def test_ghost_clipping_matches_naive_per_user_clipping(task: str) -> None:
+def test_ghost_clipping_matches_naive_per_user_clipping(task: str, arch: str) -> None:
     torch.manual_seed(0)
     batch, spec = _batch(seed=20)
-    model = build_model(task, spec, dropout=0.0)  # dropout would differ between the two passes
+    if arch == "id":
+        model = build_model(task, spec, dropout=0.0)  # dropout would differ between the passes
+    else:
+        text = torch.randn(spec.num_items, 40, generator=torch.Generator().manual_seed(20))
+        model = build_model(task, spec, arch="content", item_text=text)
+        for p in model.parameters():  # off its zero initialisation: every gradient path live
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
     grads = _naive_grads(copy.deepcopy(model), batch)  # (B, P)
     norms = grads.norm(dim=1)
     clip = float(norms[norms > 0].median())  # some users clipped, some not

@@ -162,3 +162,22 @@ def test_secure_aggregation_refuses_robust_aggregators(tmp_path):
 
     with pytest.raises(ConfigError, match="robust aggregators"):
         _cfg(tmp_path, secure_aggregation=True, strategy="krum")
+
+
+def test_content_models_train_under_dp_and_serve_from_text(tmp_path):
+    """``--text content``: the three content models train under record-level DP through the real
+    engine; only their small weights travel, the ledger audits, and the saved models rebuild."""
+    from fedrec.models import ContentModel
+
+    cfg = _cfg(tmp_path, **{"text.mode": "content", "privacy.mode": "record",
+                            "privacy.epsilon": 8.0, "privacy.delta": 1e-3})
+    run, summary = simulate(cfg, baselines=False)
+    assert summary["client_failures"] == []
+    for task in ("recall", "ranking", "personal"):
+        model = load_model(run.models / task)
+        assert isinstance(model, ContentModel) and model.task == task
+        assert float(model.table.norm(dim=1).mean()) == pytest.approx(1.0, abs=1e-4)
+        assert 0 < summary["tasks"][task]["hr@10"] <= 1
+    assert {"hr@10", "ndcg@10"} <= set(summary["fused"])
+    assert len(read_ledger(run.ledger)) == 4 * 3 * 2
+    assert audit_ledger(run.ledger, run_id=run.path.name).ok
