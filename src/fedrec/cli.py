@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedrec.config import ConfigError, FedrecConfig, load_config
+from fedrec.config import TEXT_MODES, ConfigError, FedrecConfig, load_config
 
 console = Console(stderr=True)
 EXIT_USAGE = 2
@@ -41,8 +41,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--text",
-        choices=["off", "beside", "instead"],
-        help="item text through the frozen encoder: beside or instead of item-ID embeddings",
+        choices=list(TEXT_MODES),
+        help="item text through the frozen encoder: beside or instead of item-ID embeddings, "
+        "or content (every task a small linear model over the text: the choice under DP)",
     )
     p.add_argument(
         "--secure-aggregation",
@@ -127,26 +128,34 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from fedrec.privacy import TABLE_COLUMNS, audit_ledger, format_table, write_audit
 
-    ledger = Path(args.run_dir) / "privacy_ledger.jsonl"
+    target = Path(args.run_dir)
+    site = target.is_file()  # a partner site's own ledger: several runs, lifetime rows too
+    ledger = target if site else target / "privacy_ledger.jsonl"
     if not ledger.is_file():
         raise UserError(f"{ledger}: no privacy ledger; was the run made with --epsilon?")
+    if site and args.empirical:
+        raise UserError("--empirical retrains from a run directory; give the run, not a ledger")
     result = audit_ledger(
-        ledger, run_id=Path(args.run_dir).resolve().name, every_entry=not args.final_only
+        ledger,
+        site=site,
+        run_id=None if site else target.resolve().name,
+        every_entry=not args.final_only,
     )
     table = Table(title=f"privacy audit of {args.run_dir}")
     for col in TABLE_COLUMNS:
         table.add_column(col)
     for row in format_table(result):
         style = "" if row[-1] == "ok" else "red"
-        table.add_row(*row, style=style)
+        table.add_row(*(escape(cell) for cell in row), style=style)  # "[run ...]" is not markup
     console.print(table)
     for problem in result.problems:
         console.print(f"[red]problem:[/] {problem}")
-    json_path, png = write_audit(result, args.run_dir)
+    json_path, png = write_audit(result, target.parent if site else target)
     console.print(
         f"{'[green]audit passed' if result.ok else '[red]audit FAILED'}[/]: {json_path}, {png}"
     )
@@ -219,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p)
     p.set_defaults(func=cmd_train_central)
     p = sub.add_parser("audit", help="verify a run's privacy ledger and recompute every epsilon")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, or a partner site's ledger file (all its runs)")
     p.add_argument(
         "--final-only",
         action="store_true",

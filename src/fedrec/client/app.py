@@ -51,6 +51,8 @@ def train(msg: Message, context: Context) -> Message:
             data,
             ledger_path=_ledger_path(config, context),
             run_id=str(config.get("run-id", "")),
+            site="ledger-path" in context.node_config,
+            site_budget=_site_budget(context),
         )
         kept = privacy.replay(server_round, msg.content[ARRAYS_KEY]) if privacy else None
         if kept is not None:  # released before the server died: send it again (client/replay.py)
@@ -115,10 +117,18 @@ def _local_data(work: Workload, client: int, context: Context) -> LocalData:
 
 
 def _ledger_path(config: ConfigRecord, context: Context) -> str | None:
-    """A deployed client keeps its own ledger (node config); in simulation, the run's."""
+    """A deployed client keeps its own site ledger of all its runs (node config); in
+    simulation, the run's ledger."""
     if "ledger-path" in context.node_config:
         return str(context.node_config["ledger-path"])
     return str(config["ledger-path"]) if "ledger-path" in config else None
+
+
+def _site_budget(context: Context) -> float | None:
+    """The site's lifetime epsilon over all its runs (node config 'budget-epsilon', from
+    ``fedrec client start --budget``); None: each run's ``privacy.epsilon`` bounds it."""
+    value = context.node_config.get("budget-epsilon")
+    return None if value is None else float(str(value))
 
 
 @app.evaluate()

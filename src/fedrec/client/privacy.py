@@ -7,6 +7,14 @@ With a ledger, the accountant is rebuilt from the client's own ledger lines ever
 ledger outlives ``context.state`` (a restarted server or SuperNode starts with an empty one), so
 a resumed run neither forgets nor double-counts a release. A reply already released for the same
 round and global model is sent again, not retrained (client/replay.py).
+
+A deployed client keeps a *site ledger* (``site``): one file for every run the site takes part
+in. Its data is the same in every run, so its releases compose across runs: before each round
+the client composes all the file's releases (every run) with the planned round and refuses past
+its lifetime budget: the site's own (``fedrec client start --budget``, node config
+``budget-epsilon``) or, without one, the run's ``privacy.epsilon``. Each run still calibrates
+for its own plan and stays within the run's ``privacy.epsilon``; a later run also calibrates so
+that the earlier runs plus its plan compose to at most the lifetime budget.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
@@ -25,12 +33,18 @@ from fedrec.client.replay import DIRNAME, ReleaseCache, arrays_digest
 from fedrec.config import FedrecConfig
 from fedrec.privacy import (
     ClientPrivacyState,
+    HistoryItem,
     Ledger,
     LedgerEntry,
     LedgerError,
+    PrivacyError,
     calibrate_noise,
+    epsilon_opacus,
     validate_budget,
+    verify_chain,
 )
+from fedrec.privacy.errors import check_epsilon
+from fedrec.privacy.ledger import read_locked
 from fedrec.training import DPSGDParams, LocalData, sample_rate_for, steps_per_round
 
 log = logging.getLogger(__name__)
@@ -54,6 +68,13 @@ class ClientPrivacy:
     seed: int
     released: frozenset[str] = frozenset()  # hashes of this client's ledger lines
     global_digest: str = ""  # of the global model this round trains from
+    prior: list[HistoryItem] = field(default_factory=list)  # the site's releases in other runs
+    budget: float | None = None  # the site's lifetime budget; None: the run's privacy.epsilon
+
+    @property
+    def lifetime_budget(self) -> float:
+        """The budget of the site's releases in all runs (this one included)."""
+        return self.cfg.privacy.epsilon if self.budget is None else self.budget
 
     @property
     def cache(self) -> ReleaseCache | None:
@@ -91,6 +112,7 @@ class ClientPrivacy:
                 f"client {self.client}: round {server_round} would raise epsilon to {spent:.3f} "
                 f"> budget {p.epsilon:g} (delta {p.delta:g}); refusing to train"
             )
+        self._check_lifetime(server_round, trial)
         return {
             task: DPSGDParams(
                 self.sigmas[task],
@@ -99,6 +121,28 @@ class ClientPrivacy:
             )
             for task in self.plan
         }
+
+    def _check_lifetime(self, server_round: int, trial: ClientPrivacyState) -> None:
+        """PrivacyRefusal if the site's releases in all runs plus this round exceed its budget."""
+        p, budget = self.cfg.privacy, self.lifetime_budget
+        if not self.prior and budget >= p.epsilon:
+            return  # nothing before this run: the run's budget check above is the tighter one
+        hist = [*self.prior, *trial.composed_history()]
+        lifetime = epsilon_opacus(hist, delta=p.delta, accountant=trial.accountant)
+        if lifetime > budget:
+            raise PrivacyRefusal(
+                f"client {self.client}: round {server_round} would raise the site's lifetime "
+                f"epsilon (all runs in {self.ledger.path if self.ledger else 'its ledger'}) to "
+                f"{lifetime:.3f} > lifetime budget {budget:g} (delta {p.delta:g}); refusing to "
+                "train"
+            )
+        log.info(
+            "%s: lifetime epsilon after round %d (all runs): %.3f of %g",
+            self.client,
+            server_round,
+            lifetime,
+            budget,
+        )
 
     def after_round(self, server_round: int, result: RoundResult) -> list[str]:
         """Record each task's release, append its ledger entry, persist the state."""
@@ -118,7 +162,7 @@ class ClientPrivacy:
                 round=server_round,
                 clipping_norm=p.clipping_norm,
                 delta=p.delta,
-                budget_epsilon=p.epsilon,
+                budget_epsilon=self.lifetime_budget,
             )
             written = self.ledger.append(entry) if self.ledger else entry.to_fields()
             entries.append(json.dumps(written, sort_keys=True))
@@ -139,37 +183,38 @@ def client_privacy(
     *,
     ledger_path: str | None,
     run_id: str,
+    site: bool = False,
+    site_budget: float | None = None,
 ) -> ClientPrivacy | None:
-    """The client's DP controller for record-level DP; None when DP is off or server-side."""
+    """The client's DP controller for record-level DP; None when DP is off or server-side.
+
+    ``site``: ``ledger_path`` is the site's own ledger of all its runs (a deployed client);
+    ``site_budget`` is its lifetime epsilon budget (default: the run's ``privacy.epsilon``).
+    """
     p = cfg.privacy
     if p.mode != "record":
         return None
     validate_budget(epsilon=p.epsilon, delta=p.delta, min_records=data.n_users)
+    if site_budget is not None and not site:
+        raise PrivacyError("a site budget bounds a site ledger: pass site=True with it.")
+    budget = None if site_budget is None else check_epsilon(site_budget, name="site budget")
     plan = {
         t: (sample_rate_for(c, data.n_users), steps_per_round(c, data.n_users))
         for t, c in cfg.tasks.items()
     }
     name = f"client-{client}"
-    ledger = Ledger(ledger_path, run_id) if ledger_path else None
+    ledger = Ledger(ledger_path, run_id, site=site) if ledger_path else None
+    lines = _site_lines(ledger) if site and ledger else ledger.read() if ledger else []
+    own = [e for e in lines if _is_own(e, name, run_id)]
+    prior = [_item(e) for e in lines if not _is_own(e, name, run_id)] if site else []
     if STATE_KEY in context.state:
         rec = context.state[STATE_KEY]
         state = ClientPrivacyState.from_json(str(rec["state"]))
         sigmas = json.loads(str(rec["sigmas"]))
     else:
         state = ClientPrivacyState(accountant=p.accountant)
-        sigmas = (
-            calibrate_noise(  # a hair under budget so float noise never refuses a planned round
-                epsilon=p.epsilon * CALIBRATION_MARGIN,
-                delta=p.delta,
-                sample_rate={t: q for t, (q, _) in plan.items()},
-                steps_per_round={t: s for t, (_, s) in plan.items()},
-                rounds=cfg.rounds,
-                task_shares=dict(zip(cfg.tasks, p.task_shares, strict=False)),
-                accountant=p.accountant,
-            )
-        )
+        sigmas = _calibrate(cfg, plan, name, prior, p.epsilon if budget is None else budget)
         log.info("%s: calibrated noise multipliers %s", name, sigmas)
-    own = _own_entries(ledger, name)
     if ledger is not None:
         state = _state_from_ledger(own, state, name, p.accountant)
     ctl = ClientPrivacy(
@@ -182,17 +227,73 @@ def client_privacy(
         ledger,
         cfg.seed * 100_003 + client,
         released=frozenset(str(e.get("hash")) for e in own),
+        prior=prior,
+        budget=budget,
     )
     ctl._save()
     return ctl
 
 
-def _own_entries(ledger: Ledger | None, client: str) -> list[dict]:
-    if ledger is None:
+def _calibrate(
+    cfg: FedrecConfig,
+    plan: Mapping[str, tuple[float, int]],
+    client: str,
+    prior: list[HistoryItem],
+    budget: float,
+) -> dict[str, float]:
+    """Noise for this run's plan within the run's epsilon and, with the site's releases in other
+    runs (``prior``), within the lifetime ``budget``. Epsilon decreases in every task's noise,
+    so the larger multiplier per task of the two calibrations meets both budgets."""
+    p = cfg.privacy
+
+    def calibrate(epsilon: float, spent: list[HistoryItem]) -> dict[str, float]:
+        return calibrate_noise(  # a hair under budget so float noise never refuses a planned round
+            epsilon=epsilon * CALIBRATION_MARGIN,
+            delta=p.delta,
+            sample_rate={t: q for t, (q, _) in plan.items()},
+            steps_per_round={t: s for t, (_, s) in plan.items()},
+            rounds=cfg.rounds,
+            task_shares=dict(zip(cfg.tasks, p.task_shares, strict=False)),
+            accountant=p.accountant,  # type: ignore[arg-type]
+            spent=spent,
+        )
+
+    sigmas = calibrate(p.epsilon, [])
+    if not prior and budget >= p.epsilon:
+        return sigmas
+    spent = epsilon_opacus(prior, delta=p.delta, accountant=p.accountant)  # type: ignore[arg-type]
+    try:
+        lifetime = calibrate(budget, prior)
+    except PrivacyError as err:
+        raise PrivacyRefusal(
+            f"{client}: the site's earlier runs spent lifetime epsilon {spent:.3f} of its "
+            f"lifetime budget {budget:g} (delta {p.delta:g}); what remains cannot cover this "
+            f"run's {cfg.rounds} rounds: {err}"
+        ) from err
+    log.info("%s: earlier runs spent lifetime epsilon %.3f of %g", client, spent, budget)
+    return {t: max(s, lifetime[t]) for t, s in sigmas.items()}
+
+
+def _site_lines(ledger: Ledger) -> list[dict]:
+    """Every line of a site ledger (all runs), verified; LedgerError if the chain is broken."""
+    if not ledger.path.exists():
         return []
-    return [
-        e for e in ledger.read() if e.get("client") == client and e.get("run_id") == ledger.run_id
-    ]
+    report = verify_chain(read_locked(ledger.path), site=True)
+    if not report.ok:
+        raise LedgerError(
+            f"site ledger {ledger.path} does not verify: "
+            + "; ".join(report.problems[:5])
+            + "; refusing to train"
+        )
+    return report.entries
+
+
+def _is_own(entry: Mapping, client: str, run_id: str) -> bool:
+    return entry.get("client") == client and entry.get("run_id") == run_id
+
+
+def _item(entry: Mapping) -> HistoryItem:
+    return (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
 
 
 def _state_from_ledger(

@@ -124,6 +124,11 @@ def _client(subparsers: Any) -> Any:
         "--ledger", help="this site's privacy ledger (default ./privacy_ledger-PARTNER.jsonl)"
     )
     s.add_argument(
+        "--budget",
+        type=float,
+        help="this site's lifetime epsilon over all runs in its ledger (default: each run's)",
+    )
+    s.add_argument(
         "--runtime-port",
         type=int,
         default=launch.DEFAULT_RUNTIME_PORT,
@@ -287,6 +292,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
         ledger=Path(args.ledger or f"privacy_ledger-{args.partner or 'site'}.jsonl").expanduser(),
         runtime_port=args.runtime_port,
         flwr_home=flwr_home(args.flwr_home) if args.flwr_home else None,
+        budget=args.budget,
     )
     _exit_on_sigterm()
     child = start_supernode(partner)

@@ -1,11 +1,14 @@
 """The partner's side: check everything locally, then start a SuperNode that trains on local data.
 
 The data path reaches the ClientApp through the SuperNode's node config; it never enters the
-app bundle or any message. A refused key or an untrusted server ends start-up with one line.
+app bundle or any message. So does ``--budget``, the site's lifetime epsilon over every run its
+ledger records (client/privacy.py). A refused key or an untrusted server ends start-up with one
+line.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ class Partner:
     ledger: Path | None = None
     runtime_port: int = launch.DEFAULT_RUNTIME_PORT
     flwr_home: Path | None = None
+    budget: float | None = None  # lifetime epsilon over all runs; None: each run's epsilon
 
 
 def preflight(partner: Partner) -> Path:
@@ -44,6 +48,8 @@ def preflight(partner: Partner) -> Path:
     if partner.client_id is not None and partner.client_id < 0:
         raise DeployError(f"--client-id {partner.client_id}: must be 0 or more")
     data = check_data(partner.data)
+    if partner.budget is not None and not (0 < partner.budget < math.inf):
+        raise DeployError(f"--budget {partner.budget}: must be a finite epsilon > 0")
     if partner.ledger is not None and not os.access(partner.ledger.parent, os.W_OK):
         raise DeployError(f"--ledger {partner.ledger}: its folder is missing or not writable")
     probe_superlink(host, port, ca_cert=partner.certs.ca_cert if partner.certs else None)
@@ -56,6 +62,8 @@ def supernode_command(partner: Partner, data: Path) -> list[str]:
         client_id=client_id(partner),
         ledger=partner.ledger.resolve() if partner.ledger is not None else None,
     )
+    if partner.budget is not None:  # text: node config passes only text and integers
+        config["budget-epsilon"] = repr(float(partner.budget))
     return launch.supernode_command(
         launch.bin_dir(),
         superlink=partner.superlink,

@@ -156,6 +156,7 @@ def calibrate_noise(
     task_shares: Mapping[str, float],
     accountant: Literal["prv", "rdp"] = "prv",
     max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
+    spent: History = (),
 ) -> dict[str, float]:
     """Noise multiplier per task so that all tasks over all rounds together stay in budget.
 
@@ -175,6 +176,10 @@ def calibrate_noise(
     ``task_shares`` are positive weights (normalised to sum 1). ``sample_rate`` and
     ``steps_per_round`` may be per task. Raises ``PrivacyError`` if any task would need a noise
     multiplier above ``max_noise_multiplier``.
+
+    ``spent``: releases already made on the same records (e.g. a site's earlier runs). It is
+    composed into every evaluation, so ``spent`` plus the planned rounds stay within (epsilon,
+    delta) together: tight composition of the whole history, not ``epsilon - eps(spent)``.
     """
     eps, dlt = check_epsilon(epsilon), check_delta(delta)
     n_rounds = check_count(rounds, name="rounds")
@@ -186,8 +191,10 @@ def calibrate_noise(
         steps_per_round, shares, "steps_per_round", lambda v, name: check_count(v, name=name)
     )
 
+    prior = list(canonical_history(spent))
+
     def composed(sigmas: Mapping[str, float], n: int) -> float:
-        hist = [(sigmas[t], rates[t], per_round[t] * n) for t in shares]
+        hist = [*prior, *((sigmas[t], rates[t], per_round[t] * n) for t in shares)]
         return epsilon_opacus(hist, delta=dlt, accountant=acct)  # type: ignore[arg-type]
 
     _refuse_if_infeasible(eps, cap, n_rounds, lambda n: composed({t: cap for t in shares}, n))

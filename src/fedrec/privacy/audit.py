@@ -16,6 +16,14 @@ discretisation errors grow with the number of compositions.
 
 Budget: a row is over budget when the larger of the reported value and the same-implementation
 recomputation exceeds the budget; the client's budget bounds the composed row (all tasks).
+
+Site ledger (``site=True``, a deployed partner's own file holding every run it took part in):
+the rows above come per run (``AuditRow.run`` is the run id; their epsilons count that run
+only), followed by ``LIFETIME`` rows that compose every line of the file, per task and over all
+tasks: the site's lifetime epsilon. No ledger field reports it, so those rows are recomputations
+(``epsilon`` is the ledger accountant's, the independent one must agree), held to the latest
+line's ``budget_epsilon``, the budget the client enforced on all its runs together. At the end
+of each run's stretch of lines the lifetime so far must also be within that line's budget.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from fedrec.privacy.accounting import HistoryItem, epsilon_dp_accounting, epsilo
 from fedrec.privacy.ledger import ChainReport, verify_chain
 
 COMPOSED = "(all tasks)"
+LIFETIME = "lifetime, all runs"
 _JITTER = 1e-3  # numerical slack before a cumulative epsilon counts as decreasing
 Recompute = Callable[[list[HistoryItem], float], float]
 RECOMPUTATIONS: dict[str, Recompute] = {
@@ -59,7 +68,10 @@ class Tolerance:
 
 @dataclass
 class AuditRow:
-    """One (client, task) line of the audit; ``task == COMPOSED`` is the client's total."""
+    """One (client, task) line of the audit; ``task == COMPOSED`` is the client's total.
+
+    ``run``: empty for a run's own ledger; in a site ledger the run id (epsilons of that run
+    only) or ``LIFETIME`` (all runs of the file composed)."""
 
     client: str
     task: str
@@ -71,6 +83,14 @@ class AuditRow:
     budget: float | None
     status: str  # "ok", "over-budget", "mismatch" or "over-budget+mismatch"
     detail: str = ""
+    run: str = ""
+
+    @property
+    def label(self) -> str:
+        """The client, and in a site ledger which run (or the lifetime) the row covers."""
+        if not self.run:
+            return self.client
+        return f"{self.client} [{self.run if self.run == LIFETIME else 'run ' + self.run}]"
 
 
 @dataclass
@@ -102,6 +122,7 @@ def audit_ledger(
     run_id: str | None = None,
     expected_head: str | None = None,
     every_entry: bool = True,
+    site: bool = False,
 ) -> AuditResult:
     """Verify the chain, recompute each client's epsilons and check them against budgets.
 
@@ -110,23 +131,50 @@ def audit_ledger(
     epsilons are recomputed with the ledger's accountant: two Opacus calls per entry, about
     0.5 s per entry for PRV with three tasks (300 entries: about 2.5 minutes). Without it only
     the cheap checks (monotone, consistent) run per entry. The final epsilons always get all
-    four accountants.
+    four accountants. ``site``: ``path`` is a site ledger (see the module doc; no ``run_id``).
     """
-    chain = verify_chain(path, run_id=run_id, expected_head=expected_head)
+    chain = verify_chain(path, run_id=run_id, expected_head=expected_head, site=site)
     problems = [f"chain: {p}" for p in chain.problems]
-    by_client: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for entry in chain.entries:
-        by_client.setdefault(entry["client"], []).append(entry)
+        groups.setdefault((entry["run_id"] if site else "", entry["client"]), []).append(entry)
+    runs = list(dict.fromkeys(run for run, _ in groups))  # in the order of the file
     rows: list[AuditRow] = []
     series: dict[str, list[tuple[int, float]]] = {}
-    for client, entries in sorted(by_client.items()):
-        problems += _consistency_problems(client, entries)
+    for (run, client), entries in sorted(groups.items(), key=lambda g: (runs.index(g[0][0]), g[0])):
+        new = _final_rows(client, entries, budgets, tolerance, run=run)
+        problems += _consistency_problems(new[0].label, entries)
         problems += _entry_problems(entries, tolerance, recompute=every_entry)
-        rows += _final_rows(client, entries, budgets, tolerance)
+        rows += new
         per_round = {e["round"]: e["epsilon_composed"] for e in entries}
-        series[client] = sorted(per_round.items())
+        series[new[0].label] = sorted(per_round.items())
+    if site and chain.entries:
+        client = "+".join(sorted({e["client"] for e in chain.entries}))
+        rows += _final_rows(client, chain.entries, budgets, tolerance, run=LIFETIME)
+        problems += _lifetime_problems(chain.entries)
     ok = chain.ok and not problems and all(r.status == "ok" for r in rows)
     return AuditResult(ok, chain, rows, problems, tolerance, series)
+
+
+def _lifetime_problems(entries: list[dict[str, Any]]) -> list[str]:
+    """At the end of each run's stretch of a site ledger, all lines so far (every run) composed
+    must be within that line's ``budget_epsilon``: the client checked this before the round."""
+    problems = []
+    for i, e in enumerate(entries):
+        if i + 1 < len(entries) and entries[i + 1]["run_id"] == e["run_id"]:
+            continue
+        hist = [_item(x) for x in entries[: i + 1]]
+        eps = epsilon_opacus(hist, delta=e["delta"], accountant=e["accountant"])
+        if eps > e["budget_epsilon"] * (1 + 1e-12):
+            problems.append(
+                f"seq {e['seq']} (run {e['run_id']!r}): lifetime epsilon {eps:.4f} of all runs "
+                f"so far exceeds the budget {e['budget_epsilon']:g} this line states"
+            )
+    return problems
+
+
+def _item(e: Mapping[str, Any]) -> HistoryItem:
+    return (e["noise_multiplier"], e["sample_rate"], e["steps"])
 
 
 def _consistency_problems(client: str, entries: list[dict[str, Any]]) -> list[str]:
@@ -169,27 +217,45 @@ def _final_rows(
     entries: list[dict[str, Any]],
     budgets: Mapping[str, float] | None,
     tol: Tolerance,
+    *,
+    run: str = "",
 ) -> list[AuditRow]:
+    """One row per task and one composed; ``run == LIFETIME``: recomputed, not reported."""
     latest = entries[-1]
     acct, delta = latest["accountant"], latest["delta"]
     budget = float(latest["budget_epsilon"])
-    note = ""
+    notes = _lifetime_notes(entries, acct, delta) if run == LIFETIME else []
     if budgets is not None and client in budgets:
         if not math.isclose(budgets[client], budget):
-            note = f"ledger states budget {budget:g}; audited against {budgets[client]:g}"
+            notes.append(f"ledger states budget {budget:g}; audited against {budgets[client]:g}")
         budget = float(budgets[client])
     rows = []
     groups = {
         t: [e for e in entries if e["task"] == t] for t in sorted({e["task"] for e in entries})
     }
     for task, task_entries in [*groups.items(), (COMPOSED, entries)]:
-        hist = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in task_entries]
-        reported = task_entries[-1]["epsilon" if task != COMPOSED else "epsilon_composed"]
+        hist = [_item(e) for e in task_entries]
         rec = {name: fn(hist, delta) for name, fn in RECOMPUTATIONS.items()}
-        rounds = len({e["round"] for e in task_entries})
-        row = AuditRow(client, task, acct, delta, rounds, reported, rec, budget, "ok", note)
+        reported = (
+            rec[MUST_MATCH[acct][0]]
+            if run == LIFETIME
+            else task_entries[-1]["epsilon" if task != COMPOSED else "epsilon_composed"]
+        )
+        rounds = len({(e["run_id"], e["round"]) for e in task_entries})
+        row = AuditRow(
+            client, task, acct, delta, rounds, reported, rec, budget, "ok", "; ".join(notes), run
+        )
         rows.append(_judge(row, tol))
     return rows
+
+
+def _lifetime_notes(entries: list[dict[str, Any]], acct: str, delta: float) -> list[str]:
+    notes = [f"recomputed over {len({e['run_id'] for e in entries})} run(s)"]
+    if len({e["delta"] for e in entries}) > 1 or len({e["accountant"] for e in entries}) > 1:
+        notes.append(
+            f"runs differ in delta or accountant: stated at the latest ({acct}, {delta:g})"
+        )
+    return notes
 
 
 def _judge(row: AuditRow, tol: Tolerance) -> AuditRow:
@@ -216,7 +282,7 @@ def format_table(result: AuditResult) -> list[tuple[str, str, str, str, str]]:
     """Rows (strings, in ``TABLE_COLUMNS`` order) for a rich table: one per client x task."""
     return [
         (
-            r.client,
+            r.label,
             r.task,
             f"{r.epsilon:.3f}",
             "-" if r.budget is None else f"{r.budget:g}",
@@ -243,7 +309,7 @@ def _plot(result: AuditResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = {r.client: r.budget for r in result.rows if r.task == COMPOSED}
+    budgets = {r.label: r.budget for r in result.rows if r.task == COMPOSED}
     fig, ax = plt.subplots(figsize=(7, 4))
     for client, points in result.series.items():
         (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=client)

@@ -109,7 +109,9 @@ class LedgerEntry:
 
     ``epsilon`` is cumulative for this client and task; ``epsilon_composed`` is cumulative over
     all of this client's tasks, as of this release (its earlier releases included, later ones
-    not), which is exactly what an auditor recomputes from the ledger prefix.
+    not), which is exactly what an auditor recomputes from the ledger prefix. Both count this
+    run only, also in a site ledger; ``budget_epsilon`` is the budget the client enforced, which
+    in a site ledger bounds the composition of all its runs (the auditor recomputes that).
     """
 
     client: str

@@ -8,6 +8,11 @@ line of another run, therefore breaks the chain at that line (a hash chain as in
 Stornetta 1991, "How to Time-Stamp a Digital Document"). Dropping lines from the *end* leaves a
 valid shorter chain: publish ``head_hash`` somewhere else and pass it as ``expected_head``.
 
+A *site ledger* (a deployed partner's own file, ``Ledger(..., site=True)``) holds the releases of
+all runs the site took part in, in one chain: each line chains to the line before it whatever its
+run, and the first line to the genesis of its own run id. Its lines keep the fields of a run
+ledger; only the run id may change from line to line. A single-run ledger is a valid site ledger.
+
 Appends take an exclusive ``fcntl.flock`` on the file, re-read and verify the chain under the lock,
 write one line and ``fsync``: several processes may append to one run ledger.
 """
@@ -70,13 +75,20 @@ class ChainReport:
 
 
 def verify_chain(
-    source: Source, *, run_id: str | None = None, expected_head: str | None = None
+    source: Source,
+    *,
+    run_id: str | None = None,
+    expected_head: str | None = None,
+    site: bool = False,
 ) -> ChainReport:
     """Check a ledger file (path), its bytes, or its lines as ``readlines()`` returns them.
 
-    ``run_id`` defaults to the first line's; every line must belong to it. ``expected_head``,
-    if given, must equal the hash of the last line (detects lines dropped from the end).
+    ``run_id`` defaults to the first line's; every line must belong to it, unless ``site``: a
+    site ledger accepts any run id per line (and takes no ``run_id``). ``expected_head``, if
+    given, must equal the hash of the last line (detects lines dropped from the end).
     """
+    if site and run_id is not None:
+        raise PrivacyError("a site ledger holds several runs: verify it without run_id.")
     try:
         lines = _lines_of(source)
     except FileNotFoundError:
@@ -86,8 +98,8 @@ def verify_chain(
     run = run_id
     prev: bytes | None = None
     for i, line in enumerate(lines, start=1):
-        entry, line_problems = _check_line(i, line, prev, run)
-        if run is None and entry is not None and isinstance(entry.get("run_id"), str):
+        entry, line_problems = _check_line(i, line, prev, run, any_run=site)
+        if run is None and not site and entry is not None and isinstance(entry.get("run_id"), str):
             run = entry["run_id"]
             entry, line_problems = _check_line(i, line, prev, run)
         problems += line_problems
@@ -105,7 +117,7 @@ def verify_chain(
 
 
 def _check_line(
-    i: int, line: bytes, prev: bytes | None, run: str | None
+    i: int, line: bytes, prev: bytes | None, run: str | None, *, any_run: bool = False
 ) -> tuple[dict[str, Any] | None, list[str]]:
     where = f"line {i}"
     if not line.endswith(b"\n"):
@@ -116,6 +128,8 @@ def _check_line(
         return None, [f"{where}: not valid JSON"]
     if not isinstance(entry, dict):
         return None, [f"{where}: not a JSON object"]
+    if any_run:
+        run = entry["run_id"] if isinstance(entry.get("run_id"), str) else None
     problems = [f"{where}: {p}" for p in field_problems(entry)]
     if isinstance(entry.get("hash"), str) and entry_hash(entry) != entry["hash"]:
         problems.append(f"{where}: hash does not match the content (the line was edited)")
@@ -172,13 +186,15 @@ def _parse(source: bytes | list[bytes], path: str | os.PathLike[str]) -> list[di
 
 
 class Ledger:
-    """The privacy ledger of one run; ``append`` is safe across processes (file lock)."""
+    """The privacy ledger of one run, or with ``site`` a site's ledger of all its runs (appends
+    still carry ``run_id``); ``append`` is safe across processes (file lock)."""
 
-    def __init__(self, path: str | os.PathLike[str], run_id: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], run_id: str, *, site: bool = False) -> None:
         if not isinstance(run_id, str) or not run_id:
             raise PrivacyError(f"run_id must be a non-empty string, got {run_id!r}.")
         self.path = Path(path)
         self.run_id = run_id
+        self.site = site
 
     def append(self, fields: Mapping[str, Any] | LedgerEntry) -> dict[str, Any]:
         """Validate, chain and durably append one entry; returns the entry as written."""
@@ -204,7 +220,7 @@ class Ledger:
     def _append_locked(self, fh: Any, release: dict[str, Any]) -> dict[str, Any]:
         fh.seek(0)
         data = fh.read()
-        report = verify_chain(data, run_id=self.run_id)
+        report = self._verify(data)
         if not report.ok:
             raise LedgerError(
                 f"refusing to append to {self.path}: the chain does not verify: "
@@ -229,7 +245,11 @@ class Ledger:
         return _parse(read_locked(self.path), self.path) if self.path.exists() else []
 
     def verify(self, *, expected_head: str | None = None) -> ChainReport:
-        return verify_chain(self.path, run_id=self.run_id, expected_head=expected_head)
+        return self._verify(self.path, expected_head=expected_head)
+
+    def _verify(self, source: Source, *, expected_head: str | None = None) -> ChainReport:
+        run_id = None if self.site else self.run_id
+        return verify_chain(source, run_id=run_id, expected_head=expected_head, site=self.site)
 
 
 def read_locked(path: str | os.PathLike[str]) -> bytes:
