@@ -30,6 +30,7 @@ from fedrec.fusion.normalize import normalize
 from fedrec.fusion.stacking import StackingFuser
 from fedrec.models.base import TaskModel, UserBatch
 from fedrec.models.batching import make_user_batch
+from fedrec.models.content import ContentRetrieval
 from fedrec.models.recall import TwoTower
 from fedrec.models.registry import load_model
 from fedrec.rundir import RunDir, write_json_atomic
@@ -118,7 +119,7 @@ class Recommender:
         features: UserFeatures, *, recall_size: int = DEFAULT_RECALL_SIZE,
     ) -> None:
         recall = models.get("recall")
-        if not isinstance(recall, TwoTower):
+        if not isinstance(recall, TwoTower | ContentRetrieval):  # user_vectors . item_vectors
             raise RecommendError("the run has no two-tower 'recall' model to retrieve with")
         if any(m.spec.num_items != len(catalogue) for m in models.values()):
             raise RecommendError(f"the models do not match the {len(catalogue)}-item catalogue")
@@ -128,7 +129,7 @@ class Recommender:
         self.features, self.recall_size = features, recall_size
         self.max_len = recall.spec.max_len
         with torch.no_grad():
-            self.item_vectors = recall.eval().item_vectors().contiguous()  # (I, d)
+            self.item_vectors = recall.eval().item_vectors().contiguous()  # (I, d')
         self._categories = {str(c) for c in catalogue.categories}
 
     @classmethod

@@ -38,6 +38,12 @@ def check_inputs(cfg: FedrecConfig) -> int:
         validate_budget(
             epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, min_records=min(sizes)
         )
+        if cfg.text.mode != "content":
+            log.warning(
+                "record-level DP with item-ID models: on small silos they fall below popularity "
+                "(README, Privacy-utility); --text content trains small models over public "
+                "item text instead"
+            )
     work.item_text(cfg.text)  # TextError (bad model folder) before any client starts; cached
     return work.partition.n_clients
 
