@@ -428,6 +428,8 @@ def test_node_without_the_federations_ca_cannot_connect(federation):
 
 @pytest.mark.slow
 def test_two_rounds_on_three_sites_survive_a_site_killed_mid_run(federation):
+    """TLS, node authentication and secure aggregation with record-level DP: the server sees
+    only sums; a site killed during round 2 drops out of the protocol and the run finishes."""
     from fedrec.deploy.server import submit_run, wait_for_run
 
     sites = [federation.start(n, i) for i, n in enumerate(("acme", "globex", "initech"))]
@@ -440,6 +442,8 @@ def test_two_rounds_on_three_sites_survive_a_site_killed_mid_run(federation):
             "rounds": 2,
             "out": str(out),
             "tasks": {t: {"dim": 16, "local_epochs": 1} for t in ("recall", "ranking", "personal")},
+            "secure_aggregation": True,
+            "privacy": {"mode": "record", "epsilon": 8.0, "delta": 1e-3},
         },
     )
     run_id = submit_run(federation.site, cfg)
@@ -452,6 +456,9 @@ def test_two_rounds_on_three_sites_survive_a_site_killed_mid_run(federation):
     }
     summary = json.loads((out / "summary.json").read_text())
     assert [f["round"] for f in summary["client_failures"]] == [2]  # the killed site, dropped
+    secagg = summary["secure_aggregation"]["rounds"]  # the server got sums of 3, then of 2
+    assert [secagg[r]["secagg.survivors"] for r in sorted(secagg)] == [3.0, 2.0]
+    assert summary["privacy"]["mode"] == "record"
     assert not (out / "INCOMPLETE").exists()
 
 
