@@ -45,6 +45,12 @@ class PrivacyConfig:
     delta: float = 1e-3  # must stay below 1 / (users of the smallest client)
     clipping_norm: float = 1.0  # per-user gradient clip (record) or update clip (user)
     clipping_side: str = "server"  # user-level: server clips replies, or client clips its own
+    # user-level: a fixed norm, or adaptive (Andrew et al. 2021): the norm starts at
+    # clipping_norm and follows a quantile of the update norms, privately estimated each round
+    clipping: str = "fixed"
+    target_unclipped_quantile: float = 0.5  # adaptive: share of updates left unclipped (paper)
+    clip_norm_lr: float = 0.2  # adaptive: geometric step of the norm per round (paper's 0.2)
+    clipped_count_stddev: float = 0.0  # adaptive: count noise; 0 = clients per round / 20 (paper)
     accountant: str = "prv"  # opacus accountant used for calibration and the ledger
     secure_rng: bool = False  # cryptographically secure noise (slower); on for production
     task_shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # budget split over TASKS
@@ -81,6 +87,9 @@ class FedrecConfig:
     max_len: int = 50  # history length the models see
     eval_full_ranking: bool = True  # also rank the whole catalogue in the final evaluation
     fusion_fit: str = "server"  # server: its validation users; federated: clients' (sums only)
+    # content: fusion may also weigh an untrained content scorer over public item text (no
+    # budget; fedrec.fusion.prior); none: the task models only
+    fusion_prior: str = "content"
     secure_aggregation: bool = False  # the server learns only the sum of each round's updates
     out: str = ""  # run directory; empty = runs/<dataset>-<time>
     tasks: Mapping[str, TaskConfig] = field(
@@ -124,6 +133,7 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}"),
         (cfg.max_len >= 2, "max_len", "must be at least 2"),
         (cfg.fusion_fit in ("server", "federated"), "fusion_fit", "must be server or federated"),
+        (cfg.fusion_prior in ("content", "none"), "fusion_prior", "must be content or none"),
         (not cfg.secure_aggregation or cfg.strategy in ("fedavg", "fedprox", "fedadam"),
          "secure_aggregation", "needs strategy fedavg, fedprox or fedadam: robust aggregators "
          "need individual updates, which secure aggregation hides"),
@@ -136,6 +146,17 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.privacy.clipping_norm > 0, "privacy.clipping_norm", "must be positive"),
         (cfg.privacy.clipping_side in ("server", "client"), "privacy.clipping_side",
          "must be 'server' or 'client'"),
+        (cfg.privacy.clipping in ("fixed", "adaptive"), "privacy.clipping",
+         "must be 'fixed' or 'adaptive'"),
+        (cfg.privacy.clipping == "fixed" or cfg.privacy.mode == "user", "privacy.clipping",
+         "'adaptive' needs privacy.mode = 'user' (DP-FedAvg); record-level DP-SGD clips "
+         "per-example gradients at privacy.clipping_norm"),
+        (0 < cfg.privacy.target_unclipped_quantile < 1, "privacy.target_unclipped_quantile",
+         "must be in (0, 1), e.g. 0.5 (the median update norm)"),
+        (0 < cfg.privacy.clip_norm_lr < float("inf"), "privacy.clip_norm_lr",
+         "must be positive and finite, e.g. 0.2"),
+        (0 <= cfg.privacy.clipped_count_stddev < float("inf"), "privacy.clipped_count_stddev",
+         "must be non-negative and finite (0 = clients per round / 20)"),
         (cfg.text.mode in TEXT_MODES, "text.mode", f"must be one of {', '.join(TEXT_MODES)}"),
         (3 <= cfg.text.max_tokens <= 512, "text.max_tokens", "must be in [3, 512]"),
         (set(cfg.tasks) <= set(TASKS) and cfg.tasks, "tasks", f"must be a subset of {TASKS}"),

@@ -29,9 +29,16 @@ SCORE_BATCH = 256  # users per scoring call
 BOOTSTRAP = 2000  # paired bootstrap resamples of the test users for the fused-vs-best interval
 
 
-def item_popularity(work: Workload) -> np.ndarray:
-    """float64 (I,): how often each item occurs in the training split (public to the server
-    only as an aggregate; here it is the same count the popularity baseline uses)."""
+def item_popularity(work: Workload, *, private: bool = False) -> np.ndarray:
+    """float64 (I,): how often each item occurs in the training split (the count the popularity
+    baseline uses), for the fusers' popularity feature and cold-start serving.
+
+    ``private``: the run was trained under DP. The exact counts of every client's training data
+    are then not a released quantity (no DP mechanism covers them), so nothing derived from them
+    may enter the released recommender: all zeros (no information) instead.
+    """
+    if private:
+        return np.zeros(work.dataset.num_items)
     items = work.split.train["item"].to_numpy(np.int64)
     return np.bincount(items, minlength=work.dataset.num_items).astype(np.float64)
 
@@ -69,10 +76,15 @@ def sampled_metrics(scores: np.ndarray) -> dict[str, float]:
 
 
 def fit_on_validation(
-    models: Mapping[str, TaskModel], work: Workload, *, method: str = "weighted", seed: int = 0
+    models: Mapping[str, TaskModel],
+    work: Workload,
+    *,
+    method: str = "weighted",
+    seed: int = 0,
+    private: bool = False,
 ) -> Fuser:
     """A fuser fitted on the validation users' sampled candidates (no test data involved)."""
-    return _fit_all(models, work, (method,), seed)[method]
+    return _fit_all(models, work, (method,), seed, private)[method]
 
 
 def fuse_and_evaluate(
@@ -82,10 +94,16 @@ def fuse_and_evaluate(
     method: str = "weighted",
     seed: int = 0,
     chosen: Fuser | None = None,
+    tasks: list[str] | None = None,
+    private: bool = False,
 ) -> dict[str, Any]:
     """Fit every fuser on validation, measure them and each task on the test users.
 
     ``chosen``: a fuser fitted elsewhere (the federated fit) that replaces ``method``'s.
+    ``tasks``: which of ``models`` are task models (default: all); the others (the content
+    prior) are fused and measured too, but the fused model is compared with the best *task*.
+    ``private``: the models were trained under DP; the popularity feature is withheld
+    (``item_popularity``).
 
     Returns ``{"fused": metrics of method, "fusion": {"method", "normalization", "weights",
     "cv_scores", "state"}, "per_method": {fuser: metrics}, "tasks": {task: metrics}}``;
@@ -93,21 +111,21 @@ def fuse_and_evaluate(
     """
     if method not in FUSERS:
         raise ValueError(f"unknown fusion method {method!r}; choose one of {FUSERS}")
-    fusers = _fit_all(models, work, FUSERS, seed)
+    fusers = _fit_all(models, work, FUSERS, seed, private)
     if chosen is not None:
         fusers[method] = chosen
     cands = sampled_candidates(work.test)
     scores = task_scores(models, work.test, cands)
-    feats = popularity_features(item_popularity(work), cands)
+    feats = popularity_features(item_popularity(work, private=private), cands)
     per_method = {m: sampled_metrics(f.fuse(scores, feats)) for m, f in fusers.items()}
-    tasks = {task: sampled_metrics(s) for task, s in scores.items()}
-    best = max(tasks, key=lambda t: tasks[t][metric_key("ndcg", SAMPLED_K)])
+    singles = {name: sampled_metrics(s) for name, s in scores.items()}
+    best = max(tasks or singles, key=lambda t: singles[t][metric_key("ndcg", SAMPLED_K)])
     versus = paired_difference(fusers[method].fuse(scores, feats), scores[best], seed=seed)
     return {
         "fused": per_method[method],
         "fusion": {**describe(fusers[method]), "vs_best_single": {"task": best, **versus}},
         "per_method": per_method,
-        "tasks": tasks,
+        "tasks": singles,
     }
 
 
@@ -144,11 +162,15 @@ def describe(fuser: Fuser) -> dict[str, Any]:
 
 
 def _fit_all(
-    models: Mapping[str, TaskModel], work: Workload, methods: tuple[str, ...], seed: int
+    models: Mapping[str, TaskModel],
+    work: Workload,
+    methods: tuple[str, ...],
+    seed: int,
+    private: bool,
 ) -> dict[str, Fuser]:
     if not models:
         raise ValueError("fusion needs at least one task model")
     cands = sampled_candidates(work.valid)
     scores = task_scores(models, work.valid, cands)
-    feats = popularity_features(item_popularity(work), cands)
+    feats = popularity_features(item_popularity(work, private=private), cands)
     return {m: fit_fuser(m, scores, TARGET_COL, feats, seed=seed) for m in methods}

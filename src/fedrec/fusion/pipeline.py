@@ -27,6 +27,7 @@ from fedrec.fusion.base import Fuser
 from fedrec.fusion.evaluate import POPULARITY_FEATURE, item_popularity, popularity_features
 from fedrec.fusion.fusers import AverageFuser, fuser_from_dict
 from fedrec.fusion.normalize import normalize
+from fedrec.fusion.prior import PRIOR
 from fedrec.fusion.stacking import StackingFuser
 from fedrec.models.base import TaskModel, UserBatch
 from fedrec.models.batching import make_user_batch
@@ -61,14 +62,19 @@ class Catalogue:
     titles: np.ndarray  # str (I,)
     categories: np.ndarray  # str (I,)
     popularity: np.ndarray  # float64 (I,) training interactions per item
+    # False for a DP run: the exact counts are not released (popularity is all zeros then)
+    popularity_released: bool = True
     index: dict[str, int] = field(init=False, repr=False)  # raw item_id -> item index
 
     @classmethod
-    def from_items(cls, items: pd.DataFrame, popularity: np.ndarray) -> Self:
+    def from_items(
+        cls, items: pd.DataFrame, popularity: np.ndarray, *, released: bool = True
+    ) -> Self:
         def col(name: str) -> np.ndarray:
             return items[name].astype(str).to_numpy(dtype=object)
 
-        return cls(col("item_id"), col("title"), col("category"), np.asarray(popularity, float))
+        pop = np.asarray(popularity, float)
+        return cls(col("item_id"), col("title"), col("category"), pop, released)
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
@@ -144,8 +150,12 @@ class Recommender:
         if missing:
             raise RecommendError(f"{run.path}: no saved model for {missing}; did the run finish?")
         work = build_workload(cfg)
-        models = {t: load_model(run.models / t) for t in cfg.tasks}
-        catalogue = Catalogue.from_items(work.dataset.items, item_popularity(work))
+        names = [*cfg.tasks, *([PRIOR] if (run.models / PRIOR).is_dir() else [])]
+        models = {t: load_model(run.models / t) for t in names}
+        private = cfg.privacy.mode != "none"
+        catalogue = Catalogue.from_items(
+            work.dataset.items, item_popularity(work, private=private), released=not private
+        )
         return cls(models, catalogue, load_fuser(run.path, list(models)),
                    UserFeatures.from_dataset(work.dataset), recall_size=recall_size)
 
@@ -249,6 +259,11 @@ class Recommender:
         return popularity_features(self.catalogue.popularity, cands[None, :])
 
     def _popular(self, k: int, allowed: np.ndarray) -> list[Recommendation]:
+        if not self.catalogue.popularity_released:
+            raise RecommendError(
+                "this run was trained under differential privacy and releases no item "
+                "popularity for a user without history; give at least one item of the history"
+            )
         pop = np.where(allowed, self.catalogue.popularity, -np.inf)
         top = np.argsort(-pop, kind="stable")[: min(k, int(allowed.sum()))]
         return [self._row(i, pop[i], {"popularity": float(pop[i])}) for i in top]

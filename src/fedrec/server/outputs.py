@@ -11,6 +11,7 @@ from fedrec.config import FedrecConfig
 from fedrec.fusion.evaluate import fuse_and_evaluate
 from fedrec.fusion.fusers import fuser_from_dict
 from fedrec.fusion.pipeline import save_fuser
+from fedrec.fusion.prior import PRIOR, content_prior
 from fedrec.models.registry import save_model
 from fedrec.report import write_report
 from fedrec.rundir import RunDir, finish, read_metrics
@@ -42,8 +43,19 @@ def write_outputs(
         save_model(model, run.models / task)
     stage("fusion (fitted on validation users, measured on test)")
     chosen = result.fusion.fuser if result.fusion else None
+    scorers = dict(result.models)
+    prior = content_prior(cfg, work)
+    if prior is not None:  # public text, untrained: saved beside the task models for serving
+        scorers[PRIOR] = prior
+        save_model(prior, run.models / PRIOR)
     fusion = fuse_and_evaluate(
-        result.models, work, method="weighted", seed=cfg.seed, chosen=chosen
+        scorers,
+        work,
+        method="weighted",
+        seed=cfg.seed,
+        chosen=chosen,
+        tasks=list(result.models),
+        private=cfg.privacy.mode != "none",  # no exact popularity in a DP run's fused model
     )
     save_fuser(run.path, fuser_from_dict(fusion["fusion"]["state"]))
     summary: dict[str, Any] = {

@@ -50,6 +50,10 @@ def test_federated_simulation_writes_a_complete_run_directory(tmp_path):
     assert summary["fusion"]["method"] == "weighted"
     assert abs(sum(summary["fusion"]["weights"].values()) - 1) < 1e-6
     assert (run.path / "fusion.json").exists()
+    assert "content" in summary["fusion"]["weights"]  # the content prior (public text) is fused,
+    assert load_model(run.models / "content").task == "recall"  # saved for serving,
+    assert summary["fusion"]["vs_best_single"]["task"] in summary["tasks"]  # never "best task"
+    assert set(summary["tasks"]) == {"recall", "ranking", "personal"}
     assert set(summary["baselines"]["central"]) == {"recall", "ranking", "personal"}
     assert json.loads(run.summary.read_text()) == json.loads(json.dumps(summary))
     rows = [json.loads(x) for x in run.metrics.read_text().splitlines()]
