@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
@@ -73,7 +73,9 @@ def run_federation(
     train_config = ConfigRecord(
         {"fedrec": cfg.to_json(), "run-id": run.path.name, "ledger-path": str(run.ledger.resolve())}
     )
-    user_ledger = UserLevelLedger(cfg, strategy.inner, run) if cfg.privacy.mode == "user" else None
+    user_ledger = (
+        UserLevelLedger(cfg, strategy.inner, run, strategy) if cfg.privacy.mode == "user" else None
+    )
     arrays, progress = pack(models), Progress()
     if resume:
         arrays, progress = resume_state(run, cfg, strategy, user_ledger, arrays)
@@ -163,13 +165,16 @@ class UserLevelLedger:
 
     One entry per round in which Flower's DP wrapper actually released a noised aggregate (its
     accountant counted it), with the cumulative epsilon of our accountant; Flower's own RDP
-    accountant's figure is kept beside it for the summary.
+    accountant's figure is kept beside it for the summary. Under adaptive clipping the entry
+    holds the round's effective noise multiplier (update and clipped-count noise together) and
+    the norm that round clipped to (strategies/user_dp.py), and with client-side clipping the
+    screen's bound on honest updates (``observed.screen``) follows that norm.
     """
 
-    def __init__(self, cfg: FedrecConfig, wrapper, run: RunDir) -> None:
+    def __init__(self, cfg: FedrecConfig, wrapper, run: RunDir, observed=None) -> None:
         from fedrec.privacy import ClientPrivacyState, Ledger
 
-        self.cfg, self.wrapper = cfg, wrapper
+        self.cfg, self.wrapper, self.observed = cfg, wrapper, observed
         from fedrec.strategies.user_dp import USER_LEVEL_ACCOUNTANT
 
         self.state = ClientPrivacyState(accountant=USER_LEVEL_ACCOUNTANT)
@@ -178,24 +183,32 @@ class UserLevelLedger:
 
     def after_round(self, server_round: int) -> None:
         from fedrec.privacy import LedgerEntry
+        from fedrec.strategies.user_dp import release_of
 
+        self.follow_clipping_norm()
         releases = self.wrapper.accountant.num_releases
         if releases == self.released:
             return
         self.released = releases
         p = self.cfg.privacy
-        self.state.record(
-            "all", noise_multiplier=self.wrapper.noise_multiplier, sample_rate=1.0, steps=1
-        )
+        noise_multiplier, clipping_norm, mechanism = release_of(self.wrapper)
+        self.state.record("all", noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
         self.ledger.append(
             LedgerEntry.from_state(
                 self.state,
                 client="federation",
                 task="all",
                 round=server_round,
-                clipping_norm=p.clipping_norm,
+                clipping_norm=clipping_norm,
                 delta=p.delta,
                 budget_epsilon=p.epsilon,
-                mechanism="dp-fedavg",
+                mechanism=mechanism,
             )
         )
+
+    def follow_clipping_norm(self) -> None:
+        """Bound the next round's client-clipped updates by the norm it will clip to."""
+        screen = getattr(self.observed, "screen", None)
+        if self.cfg.privacy.clipping != "adaptive" or screen is None or screen.norm_bound is None:
+            return
+        self.observed.screen = replace(screen, norm_bound=self.wrapper.clipping_norm)

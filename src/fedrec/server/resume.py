@@ -1,8 +1,9 @@
 """Resuming a killed federation from its last checkpoint; the privacy ledger is the truth.
 
 What a resume restores: the global models, the strategy's state (server-optimizer moments, DP
-accountants), the server's RNG states, the metrics and round logs of the checkpointed rounds
-(``metrics.jsonl`` is rewritten to them), and continues at the next round with the same config.
+accountants and the adaptive clipping norm one holds), the server's RNG states, the metrics and
+round logs of the checkpointed rounds (``metrics.jsonl`` is rewritten to them), and continues at
+the next round with the same config.
 
 The ledger is never rewritten. It must extend the checkpoint's position exactly (same line count
 at least, same last line, valid chain), or the resume is refused. Lines past that position are
@@ -111,6 +112,7 @@ def restore_user_ledger(user_ledger) -> None:
             )
         )
     user_ledger.released = accountant.num_releases
+    user_ledger.follow_clipping_norm()  # an adaptive norm came back with the accountant's state
 
 
 @contextlib.contextmanager
