@@ -14,11 +14,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedrec.fusion.pipeline import Recommendation, Recommender, RecommendError
+from fedrec.fusion.pipeline import (
+    AUTO_IVF_ITEMS,
+    RECALL_INDEXES,
+    Recommendation,
+    Recommender,
+    RecommendError,
+)
 from fedrec.workload import Workload
 
 DEFAULT_PORT = 8000
 MAX_SHOWN_USERS = 5  # example user ids named when a user is unknown
+RECALL_INDEX_HELP = (f"recall search: exact, an IVF index (approximate, for large catalogues) or "
+                     f"auto = the index from {AUTO_IVF_ITEMS:,} items up (default auto)")
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -31,17 +39,19 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("-k", type=int, default=10, help="items to recommend (default 10)")
     p.add_argument("--category", help="only recommend items of this category")
     p.add_argument("--include-seen", action="store_true", help="allow items in the history")
+    p.add_argument("--recall-index", choices=RECALL_INDEXES, default="auto", help=RECALL_INDEX_HELP)
     p.set_defaults(func=cmd_recommend)
     s = subparsers.add_parser("serve", help="serve a run's recommender over HTTP (FastAPI)")
     s.add_argument("run_dir", help="a finished run directory (config.toml, models/)")
     s.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    s.add_argument("--recall-index", choices=RECALL_INDEXES, default="auto", help=RECALL_INDEX_HELP)
     s.set_defaults(func=cmd_serve)
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     """Print the top-k table for ``--user`` or ``--history``."""
-    rec = Recommender.from_run_dir(args.run_dir)
+    rec = Recommender.from_run_dir(args.run_dir, recall_index=args.recall_index)
     features: dict[str, str] | None = None
     history: list[str | int]
     if args.user is not None:
@@ -68,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              "install them with: pip install 'fedrec[serve]'") from err
     Console(stderr=True).print(f"serving {args.run_dir} on http://{args.host}:{args.port} "
                                f"(API docs at /docs; Ctrl-C stops)")
-    serve(args.run_dir, args.host, args.port)
+    serve(args.run_dir, args.host, args.port, recall_index=args.recall_index)
     return 0
 
 

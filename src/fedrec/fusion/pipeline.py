@@ -1,8 +1,8 @@
 """Serving-time recommendation: recall with the two-tower, score with every task, fuse, filter.
 
 The classic two-stage cascade (Covington et al. 2016, "Deep Neural Networks for YouTube
-Recommendations"): an exact inner-product search over precomputed item vectors picks the top
-``recall_size`` candidates, every task model scores just those, and the run's fuser combines
+Recommendations"): an inner-product search over precomputed item vectors picks the top
+``recall_size`` candidates (exact, or through an IVF index for a large catalogue), every task model scores just those, and the run's fuser combines
 the per-task scores. A user is their history (raw item ids or item indices): no user-ID, so any
 history works, including one the models never saw. An empty history gets the most popular items.
 """
@@ -10,11 +10,12 @@ history works, including one the models never saw. An empty history gets the mos
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self, TypedDict
+from typing import Any, Literal, Self, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,7 @@ from fedrec.data.sequences import context_of
 from fedrec.fusion.base import Fuser
 from fedrec.fusion.evaluate import POPULARITY_FEATURE, item_popularity, popularity_features
 from fedrec.fusion.fusers import AverageFuser, fuser_from_dict
+from fedrec.fusion.index import IVFIndex
 from fedrec.fusion.normalize import normalize
 from fedrec.fusion.prior import PRIOR
 from fedrec.fusion.stacking import StackingFuser
@@ -40,6 +42,11 @@ from fedrec.workload import build_workload
 FUSION_FILE = "fusion.json"
 DEFAULT_RECALL_SIZE = 200  # candidates the rankers see: enough for k <= 50 after filtering
 MAX_SHOWN = 10  # unknown ids named in an error message
+AUTO_IVF_ITEMS = 50_000  # "auto" recall builds an IVF index from this catalogue size up
+RECALL_INDEXES = ("exact", "ivf", "auto")
+RecallIndex = Literal["exact", "ivf", "auto"]
+
+logger = logging.getLogger(__name__)
 
 
 class RecommendError(ValueError):
@@ -123,6 +130,7 @@ class Recommender:
     def __init__(
         self, models: Mapping[str, TaskModel], catalogue: Catalogue, fuser: Fuser,
         features: UserFeatures, *, recall_size: int = DEFAULT_RECALL_SIZE,
+        recall_index: RecallIndex = "auto",
     ) -> None:
         recall = models.get("recall")
         if not isinstance(recall, TwoTower | ContentRetrieval):  # user_vectors . item_vectors
@@ -131,17 +139,24 @@ class Recommender:
             raise RecommendError(f"the models do not match the {len(catalogue)}-item catalogue")
         if recall_size < 1:
             raise ValueError(f"recall_size must be positive, got {recall_size}")
+        if recall_index not in RECALL_INDEXES:
+            raise ValueError(f"recall_index must be one of {RECALL_INDEXES}, got {recall_index!r}")
         self.models, self.catalogue, self.fuser = dict(models), catalogue, fuser
         self.features, self.recall_size = features, recall_size
         self.max_len = recall.spec.max_len
         with torch.no_grad():
             self.item_vectors = recall.eval().item_vectors().contiguous()  # (I, d')
+        self.index = self._build_index(recall_index)
         self._categories = {str(c) for c in catalogue.categories}
 
     @classmethod
-    def from_run_dir(cls, path: str | Path, *, recall_size: int = DEFAULT_RECALL_SIZE) -> Self:
+    def from_run_dir(
+        cls, path: str | Path, *, recall_size: int = DEFAULT_RECALL_SIZE,
+        recall_index: RecallIndex = "auto",
+    ) -> Self:
         """Load a run directory's config, task models, item table and fuser (``fusion.json``,
-        else equal weights on z-scores)."""
+        else equal weights on z-scores). ``recall_index``: exact search, an IVF index, or
+        ("auto") the index from ``AUTO_IVF_ITEMS`` items up."""
         run = RunDir(Path(path))
         if not run.config.is_file():
             raise RecommendError(f"{run.path}: no config.toml; pass a fedrec run directory")
@@ -157,7 +172,8 @@ class Recommender:
             work.dataset.items, item_popularity(work, private=private), released=not private
         )
         return cls(models, catalogue, load_fuser(run.path, list(models)),
-                   UserFeatures.from_dataset(work.dataset), recall_size=recall_size)
+                   UserFeatures.from_dataset(work.dataset), recall_size=recall_size,
+                   recall_index=recall_index)
 
     def recommend(
         self, history: Sequence[str | int], k: int = 10, *, exclude_seen: bool = True,
@@ -235,14 +251,29 @@ class Recommender:
         ts = int(time.time()) if timestamp is None else int(timestamp)
         return make_user_batch(padded, mask, self.features.encode(feats), context_of(np.array([ts])))
 
+    def _build_index(self, recall_index: RecallIndex) -> IVFIndex | None:
+        """The IVF index over the item vectors, or None for exact search (paid once, here)."""
+        if recall_index == "exact" or (
+            recall_index == "auto" and len(self.catalogue) < AUTO_IVF_ITEMS
+        ):
+            return None
+        start = time.perf_counter()
+        index = IVFIndex.build(self.item_vectors)
+        logger.info("IVF recall index: %d items in %d lists (nprobe %d), built in %.1f s",
+                    len(index), index.nlist, index.nprobe, time.perf_counter() - start)
+        return index
+
     def _recall(self, batch: UserBatch, allowed: np.ndarray, k: int) -> np.ndarray:
-        """int64 (N,): the top ``max(recall_size, k)`` allowed items by inner product."""
+        """int64 (N,): the top ``max(recall_size, k)`` allowed items by inner product (as
+        found by the IVF index, when there is one)."""
         eligible = int(allowed.sum())
         n = min(max(self.recall_size, k), eligible)
         if n == 0:
             return np.zeros(0, np.int64)
         with torch.no_grad():
             user = self.models["recall"].user_vectors(batch)[0]  # type: ignore[operator]
+            if self.index is not None:
+                return self.index.search(user, n, allowed)
             sims = self.item_vectors @ user  # (I,)
             sims[~torch.from_numpy(allowed)] = -torch.inf
             return torch.topk(sims, n, sorted=False).indices.numpy().astype(np.int64)

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedrec.fusion.pipeline import Recommender, RecommendError
+from fedrec.fusion.pipeline import RecallIndex, Recommender, RecommendError
 
 MAX_HISTORY = 10_000  # items per request; only the most recent max_len are used
 MAX_K = 1_000  # bounds the response size whatever the catalogue
@@ -67,9 +67,9 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-def create_app(run_dir: str | Path) -> FastAPI:
-    """An app serving the run directory's models (loaded once, here)."""
-    return create_app_for(Recommender.from_run_dir(run_dir))
+def create_app(run_dir: str | Path, *, recall_index: RecallIndex = "auto") -> FastAPI:
+    """An app serving the run directory's models (loaded once, here, with the recall index)."""
+    return create_app_for(Recommender.from_run_dir(run_dir, recall_index=recall_index))
 
 
 def create_app_for(rec: Recommender) -> FastAPI:

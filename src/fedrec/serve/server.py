@@ -20,7 +20,12 @@ STARTUP_TIMEOUT = 30.0  # seconds to wait for a background server to accept conn
 
 
 def serve(
-    run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, torch_threads: int = 1
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    torch_threads: int = 1,
+    recall_index: str = "auto",
 ) -> None:
     """Serve the run directory's recommender until interrupted (Ctrl-C).
 
@@ -31,7 +36,8 @@ def serve(
     if torch_threads < 1:
         raise ValueError(f"torch_threads must be at least 1, got {torch_threads}")
     torch.set_num_threads(torch_threads)
-    uvicorn.run(create_app(run_dir), host=host, port=port, log_level="info")
+    app = create_app(run_dir, recall_index=recall_index)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 @contextlib.contextmanager
