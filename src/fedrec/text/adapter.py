@@ -433,7 +433,11 @@ def train_adapter(
 ) -> TrainStats:
     """Fine-tune ``model``'s adapters (see :func:`add_lora`) in place for ``cfg.steps`` steps."""
     tokens = tokenize_items(tokenizer, item_texts, max_tokens=cfg.max_tokens)
-    trainer = AdapterTrainer(model, tokens, user_histories, cfg, seed=seed, dp=dp)
+    return run_steps(AdapterTrainer(model, tokens, user_histories, cfg, seed=seed, dp=dp), cfg)
+
+
+def run_steps(trainer: AdapterTrainer, cfg: AdapterTrainConfig) -> TrainStats:
+    """Run ``cfg.steps`` steps of ``trainer``, close it, and report what they did."""
     start = time.perf_counter()
     try:
         losses = [x for _ in range(cfg.steps) if (x := trainer.step()) is not None]

@@ -3,6 +3,11 @@
 Every party (server, each client, the serving process) computes the same vectors from the same
 public item table and the same frozen encoder, so they never travel in a message and cost no
 privacy budget: the DP-trained parameters are only the small projections that consume them.
+
+With ``[text] adapter`` the encoder also applies a LoRA adapter file from ``fedrec text adapt``
+(fedrec.text.adapt). The vectors then depend on the users the adapter was trained on: their
+privacy cost is the adapter run's, recorded in that run's ledger (docs/text-adapters.md), and the
+cache key covers the adapter file's bytes.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -31,14 +37,40 @@ def item_text_features(
     """
     if text.mode == "off":
         return None
-    return _cached(dataset.name, text.model, text.max_tokens, tuple(item_texts(dataset)), progress)
+    texts = tuple(item_texts(dataset))
+    return _cached(
+        dataset.name, text.model, text.max_tokens, texts, progress, *_adapter_key(text.adapter)
+    )
+
+
+def _adapter_key(adapter: str) -> tuple[str, str]:
+    """The adapter file's resolved path and content digest ("", "" without one)."""
+    if not adapter:
+        return "", ""
+    from fedrec.text.adapt import adapter_digest
+
+    return str(Path(adapter).expanduser().resolve()), adapter_digest(adapter)
+
+
+def _encoder(model: str, max_tokens: int, adapter: str) -> TextEncoder:
+    if not adapter:
+        return TextEncoder(model or None, max_tokens=max_tokens)
+    from fedrec.text.adapt import AdaptedTextEncoder
+
+    return AdaptedTextEncoder(model or None, adapter, max_tokens=max_tokens)
 
 
 @functools.lru_cache(maxsize=4)
 def _cached(
-    _name: str, model: str, max_tokens: int, texts: tuple[str, ...], progress: bool
+    _name: str,
+    model: str,
+    max_tokens: int,
+    texts: tuple[str, ...],
+    progress: bool,
+    adapter: str = "",
+    _adapter_digest: str = "",  # part of the memo key: a rewritten adapter file is re-read
 ) -> np.ndarray:
-    encoder = TextEncoder(model or None, max_tokens=max_tokens)
+    encoder = _encoder(model, max_tokens, adapter)
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         warnings.warn(
@@ -52,5 +84,11 @@ def _cached(
     if keep:
         out[keep] = encode_cached(encoder, [texts[i] for i in keep], progress=progress)
     out.setflags(write=False)
-    log.info("text features: %d items x %d dims (%s)", len(texts), encoder.dim, model or "MiniLM")
+    log.info(
+        "text features: %d items x %d dims (%s%s)",
+        len(texts),
+        encoder.dim,
+        model or "MiniLM",
+        f" + adapter {adapter}" if adapter else "",
+    )
     return out
