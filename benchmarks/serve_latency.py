@@ -31,6 +31,8 @@ from fedrec.client.local import build_task_models
 from fedrec.config import load_config
 from fedrec.fusion.index import IVFIndex
 from fedrec.fusion.pipeline import Catalogue, Recommender, load_fuser
+from fedrec.fusion.prior import PRIOR
+from fedrec.models.registry import build_model
 from fedrec.workload import Workload, build_workload
 
 SYNTH_ITEMS = 100_000
@@ -52,6 +54,11 @@ def synthetic(rec: Recommender, run_dir: str, seed: int) -> Callable[[str], Reco
     cats = rng.integers(0, spec.num_categories, SYNTH_ITEMS)
     spec = replace(spec, num_items=SYNTH_ITEMS, item_category=tuple(int(c) for c in cats))
     models = build_task_models(cfg, spec, seed)
+    if PRIOR in rec.models:  # the run fuses the content prior too: same width, same work
+        prior = rec.models[PRIOR]
+        models[PRIOR] = build_model(
+            "recall", replace(spec, dim=prior.spec.dim), arch="content", text_dim=prior.table.shape[1]
+        )
     table = build_workload(cfg).dataset.items
     names = dict(zip(table["category_index"], table["category"], strict=True))
     items = pd.DataFrame(
