@@ -191,17 +191,41 @@ def client_privacy(
     ``site``: ``ledger_path`` is the site's own ledger of all its runs (a deployed client);
     ``site_budget`` is its lifetime epsilon budget (default: the run's ``privacy.epsilon``).
     """
-    p = cfg.privacy
-    if p.mode != "record":
+    if cfg.privacy.mode != "record":
         return None
-    validate_budget(epsilon=p.epsilon, delta=p.delta, min_records=data.n_users)
-    if site_budget is not None and not site:
-        raise PrivacyError("a site budget bounds a site ledger: pass site=True with it.")
-    budget = None if site_budget is None else check_epsilon(site_budget, name="site budget")
     plan = {
         t: (sample_rate_for(c, data.n_users), steps_per_round(c, data.n_users))
         for t, c in cfg.tasks.items()
     }
+    shares = dict(zip(cfg.tasks, cfg.privacy.task_shares, strict=False))
+    return privacy_controller(
+        cfg, context, client, plan, shares, n_users=data.n_users, ledger_path=ledger_path,
+        run_id=run_id, site=site, site_budget=site_budget,
+    )  # fmt: skip
+
+
+def privacy_controller(
+    cfg: FedrecConfig,
+    context: Context,
+    client: int,
+    plan: Mapping[str, tuple[float, int]],
+    task_shares: Mapping[str, float],
+    *,
+    n_users: int,
+    ledger_path: str | None,
+    run_id: str,
+    site: bool = False,
+    site_budget: float | None = None,
+) -> ClientPrivacy:
+    """A record-level DP controller for any set of releases per round: ``plan`` maps each task
+    (a model trained under DP-SGD) to its (sample rate, steps per round), ``task_shares`` splits
+    the budget over them. The task models use it through ``client_privacy``; the text adapter
+    stage (fedrec.text.federated) with its single task."""
+    p = cfg.privacy
+    validate_budget(epsilon=p.epsilon, delta=p.delta, min_records=n_users)
+    if site_budget is not None and not site:
+        raise PrivacyError("a site budget bounds a site ledger: pass site=True with it.")
+    budget = None if site_budget is None else check_epsilon(site_budget, name="site budget")
     name = f"client-{client}"
     ledger = Ledger(ledger_path, run_id, site=site) if ledger_path else None
     lines = _site_lines(ledger) if site and ledger else ledger.read() if ledger else []
@@ -213,7 +237,8 @@ def client_privacy(
         sigmas = json.loads(str(rec["sigmas"]))
     else:
         state = ClientPrivacyState(accountant=p.accountant)
-        sigmas = _calibrate(cfg, plan, name, prior, p.epsilon if budget is None else budget)
+        lifetime = p.epsilon if budget is None else budget
+        sigmas = _calibrate(cfg, plan, task_shares, name, prior, lifetime)
         log.info("%s: calibrated noise multipliers %s", name, sigmas)
     if ledger is not None:
         state = _state_from_ledger(own, state, name, p.accountant)
@@ -237,6 +262,7 @@ def client_privacy(
 def _calibrate(
     cfg: FedrecConfig,
     plan: Mapping[str, tuple[float, int]],
+    task_shares: Mapping[str, float],
     client: str,
     prior: list[HistoryItem],
     budget: float,
@@ -253,7 +279,7 @@ def _calibrate(
             sample_rate={t: q for t, (q, _) in plan.items()},
             steps_per_round={t: s for t, (_, s) in plan.items()},
             rounds=cfg.rounds,
-            task_shares=dict(zip(cfg.tasks, p.task_shares, strict=False)),
+            task_shares=task_shares,
             accountant=p.accountant,  # type: ignore[arg-type]
             spent=spent,
         )

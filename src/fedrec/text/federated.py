@@ -15,7 +15,6 @@ that would exceed the budget is refused with an error reply (code 4001).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,21 +28,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedrec.client.local import RoundResult
 from fedrec.client.privacy import (
-    CALIBRATION_MARGIN,
-    STATE_KEY,
     ClientPrivacy,
     PrivacyRefusal,
-    _is_own,
     _noise_seed,
-    _state_from_ledger,
+    privacy_controller,
 )
 from fedrec.config import FedrecConfig, from_json
 from fedrec.privacy import (
-    ClientPrivacyState,
-    Ledger,
     LedgerError,
-    calibrate_noise,
-    validate_budget,
 )
 from fedrec.text.adapt import (
     ADAPTER_TASK,
@@ -147,44 +139,12 @@ def adapter_privacy(
     run_id: str,
 ) -> ClientPrivacy | None:
     """The client's DP controller for the adapter task (fedrec.client.privacy's, one task)."""
-    p = cfg.privacy
-    if p.mode != "record":
+    if cfg.privacy.mode != "record":
         return None
-    validate_budget(epsilon=p.epsilon, delta=p.delta, min_records=n_users)
-    name = f"client-{client}"
-    ledger = Ledger(ledger_path, run_id) if ledger_path else None
-    own = [e for e in (ledger.read() if ledger else []) if _is_own(e, name, run_id)]
-    if STATE_KEY in context.state:
-        rec = context.state[STATE_KEY]
-        state = ClientPrivacyState.from_json(str(rec["state"]))
-        sigmas = json.loads(str(rec["sigmas"]))
-    else:
-        state = ClientPrivacyState(accountant=p.accountant)  # type: ignore[arg-type]
-        sigmas = calibrate_noise(  # a hair under budget: float noise never refuses a planned round
-            epsilon=p.epsilon * CALIBRATION_MARGIN,
-            delta=p.delta,
-            sample_rate={ADAPTER_TASK: plan[0]},
-            steps_per_round={ADAPTER_TASK: plan[1]},
-            rounds=cfg.rounds,
-            task_shares={ADAPTER_TASK: 1.0},
-            accountant=p.accountant,  # type: ignore[arg-type]
-        )
-        log.info("%s: calibrated the adapter's noise multiplier %s", name, sigmas)
-    if ledger is not None:
-        state = _state_from_ledger(own, state, name, p.accountant)
-    ctl = ClientPrivacy(
-        cfg,
-        context,
-        name,
-        {ADAPTER_TASK: plan},
-        sigmas,
-        state,
-        ledger,
-        cfg.seed * 100_003 + client,
-        released=frozenset(str(e.get("hash")) for e in own),
-    )
-    ctl._save()
-    return ctl
+    return privacy_controller(
+        cfg, context, client, {ADAPTER_TASK: plan}, {ADAPTER_TASK: 1.0}, n_users=n_users,
+        ledger_path=ledger_path, run_id=run_id,
+    )  # fmt: skip
 
 
 @dataclass
