@@ -14,13 +14,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedrec.client.errors import CLIENT_FAILURES, ERROR_CODE_FAILED, error_reply
 from fedrec.client.fusion_query import fusion_reply
 from fedrec.client.local import build_task_models, train_round
 from fedrec.client.mods import user_dp_clipping
-from fedrec.client.privacy import PrivacyRefusal, client_privacy
+from fedrec.client.privacy import client_privacy
 from fedrec.client.secure import secure_update
 from fedrec.config import FedrecConfig, from_json
-from fedrec.privacy import LedgerError
 from fedrec.secagg.flower import handle_secagg
 from fedrec.strategies.records import ARRAYS_KEY, pack, unpack_into
 from fedrec.training import LocalData
@@ -28,8 +28,6 @@ from fedrec.workload import Workload, build_workload
 
 log = logging.getLogger(__name__)
 app = ClientApp()
-ERROR_CODE_REFUSED = 4001  # budget exhausted: a deliberate refusal, not a crash
-ERROR_CODE_FAILED = 4002
 
 
 @app.train(mods=[user_dp_clipping])
@@ -68,12 +66,8 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=float(config.get("proximal-mu", 0.0)),
         )
         ledger = privacy.after_round(server_round, result) if privacy else []
-    except PrivacyRefusal as err:
-        log.warning("%s", err)
-        return Message(Error(code=ERROR_CODE_REFUSED, reason=str(err)), reply_to=msg)
-    except (ValueError, FloatingPointError, LedgerError) as err:
-        log.error("client %d failed in round %d: %s", client, server_round, err)
-        return Message(Error(code=ERROR_CODE_FAILED, reason=str(err)), reply_to=msg)
+    except CLIENT_FAILURES as err:
+        return error_reply(msg, err, f"client {client} failed in round {server_round}")
     metrics = MetricRecord({"num-examples": data.n_users, "dp-weight": 1.0, **result.metrics()})
     content = RecordDict({ARRAYS_KEY: pack(models), "metrics": metrics})
     content["ledger"] = ConfigRecord({"entries": [str(e) for e in ledger]})

@@ -81,6 +81,7 @@ class ContentModel(TaskModel):
 
     hparams: dict[str, Any]
     table: Tensor
+    pop_bias = False  # a global bias on the popularity logit: BCE needs one, softmax cancels it
 
     def __init__(
         self,
@@ -107,7 +108,7 @@ class ContentModel(TaskModel):
         self.temperature = temperature
         self.register_buffer("table", torch.zeros(spec.num_items, text_dim))
         self.proj = Linear(text_dim, spec.dim, bias=False)
-        self.pop = Linear(text_dim, 1, bias=self.task == "ranking")
+        self.pop = Linear(text_dim, 1, bias=self.pop_bias)
         nn.init.zeros_(self.pop.weight)
         if self.pop.bias is not None:
             nn.init.zeros_(self.pop.bias)
@@ -202,6 +203,7 @@ class ContentRanking(ContentModel):
     """Ranking (CTR): affinity + popularity + user features against the item text; BCE."""
 
     task = "ranking"
+    pop_bias = True
 
     def __init__(self, spec: ModelSpec, *, feature_dim: int = 16, **kwargs: Any) -> None:
         super().__init__(spec, **kwargs)
@@ -234,9 +236,11 @@ class ContentSequential(ContentModel):
         self.recency = Embedding(spec.max_len, 1)  # logit by steps-ago; zero: a plain mean
         nn.init.zeros_(self.recency.weight)
 
-    def _weighted(self, vecs: Tensor, ages: Tensor, valid: Tensor) -> Tensor:
-        """Float[B, T, d]: for each row of ages Long[B, T, L] (valid Bool[B, T, L]), the
-        recency-weighted mean of vecs Float[B, L, d]."""
+    def _weighted(self, vecs: Tensor, ages: Tensor, mask: Tensor) -> Tensor:
+        """Float[B, T, d]: for each row of ages Long[B, T, L] (steps ago; negative: later), the
+        recency-weighted mean of vecs Float[B, L, d] over the valid (mask Bool[B, L]), earlier
+        positions."""
+        valid = (ages >= 0) & mask[:, None, :]
         logit = self.recency(ages.clamp(0, self.spec.max_len - 1)).squeeze(-1)  # (B, T, L)
         w = torch.softmax(logit.masked_fill(~valid, float("-inf")), -1)
         w = torch.nan_to_num(w) * valid.any(-1, keepdim=True)  # a row with no history: zeros
@@ -246,15 +250,13 @@ class ContentSequential(ContentModel):
         b, length = users.mask.shape
         pos = torch.arange(length, device=hist.device)
         ages = (pos[:t, None] - pos[None, :]).expand(b, t, length)  # (B, T, L): steps ago
-        valid = (ages >= 0) & users.mask[:, None, :]
-        return self._weighted(hist, ages, valid)
+        return self._weighted(hist, ages, users.mask)
 
     def _history_vector(self, hist: Tensor, users: UserBatch) -> Tensor:
         length = users.mask.shape[1]
         pos = torch.arange(length, device=hist.device)
         ages = (last_valid_index(users.mask)[:, None] - pos[None, :]).unsqueeze(1)  # (B, 1, L)
-        valid = (ages >= 0) & users.mask[:, None, :]
-        return self._weighted(hist, ages, valid).squeeze(1)
+        return self._weighted(hist, ages, users.mask).squeeze(1)
 
 
 CONTENT_MODELS: dict[str, type[ContentModel]] = {

@@ -22,6 +22,7 @@ from fedrec.workload import build_workload
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ def simulate(
     ``fedrec.server.checkpoint.resume_config``) to continue from its last checkpoint.
     ``client_app``: another ClientApp, for tests and benchmarks only (fedrec.simulation.faults).
     """
-    from flwr.simulation import run_simulation
-
     from fedrec.client.app import app as fedrec_client
     from fedrec.server.app import make_server_app
     from fedrec.server.outputs import write_outputs
@@ -76,31 +75,40 @@ def simulate(
     server_app = make_server_app(
         cfg, run, on_round, on_done=lambda r: holder.update(r=r), resume=resume_from is not None
     )
-    _quiet_flower(verbose)
-    cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": "INFO" if verbose else "ERROR",
-            "log_to_driver": verbose,
-        },
-    }
     t0 = time.perf_counter()
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app or fedrec_client,
-        num_supernodes=n_clients,
-        backend_config=backend,
-        verbose_logging=verbose,
-    )
+    run_engine(server_app, client_app or fedrec_client, n_clients, verbose=verbose)
     if "r" not in holder:
         raise RuntimeError(f"the simulation ended without a result; see the log ({run.path})")
     log.info("simulation finished in %.1f s", time.perf_counter() - t0)
     summary = write_outputs(cfg, run, holder["r"], baselines=baselines, on_stage=on_stage)
     shutil.rmtree(run.path / RELEASES_DIRNAME, ignore_errors=True)  # only a crash needs them
     return run, summary
+
+
+def run_engine(
+    server_app: ServerApp, client_app: ClientApp, n_clients: int, *, verbose: bool = False
+) -> None:
+    """Run a ServerApp and ClientApp on Flower's simulation engine (Ray), one CPU per client
+    at a time, Flower and Ray quiet unless ``verbose``."""
+    from flwr.simulation import run_simulation
+
+    _quiet_flower(verbose)
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "logging_level": "INFO" if verbose else "ERROR",
+            "log_to_driver": verbose,
+        },
+    }
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=n_clients,
+        backend_config=backend,
+        verbose_logging=verbose,
+    )
 
 
 def _resumable(cfg: FedrecConfig, path: str | Path) -> RunDir:

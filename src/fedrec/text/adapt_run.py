@@ -11,7 +11,6 @@ over item text from the frozen encoder versus the frozen encoder plus the adapte
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -72,9 +71,8 @@ def simulate_adapter(
     """Run ``cfg.rounds`` adapter rounds over ``cfg``'s partition; write and return the summary."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
 
-    from fedrec.simulation.run import _quiet_flower
+    from fedrec.simulation.run import run_engine
     from fedrec.text.federated import client_app, run_adapter_rounds
 
     out = Path(out)
@@ -98,24 +96,8 @@ def simulate_adapter(
             on_round=on_round,
         )
 
-    _quiet_flower(verbose)
-    backend: dict[str, Any] = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": os.cpu_count() or 1,
-            "include_dashboard": False,
-            "logging_level": "INFO" if verbose else "ERROR",
-            "log_to_driver": verbose,
-        },
-    }
     t0 = time.perf_counter()
-    run_simulation(
-        server_app=server,
-        client_app=client_app,
-        num_supernodes=n_clients,
-        backend_config=backend,
-        verbose_logging=verbose,
-    )
+    run_engine(server, client_app, n_clients, verbose=verbose)
     if "r" not in holder:
         raise RuntimeError("the adapter simulation ended without a result; rerun with --verbose")
     arrays, strategy = holder["r"]

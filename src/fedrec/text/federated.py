@@ -21,22 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedrec.client.errors import CLIENT_FAILURES, error_reply
 from fedrec.client.local import RoundResult
 from fedrec.client.privacy import (
     ClientPrivacy,
-    PrivacyRefusal,
     _noise_seed,
     privacy_controller,
 )
 from fedrec.config import FedrecConfig, from_json
-from fedrec.privacy import (
-    LedgerError,
-)
 from fedrec.text.adapt import (
     ADAPTER_TASK,
     AdaptConfig,
@@ -52,8 +49,6 @@ from fedrec.workload import build_workload
 
 log = logging.getLogger(__name__)
 ARRAYS_KEY = "arrays"  # FedAvg's default arrayrecord_key
-ERROR_CODE_REFUSED = 4001  # as fedrec.client.app: budget exhausted, a deliberate refusal
-ERROR_CODE_FAILED = 4002
 
 client_app = ClientApp()
 
@@ -77,12 +72,8 @@ def train(msg: Message, context: Context) -> Message:
             ledger_path=str(config["ledger-path"]) if "ledger-path" in config else None,
             run_id=str(config.get("run-id", "")),
         )
-    except PrivacyRefusal as err:
-        log.warning("%s", err)
-        return Message(Error(code=ERROR_CODE_REFUSED, reason=str(err)), reply_to=msg)
-    except (ValueError, FloatingPointError, LedgerError) as err:
-        log.error("client %d failed in adapter round %d: %s", client, server_round, err)
-        return Message(Error(code=ERROR_CODE_FAILED, reason=str(err)), reply_to=msg)
+    except CLIENT_FAILURES as err:
+        return error_reply(msg, err, f"client {client} failed in adapter round {server_round}")
     return Message(RecordDict({ARRAYS_KEY: arrays, "metrics": metrics}), reply_to=msg)
 
 
