@@ -6,9 +6,10 @@
 The default federation (ML-100K, one client per occupation) runs clean and with 10% of its
 clients poisoning every update they send: ``scale10`` sends 10x the honest update, ``signflip``
 sends -1x (fedrec.simulation.faults; an attack simulation for benchmarks and tests, which no
-config or flag of ``fedrec`` can turn on). The update screen's median-norm rule is off
-(``reject_norm_factor = 0``) unless ``--screen``: the question is what each aggregator withstands
-by itself. Prints test HR@10 per task, the drop relative to the same strategy's clean run and to
+config or flag of ``fedrec`` can turn on). The update screen's median-norm and direction rules
+are off (``reject_norm_factor = 0``, ``reject_min_cosine = -1``) unless ``--screen``: the
+question is then what each aggregator withstands by itself; with ``--screen`` they are the
+defaults (10x the median norm, cosine 0 with the median update). Prints test HR@10 per task, the drop relative to the same strategy's clean run and to
 clean FedAvg, and writes DIR/robust_aggregation.json.
 """
 
@@ -39,6 +40,7 @@ def run_one(strategy: str, attack: str, args: argparse.Namespace) -> dict[str, f
         "partition": args.partition,
         "eval_full_ranking": False,
         "reject_norm_factor": 10.0 if args.screen else 0.0,
+        "reject_min_cosine": 0.0 if args.screen else -1.0,
     }
     factor = ATTACKS[attack]
     client_app = None
@@ -47,7 +49,7 @@ def run_one(strategy: str, attack: str, args: argparse.Namespace) -> dict[str, f
         client_app = with_faults(app, plan)
     cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
     _, summary = simulate(cfg, baselines=False, client_app=client_app)
-    rejected = sum(summary.get("rejected_per_round", {}).values())
+    rejected = sum(summary.get("rejected_per_round", {}).values())  # honest ones too, if any
     return {**{t: m["hr@10"] for t, m in summary["tasks"].items()}, "rejected": rejected}
 
 

@@ -30,7 +30,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory (default runs/<kind>-<dataset>-<time>)")
     p.add_argument(
-        "--strategy", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum"
+        "--strategy", help="fedavg | fedavgm | fedprox | fedadam | fedmedian | fedtrimmedavg | krum"
     )
     p.add_argument("--epsilon", type=float, help="per-client DP budget; turns record-level DP on")
     p.add_argument("--delta", type=float, help="DP delta (below 1 / users of the smallest client)")

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 TASKS = ("recall", "ranking", "personal")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+# strategies that need only the (weighted) sum of the updates, which secure aggregation gives
+SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 PRIVACY_MODES = ("none", "record", "user")
 TEXT_MODES = ("off", "beside", "instead", "content")
 
@@ -85,8 +87,12 @@ class FedrecConfig:
     min_train_clients: int = 2  # a round needs at least this many replies
     round_timeout: float = 3600.0  # seconds a round waits for replies; later ones are dropped
     reject_norm_factor: float = 10.0  # reject an update over this x the round's median norm (0 off)
+    # reject an update whose cosine with the round's coordinate-wise median update is below this
+    # (-1 off): catches sign-flipped updates, whose norm is honest (strategies/screen.py)
+    reject_min_cosine: float = 0.0
     proximal_mu: float = 0.01  # FedProx only
     server_lr: float = 0.01  # FedAdam only
+    server_momentum: float = 0.5  # FedAvgM only (Hsu et al. 2019), server learning rate 1
     max_len: int = 50  # history length the models see
     eval_full_ranking: bool = True  # also rank the whole catalogue in the final evaluation
     fusion_fit: str = "server"  # server: its validation users; federated: clients' (sums only)
@@ -135,12 +141,15 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.round_timeout > 0, "round_timeout", "must be positive (seconds)"),
         (cfg.reject_norm_factor == 0 or cfg.reject_norm_factor > 1, "reject_norm_factor",
          "must be above 1 (or 0 to turn the median-norm check off)"),
+        (-1 <= cfg.reject_min_cosine < 1, "reject_min_cosine",
+         "must be in [-1, 1) (-1 turns the direction check off)"),
         (cfg.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}"),
+        (0 <= cfg.server_momentum < 1, "server_momentum", "must be in [0, 1)"),
         (cfg.max_len >= 2, "max_len", "must be at least 2"),
         (cfg.fusion_fit in ("server", "federated"), "fusion_fit", "must be server or federated"),
         (cfg.fusion_prior in ("content", "none"), "fusion_prior", "must be content or none"),
-        (not cfg.secure_aggregation or cfg.strategy in ("fedavg", "fedprox", "fedadam"),
-         "secure_aggregation", "needs strategy fedavg, fedprox or fedadam: robust aggregators "
+        (not cfg.secure_aggregation or cfg.strategy in SUM_STRATEGIES, "secure_aggregation",
+         f"needs strategy {', '.join(SUM_STRATEGIES)}: robust aggregators "
          "need individual updates, which secure aggregation hides"),
         (not cfg.secure_aggregation or cfg.privacy.mode != "user", "secure_aggregation",
          "does not compose with user-level DP yet (Flower's wrappers clip individual updates); "

@@ -10,6 +10,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -50,6 +51,8 @@ def _base_strategy(cfg: FedrecConfig, n_clients: int) -> Strategy:
     )
     if cfg.strategy == "fedavg":
         return FedAvg(**common)
+    if cfg.strategy == "fedavgm":
+        return FedAvgM(**common, server_momentum=cfg.server_momentum)
     if cfg.strategy == "fedprox":
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "fedadam":

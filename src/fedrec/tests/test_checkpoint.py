@@ -77,6 +77,22 @@ def test_checkpoint_round_trip_restores_models_strategy_rng_and_progress(tmp_pat
     assert manifest["round"] == 2 and manifest["ledger"] == {"lines": 0, "head": ""}
 
 
+def test_fedavgm_momentum_survives_a_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, strategy="fedavgm", server_momentum=0.7)
+    run = create_run_dir(cfg)
+    strategy = Observed(make_strategy(cfg, 3))
+    assert type(strategy.inner).__name__ == "FedAvgM" and strategy.inner.server_momentum == 0.7
+    strategy.inner.current_arrays = _arrays(1)
+    strategy.inner.momentum_vector = [np.full(s, 0.5, np.float32) for s in KEYS.values()]
+    save_checkpoint(run, cfg, _arrays(0), strategy, _progress())
+    fresh = Observed(make_strategy(cfg, 3))
+    restore(load_checkpoint(run, cfg), fresh)
+    for k in KEYS:
+        np.testing.assert_array_equal(fresh.inner.current_arrays[k].numpy(), _arrays(1)[k].numpy())
+    for got, s in zip(fresh.inner.momentum_vector, KEYS.values(), strict=True):
+        np.testing.assert_array_equal(got, np.full(s, 0.5, np.float32))
+
+
 def test_each_round_replaces_the_last_checkpoint_and_leaves_no_stray_files(tmp_path):
     cfg = _cfg(tmp_path)
     run = create_run_dir(cfg)

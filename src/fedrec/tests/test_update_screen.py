@@ -153,3 +153,44 @@ def test_poisoned_update_is_the_honest_one_scaled_or_flipped():
     plan = FaultPlan(fail_share=0.3, attack_share=0.1, seed=3)
     assert all(len(plan.failing(10, r)) == 3 for r in (1, 2, 3))
     assert len(plan.attackers(10)) == 1 and plan.failing(10, 1) != plan.failing(10, 2)
+
+
+def _non_iid(n=6, seed=1):
+    """Honest updates sharing a direction, each with its own larger part (cosines ~0.4-0.6)."""
+    rng = np.random.default_rng(seed)
+    common = {k: rng.normal(size=v.shape) for k, v in GLOBAL.items()}
+    replies = []
+    for node in range(1, n + 1):
+        own = {k: 0.01 * (c + 0.8 * rng.normal(size=c.shape)) for k, c in common.items()}
+        replies.append(_reply(node, {k: (GLOBAL[k] + own[k]).astype(np.float32) for k in GLOBAL}))
+    return replies
+
+
+def _flipped(reply, node, tasks=("recall", "ranking")):
+    arrays = {}
+    for k, v in GLOBAL.items():
+        delta = reply.content[ARRAYS_KEY][k].numpy() - v
+        arrays[k] = (v - delta if k.split("/")[0] in tasks else v + delta).astype(np.float32)
+    return _reply(node, arrays)
+
+
+def test_sign_flipped_update_is_rejected_and_honest_non_iid_updates_are_kept():
+    honest = _non_iid()
+    flipped = _flipped(honest[0], 98)
+    kept, rejected = UpdateScreen().screen(_sent(), [*honest, flipped])
+    assert kept == honest
+    assert [node for node, _ in rejected] == [98] and "cosine" in rejected[0][1]
+    # one task flipped is enough, and the reason names it
+    kept, rejected = UpdateScreen().screen(_sent(), [*honest, _flipped(honest[1], 97, ("ranking",))])
+    assert kept == honest and "'ranking'" in rejected[0][1]
+
+
+def test_direction_rule_needs_three_replies_and_can_be_switched_off():
+    honest = _non_iid()
+    pair = [honest[0], _flipped(honest[1], 98)]
+    assert UpdateScreen().screen(_sent(), pair)[1] == []  # two replies: no reference
+    off = UpdateScreen(min_cosine=-1.0).screen(_sent(), [*honest, _flipped(honest[0], 98)])
+    assert off[1] == []
+    assert make_screen(load_config(None, {"reject_min_cosine": -1})).min_cosine == -1
+    with pytest.raises(ValueError, match="min_cosine"):
+        UpdateScreen(min_cosine=1.0)
