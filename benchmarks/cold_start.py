@@ -82,8 +82,10 @@ def random_recall(cold_rows, warm, n_cold: int) -> float:
 
 def recall_cfg(dataset: str, epochs: int, seed: int, mode: str) -> FedrecConfig:
     task = dataclasses.replace(FedrecConfig().tasks["recall"], local_epochs=1)
+    # the partition does not matter to central training, but the workload builds one
+    partition = "site" if dataset.startswith("synthetic") else FedrecConfig.partition
     return FedrecConfig(
-        dataset=dataset, rounds=epochs, seed=seed, tasks={"recall": task},
+        dataset=dataset, partition=partition, rounds=epochs, seed=seed, tasks={"recall": task},
         text=TextConfig(mode=mode), eval_full_ranking=False,
     )
 
@@ -133,8 +135,10 @@ def warm_part(args, work) -> None:
     hits: dict[str, list[np.ndarray]] = {}
     for mode in ("off", "beside"):
         for seed in seeds:
-            cfg = recall_cfg(args.dataset, args.epochs, seed, mode)
-            model = train_central(cfg, build_workload(cfg))["recall"]
+            # the model seed varies; the data (a synthetic catalogue is drawn from its seed),
+            # the split and the negatives stay those of --seed
+            data = build_workload(recall_cfg(args.dataset, args.epochs, args.seed, mode))
+            model = train_central(recall_cfg(args.dataset, args.epochs, seed, mode), data)["recall"]
             model.eval()
             ev = work.test  # the split and its negatives come from --seed, not the model seed
             per_user = evaluate_scorer_per_user(
