@@ -136,11 +136,10 @@ def warm_part(args, work) -> None:
     for mode in ("off", "beside"):
         for seed in seeds:
             # the model seed varies; the data (a synthetic catalogue is drawn from its seed),
-            # the split and the negatives stay those of --seed
-            data = build_workload(recall_cfg(args.dataset, args.epochs, args.seed, mode))
-            model = train_central(recall_cfg(args.dataset, args.epochs, seed, mode), data)["recall"]
+            # the split and the negatives stay those of --seed: ``work``'s
+            model = train_central(recall_cfg(args.dataset, args.epochs, seed, mode), work)["recall"]
             model.eval()
-            ev = work.test  # the split and its negatives come from --seed, not the model seed
+            ev = work.test
             per_user = evaluate_scorer_per_user(
                 model_score_fn(model, ev), targets=ev.targets, users=ev.users,
                 negatives=ev.negatives, exclude=ev.exclude, num_items=model.spec.num_items,

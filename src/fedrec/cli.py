@@ -197,6 +197,7 @@ def _empirical_audit(args: argparse.Namespace) -> bool:
 
 
 def cmd_text_adapt(args: argparse.Namespace) -> int:
+    from fedrec.progress import RoundProgress
     from fedrec.rundir import default_run_path
     from fedrec.text.adapt import AdaptConfig
     from fedrec.text.adapt_run import simulate_adapter
@@ -215,8 +216,13 @@ def cmd_text_adapt(args: argparse.Namespace) -> int:
         f"rounds, LoRA rank {acfg.rank} on the top {acfg.layers} layers, "
         + (dp if cfg.privacy.mode == "record" else "[yellow]no DP[/] (pass --epsilon)")
     )
-    with _AdapterProgress(cfg.rounds) as progress:
-        summary = simulate_adapter(cfg, acfg, out, on_round=progress.on_round, verbose=args.verbose)
+    with RoundProgress(cfg.rounds, console, label="adapter rounds") as progress:
+
+        def on_round(rnd) -> None:  # type: ignore[no-untyped-def]  # a text.federated.AdapterRound
+            loss = f"loss {rnd.loss:.4f}" if rnd.loss is not None else "no update"
+            progress.report(rnd.round, rnd.replies, len(rnd.failures), f"{loss} | {rnd.seconds:.1f} s")
+
+        summary = simulate_adapter(cfg, acfg, out, on_round=on_round, verbose=args.verbose)
     u = summary["utility"]
     console.print(
         f"content HR@10 on validation users: frozen {u['frozen_hr@10']:.4f}, adapted "
@@ -232,36 +238,6 @@ def cmd_text_adapt(args: argparse.Namespace) -> int:
 
 
 ADAPT_FLAGS = ("layers", "rank", "batch_users", "local_epochs", "lr", "max_tokens")
-
-
-class _AdapterProgress:
-    """A rich bar over the adapter rounds, with one line per round."""
-
-    def __init__(self, rounds: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        self.rounds = rounds
-        self.bar = Progress(
-            "[bold]adapter rounds", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console,
-        )  # fmt: skip
-        self.task = self.bar.add_task("rounds", total=rounds)
-
-    def __enter__(self) -> _AdapterProgress:
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
-
-    def on_round(self, rnd) -> None:  # type: ignore[no-untyped-def]
-        loss = f"loss {rnd.loss:.4f}" if rnd.loss is not None else "no update"
-        failed = f" [yellow]{len(rnd.failures)} refused/failed[/]" if rnd.failures else ""
-        self.bar.console.print(
-            f"round {rnd.round}/{self.rounds} ({rnd.replies} clients){failed} | {loss} | "
-            f"{rnd.seconds:.1f} s"
-        )
-        self.bar.advance(self.task)
 
 
 def _print_summary(summary: dict) -> None:

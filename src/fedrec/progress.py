@@ -20,10 +20,12 @@ from fedrec.strategies.observed import RoundLog
 class RoundProgress:
     """Context manager; ``on_round`` is the callback the server calls after each round."""
 
-    def __init__(self, rounds: int, console: Console | None = None) -> None:
+    def __init__(
+        self, rounds: int, console: Console | None = None, *, label: str = "federated rounds"
+    ) -> None:
         self.console = console or Console(stderr=True)
         self.progress = Progress(
-            TextColumn("[bold]federated rounds"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -53,10 +55,13 @@ class RoundProgress:
             loss = r.get("train_loss")
             loss_s = f"loss {loss:.3f} " if isinstance(loss, float) else ""
             parts.append(f"{r['task']}: {loss_s}HR@10 {r['hr@10']:.3f} NDCG@10 {r['ndcg@10']:.3f}")
-        failed = f" [yellow]{len(rlog.failures)} refused/failed[/]" if rlog.failures else ""
+        self.report(server_round, rlog.replies, len(rlog.failures), " | ".join(parts))
+
+    def report(self, server_round: int, replies: int, failures: int, detail: str) -> None:
+        """One line for a finished round (any kind of round), and the bar moved to it."""
+        failed = f" [yellow]{failures} refused/failed[/]" if failures else ""
         self.progress.console.print(
-            f"round {server_round}/{self.rounds} ({rlog.replies} clients){failed} | "
-            + " | ".join(parts)
+            f"round {server_round}/{self.rounds} ({replies} clients){failed} | {detail}"
         )
         self.progress.update(self.task_id, completed=server_round)
 

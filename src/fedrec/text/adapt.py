@@ -173,9 +173,7 @@ def save_adapter(
 
 def read_adapter(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The arrays and metadata of an adapter file; TextError if it is not one."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise TextError(f"{p}: adapter file not found; make one with `fedrec text adapt`")
+    p = _adapter_file(path)
     try:
         with safe_open(p, framework="np") as fh:
             meta = dict(fh.metadata() or {})
@@ -224,10 +222,15 @@ class AdaptedTextEncoder(TextEncoder):
 
 def adapter_digest(path: str | Path) -> str:
     """sha256 of an adapter file's bytes (the cache key's part for it)."""
+    return _file_digest(_adapter_file(path))
+
+
+def _adapter_file(path: str | Path) -> Path:
+    """``path`` as an existing file; TextError naming the fix if there is none."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise TextError(f"{p}: adapter file not found; make one with `fedrec text adapt`")
-    return _file_digest(p)
+    return p
 
 
 def as_tensors(state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:

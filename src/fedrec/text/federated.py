@@ -93,13 +93,14 @@ def local_round(
     histories = user_histories(work.client_data(client))
     local = local_adapter(cfg.text.model, acfg, tuple(item_texts(work.dataset)), cfg.seed)
     load_adapter_state(local.model, {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()})
-    tcfg = acfg.train_config(local.usable_users(histories))
+    n_users = local.usable_users(histories)
+    tcfg = acfg.train_config(n_users)
     privacy = adapter_privacy(
         cfg,
         context,
         client,
         (tcfg.sample_rate, tcfg.steps),
-        n_users=local.usable_users(histories),
+        n_users=n_users,
         ledger_path=ledger_path,
         run_id=run_id,
     )
