@@ -1,7 +1,8 @@
 """Robust aggregation under model poisoning: FedAvg against FedMedian, FedTrimmedAvg and Krum.
 
     .venv/bin/python benchmarks/robust_aggregation.py [--rounds N] [--strategies S ...]
-        [--attacks clean scale10 signflip] [--screen] [--dataset D --partition P] [--out DIR]
+        [--attacks clean scale10 signflip] [--screen] [--seeds N] [--dataset D --partition P]
+        [--out DIR]
 
 The default federation (ML-100K, one client per occupation) runs clean and with 10% of its
 clients poisoning every update they send: ``scale10`` sends 10x the honest update, ``signflip``
@@ -11,6 +12,13 @@ are off (``reject_norm_factor = 0``, ``reject_min_cosine = -1``) unless ``--scre
 question is then what each aggregator withstands by itself; with ``--screen`` they are the
 defaults (10x the median norm, cosine 0 with the median update). Prints test HR@10 per task, the drop relative to the same strategy's clean run and to
 clean FedAvg, and writes DIR/robust_aggregation.json.
+
+``--seeds N`` repeats everything for seeds ``seed .. seed+N-1``: each seed sets both the run's
+seed (model initialisation, client sampling, batches) and which clients attack. A simulation is
+deterministic given its seed, so an attacked run differs from the clean run of the same seed only
+through the attack; but a small change early in training moves the final HR@10 by about 0.01
+either way, so one seed cannot show a 2% effect. The last table gives, per strategy, attack and
+task, the mean relative change over seeds with the smallest and largest.
 """
 
 from __future__ import annotations
@@ -29,12 +37,13 @@ STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
 TASKS = ("recall", "ranking", "personal")
 
 
-def run_one(strategy: str, attack: str, args: argparse.Namespace) -> dict[str, float]:
+def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
     from fedrec.client.app import app
 
     over = {
         "strategy": strategy,
-        "out": str(Path(args.out) / f"{strategy}-{attack}"),
+        "seed": seed,
+        "out": str(Path(args.out) / f"seed{seed}" / f"{strategy}-{attack}"),
         "rounds": args.rounds,
         "dataset": args.dataset,
         "partition": args.partition,
@@ -45,7 +54,7 @@ def run_one(strategy: str, attack: str, args: argparse.Namespace) -> dict[str, f
     factor = ATTACKS[attack]
     client_app = None
     if factor is not None:
-        plan = FaultPlan(attack_share=args.attack_share, attack_factor=factor, seed=args.seed)
+        plan = FaultPlan(attack_share=args.attack_share, attack_factor=factor, seed=seed)
         client_app = with_faults(app, plan)
     cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
     _, summary = simulate(cfg, baselines=False, client_app=client_app)
@@ -62,20 +71,66 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     parser.add_argument("--attack-share", type=float, default=0.1, help="share of attackers")
     parser.add_argument("--screen", action="store_true", help="keep the median-norm screen on")
-    parser.add_argument("--seed", type=int, default=0, help="which clients attack")
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed and the attackers'")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds")
     parser.add_argument("--out", default="runs/robust_aggregation")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     attacks = ["clean", *[a for a in args.attacks if a != "clean"]]
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for attack in attacks:  # every strategy clean first: a partial sweep still compares them
-        for strategy in args.strategies:
-            t0 = time.perf_counter()
-            hr = run_one(strategy, attack, args)
-            results.setdefault(strategy, {})[attack] = hr
-            print(_line(strategy, attack, hr, results, time.perf_counter() - t0), flush=True)
+    by_seed: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
     out = Path(args.out) / "robust_aggregation.json"
-    out.write_text(json.dumps({"args": vars(args), "hr@10": results}, indent=2))
+    for seed in range(args.seed, args.seed + args.seeds):
+        results = by_seed.setdefault(seed, {})
+        for attack in attacks:  # every strategy clean first: a partial sweep still compares them
+            for strategy in args.strategies:
+                t0 = time.perf_counter()
+                hr = run_one(strategy, attack, seed, args)
+                results.setdefault(strategy, {})[attack] = hr
+                line = _line(strategy, attack, hr, results, time.perf_counter() - t0)
+                print(f"seed {seed} {line}", flush=True)
+        changes = mean_changes(by_seed)  # written after every seed: a stopped sweep keeps its part
+        out.write_text(
+            json.dumps(
+                {"args": vars(args), "hr@10": by_seed, "change_vs_own_clean": changes}, indent=2
+            )
+        )
+    print(
+        f"\nrelative change of test HR@10 against the same strategy's clean run, mean over "
+        f"{len(by_seed)} seed(s) [smallest, largest]:"
+    )
+    for strategy, per_attack in changes.items():
+        for attack, per_task in per_attack.items():
+            cells = [
+                f"{t} {c['mean']:+.1%} [{c['min']:+.1%}, {c['max']:+.1%}]"
+                for t, c in per_task.items()
+            ]
+            print(f"{strategy:13} {attack:8} " + "  ".join(cells))
     print(f"results: {out}")
+
+
+def mean_changes(
+    by_seed: dict[int, dict[str, dict[str, dict[str, float]]]],
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """{strategy: {attack: {task: {mean, min, max}}}} of (attacked - clean) / clean over seeds."""
+    rel: dict[tuple[str, str, str], list[float]] = {}
+    for results in by_seed.values():
+        for strategy, per_attack in results.items():
+            clean = per_attack["clean"]
+            for attack, hr in per_attack.items():
+                if attack == "clean":
+                    continue
+                for t in TASKS:
+                    rel.setdefault((strategy, attack, t), []).append((hr[t] - clean[t]) / clean[t])
+    changes: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for (strategy, attack, t), values in rel.items():
+        changes.setdefault(strategy, {}).setdefault(attack, {})[t] = {
+            "mean": sum(values) / len(values),
+            "min": min(values),
+            "max": max(values),
+            "seeds": len(values),
+        }
+    return changes
 
 
 def _line(strategy: str, attack: str, hr: dict, results: dict, seconds: float) -> str:
