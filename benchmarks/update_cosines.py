@@ -5,8 +5,9 @@
 Runs the default federation's clients in one process (no Flower: FedAvg weighted by users, as
 the server does) and prints, per round and task, the cosine of each honest client's update
 with the coordinate-wise median of all updates: minimum, 10th percentile, median, and the three
-smallest silos. ``--dp-noise Z`` trains under DP-SGD with noise multiplier Z (clipping norm 1,
-fresh noise per client) to show how noise moves the cosines; ``--text content`` uses the
+smallest silos; and each update's norm over the round's median norm (the screen's norm rule
+rejects above ``reject_norm_factor``, default 10). ``--dp-noise Z`` trains under DP-SGD with
+noise multiplier Z (clipping norm 1, fresh noise per client) to show how noise moves them; ``--text content`` uses the
 content models (the ones to use under DP). The screen rejects an update below
 ``reject_min_cosine`` (default 0): a sign-flipped update has about minus an honest one's cosine.
 """
@@ -42,6 +43,7 @@ def main() -> None:
     sizes = np.array([d.n_users for d in clients])
     weights = sizes / sizes.sum()
     smallest = np.argsort(sizes)[:3]
+    largest = int(np.argmax(sizes))
     dp = {t: DPSGDParams(args.dp_noise, 1.0) for t in models} if args.dp_noise else None
     state = {t: {k: v.clone() for k, v in m.state_dict().items()} for t, m in models.items()}
     for r in range(1, args.rounds + 1):
@@ -57,10 +59,21 @@ def main() -> None:
             u = np.stack(updates[t])
             median = np.median(u, axis=0)
             cos = u @ median / (np.linalg.norm(u, axis=1) * np.linalg.norm(median) + 1e-12)
-            print(f"round {r} {t:8} cosine with the median update: min {cos.min():.3f} "
-                  f"p10 {np.quantile(cos, 0.1):.3f} median {np.median(cos):.3f}; smallest silos "
-                  f"({', '.join(str(s) for s in sizes[smallest])} users) "
-                  f"{', '.join(f'{cos[i]:.3f}' for i in smallest)}", flush=True)
+            print(
+                f"round {r} {t:8} cosine with the median update: min {cos.min():.3f} "
+                f"p10 {np.quantile(cos, 0.1):.3f} median {np.median(cos):.3f}; smallest silos "
+                f"({', '.join(str(s) for s in sizes[smallest])} users) "
+                f"{', '.join(f'{cos[i]:.3f}' for i in smallest)}",
+                flush=True,
+            )
+            norms = np.linalg.norm(u, axis=1)
+            ratio = norms / np.median(norms)
+            print(
+                f"round {r} {t:8} norm / median norm: min {ratio.min():.2f} max "
+                f"{ratio.max():.2f} (largest silo, {sizes[largest]} users: {ratio[largest]:.2f}; "
+                f"smallest: {ratio[smallest[0]]:.2f})",
+                flush=True,
+            )
             new = start[t] + weights @ u  # FedAvg, weighted by users
             m.load_state_dict(state[t])
             torch.nn.utils.vector_to_parameters(torch.from_numpy(new).float(), m.parameters())
