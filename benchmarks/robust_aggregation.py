@@ -19,6 +19,9 @@ deterministic given its seed, so an attacked run differs from the clean run of t
 through the attack; but a small change early in training moves the final HR@10 by about 0.01
 either way, so one seed cannot show a 2% effect. The last table gives, per strategy, attack and
 task, the mean relative change over seeds with the smallest and largest.
+
+A run whose directory under ``--out`` already holds a ``summary.json`` (written last, so only a
+finished run has one) is read instead of run again: a stopped sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         "reject_norm_factor": 10.0 if args.screen else 0.0,
         "reject_min_cosine": 0.0 if args.screen else -1.0,
     }
+    done = Path(over["out"]) / "summary.json"
+    if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
+        return _hr(json.loads(done.read_text()))
     factor = ATTACKS[attack]
     client_app = None
     if factor is not None:
@@ -58,6 +64,10 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         client_app = with_faults(app, plan)
     cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
     _, summary = simulate(cfg, baselines=False, client_app=client_app)
+    return _hr(summary)
+
+
+def _hr(summary: dict) -> dict[str, float]:
     rejected = sum(summary.get("rejected_per_round", {}).values())  # honest ones too, if any
     return {**{t: m["hr@10"] for t, m in summary["tasks"].items()}, "rejected": rejected}
 

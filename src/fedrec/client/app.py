@@ -7,6 +7,7 @@ its privacy budget would be exceeded; the strategy drops and logs such replies.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 
@@ -18,7 +19,8 @@ from fedrec.client.errors import CLIENT_FAILURES, ERROR_CODE_FAILED, error_reply
 from fedrec.client.fusion_query import fusion_reply
 from fedrec.client.local import build_task_models, train_round
 from fedrec.client.mods import user_dp_clipping
-from fedrec.client.privacy import client_privacy
+from fedrec.client.privacy import client_name, client_privacy
+from fedrec.client.replay import release_lock
 from fedrec.client.secure import secure_update
 from fedrec.config import FedrecConfig, from_json
 from fedrec.secagg.flower import handle_secagg
@@ -37,37 +39,53 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _site_config(from_json(str(config["fedrec"])), context)
     server_round = int(config["server-round"])
     client = int(context.node_config["partition-id"])
+    ledger_path = _ledger_path(config, context)
+    locked = cfg.privacy.mode == "record" and ledger_path is not None
     try:
-        work = build_workload(cfg)
-        data = _local_data(work, client, context)
-        models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
-        unpack_into(msg.content[ARRAYS_KEY], models)
-        privacy = client_privacy(
-            cfg,
-            context,
-            client,
-            data,
-            ledger_path=_ledger_path(config, context),
-            run_id=str(config.get("run-id", "")),
-            site="ledger-path" in context.node_config,
-            site_budget=_site_budget(context),
-        )
-        kept = privacy.replay(server_round, msg.content[ARRAYS_KEY]) if privacy else None
-        if kept is not None:  # released before the server died: send it again (client/replay.py)
-            return Message(content=kept, reply_to=msg)
-        dp = privacy.before_round(server_round) if privacy else None
-        result = train_round(
-            cfg,
-            models,
-            data,
-            server_round=server_round,
-            client_seed=cfg.seed * 100_003 + client,
-            dp=dp,
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-        )
-        ledger = privacy.after_round(server_round, result) if privacy else []
+        # one release at a time per client, from reading its ledger to keeping its reply
+        with release_lock(ledger_path, client_name(client)) if locked else nullcontext():
+            return _train(msg, context, cfg, server_round, client, ledger_path)
     except CLIENT_FAILURES as err:
         return error_reply(msg, err, f"client {client} failed in round {server_round}")
+
+
+def _train(
+    msg: Message,
+    context: Context,
+    cfg: FedrecConfig,
+    server_round: int,
+    client: int,
+    ledger_path: str | None,
+) -> Message:
+    config = msg.content["config"]
+    work = build_workload(cfg)
+    data = _local_data(work, client, context)
+    models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
+    unpack_into(msg.content[ARRAYS_KEY], models)
+    privacy = client_privacy(
+        cfg,
+        context,
+        client,
+        data,
+        ledger_path=ledger_path,
+        run_id=str(config.get("run-id", "")),
+        site="ledger-path" in context.node_config,
+        site_budget=_site_budget(context),
+    )
+    kept = privacy.replay(server_round, msg.content[ARRAYS_KEY]) if privacy else None
+    if kept is not None:  # released before the server died: send it again (client/replay.py)
+        return Message(content=kept, reply_to=msg)
+    dp = privacy.before_round(server_round) if privacy else None
+    result = train_round(
+        cfg,
+        models,
+        data,
+        server_round=server_round,
+        client_seed=cfg.seed * 100_003 + client,
+        dp=dp,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    ledger = privacy.after_round(server_round, result) if privacy else []
     metrics = MetricRecord({"num-examples": data.n_users, "dp-weight": 1.0, **result.metrics()})
     content = RecordDict({ARRAYS_KEY: pack(models), "metrics": metrics})
     content["ledger"] = ConfigRecord({"entries": [str(e) for e in ledger]})

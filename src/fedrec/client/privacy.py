@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedrec.client.local import RoundResult
-from fedrec.client.replay import DIRNAME, ReleaseCache, arrays_digest
+from fedrec.client.replay import DIRNAME, ReleaseCache
 from fedrec.config import FedrecConfig
 from fedrec.privacy import (
     ClientPrivacyState,
@@ -45,6 +45,7 @@ from fedrec.privacy import (
 )
 from fedrec.privacy.errors import check_epsilon
 from fedrec.privacy.ledger import read_locked
+from fedrec.strategies.records import arrays_digest
 from fedrec.training import DPSGDParams, LocalData, sample_rate_for, steps_per_round
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,11 @@ def client_privacy(
     )  # fmt: skip
 
 
+def client_name(client: int) -> str:
+    """The name a client's releases carry in the ledger and its release cache."""
+    return f"client-{client}"
+
+
 def privacy_controller(
     cfg: FedrecConfig,
     context: Context,
@@ -226,7 +232,7 @@ def privacy_controller(
     if site_budget is not None and not site:
         raise PrivacyError("a site budget bounds a site ledger: pass site=True with it.")
     budget = None if site_budget is None else check_epsilon(site_budget, name="site budget")
-    name = f"client-{client}"
+    name = client_name(client)
     ledger = Ledger(ledger_path, run_id, site=site) if ledger_path else None
     lines = _site_lines(ledger) if site and ledger else ledger.read() if ledger else []
     own = [e for e in lines if _is_own(e, name, run_id)]

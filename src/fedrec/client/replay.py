@@ -7,14 +7,25 @@ the same round with the same global model: the client sends the kept reply. The 
 released twice tells no more than once (post-processing, Dwork & Roth 2014, Prop. 2.1), and the
 ledger already holds its lines. Any other round or global model is a new release: train,
 account, ledger. Only the last reply per client is kept.
+
+One release at a time per client: ``release_lock`` holds an exclusive ``flock`` on
+``<ledger folder>/releases/<client>.lock`` from reading the ledger to keeping the reply. A
+ClientApp still training for the stopped run when the resumed server asks its site for the same
+round would otherwise release that round a second time, both computed from the ledger as it was
+before either (so the second line's cumulative epsilon would leave out the first). With the lock
+the second waits, then finds the first's reply kept and sends it again. The OS frees the lock
+when a process dies, so a killed ClientApp never blocks its site.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -29,14 +40,21 @@ log = logging.getLogger(__name__)
 DIRNAME = "releases"
 
 
-def arrays_digest(record: ArrayRecord) -> str:
-    """SHA-256 over keys, dtypes, shapes and values, in order (not the wire bytes)."""
-    h = hashlib.sha256()
-    for key, arr in record.items():
-        values = np.ascontiguousarray(arr.numpy())
-        h.update(f"{key}|{values.dtype}|{values.shape}|".encode())
-        h.update(values.tobytes())
-    return h.hexdigest()
+@contextmanager
+def release_lock(ledger_path: str | os.PathLike[str], client: str) -> Iterator[None]:
+    """Hold ``client``'s release lock (see the module docstring); waits for another holder."""
+    folder = Path(ledger_path).parent / DIRNAME
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{client}.lock", "a") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another process of this client is releasing; waiting for it", client)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ The server needs per-round training metrics and the list of clients that refused
 but do not return them, so we observe ``aggregate_train`` without changing its result. With a
 ``screen`` (strategies/screen.py), malformed updates are dropped before ``inner`` aggregates
 and recorded as rejections with the client's node id and the reason.
+
+Replies reach ``inner`` in a canonical order (by content), not in arrival order: Flower sums
+them in list order and float addition is not associative, so the order in which workers happen
+to finish would change the global model's last bits, and after a few rounds of training the
+final HR@10 by about 0.01. Sorted, a run is reproducible from its seed and config, and an
+attacked run differs from its clean twin only through the attack.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedrec.strategies.records import ARRAYS_KEY, arrays_digest
 from fedrec.strategies.screen import UpdateScreen
 
 log = logging.getLogger(__name__)
@@ -55,7 +62,7 @@ class Observed(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = canonical_order(replies)
         rlog = RoundLog(server_round)
         if self.screen is not None and self._sent is not None:
             replies, rlog.rejected = self.screen.screen(self._sent, replies)
@@ -85,3 +92,16 @@ class Observed(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def canonical_order(replies: Iterable[Message]) -> list[Message]:
+    """``replies`` sorted by content (the update's digest, then the metrics); error replies,
+    which no strategy aggregates, first in arrival order."""
+
+    def key(msg: Message) -> tuple[str, str]:
+        if msg.has_error() or ARRAYS_KEY not in msg.content:
+            return "", ""
+        metrics = msg.content.metric_records.get("metrics")
+        return arrays_digest(msg.content[ARRAYS_KEY]), repr(sorted((metrics or {}).items()))
+
+    return sorted(replies, key=key)

@@ -7,9 +7,11 @@ is aggregated on its own. Only models travel: no user IDs, no interactions, no p
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
@@ -56,3 +58,13 @@ def task_keys(record: ArrayRecord, task: str) -> list[str]:
 def _travelling_state(model: TaskModel) -> OrderedDict[str, torch.Tensor]:
     """Trainable parameters only: buffers hold public catalogue metadata every party builds."""
     return OrderedDict((n, p) for n, p in model.named_parameters())
+
+
+def arrays_digest(record: ArrayRecord) -> str:
+    """SHA-256 over keys, dtypes, shapes and values, in order (not the wire bytes)."""
+    h = hashlib.sha256()
+    for key, arr in record.items():
+        values = np.ascontiguousarray(arr.numpy())
+        h.update(f"{key}|{values.dtype}|{values.shape}|".encode())
+        h.update(values.tobytes())
+    return h.hexdigest()

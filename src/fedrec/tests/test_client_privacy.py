@@ -122,3 +122,50 @@ def test_a_release_is_sent_again_not_made_twice(tmp_path):
     moved = ArrayRecord({"recall/w": Array(np.arange(4, dtype=np.float32) + 1)})
     assert again.replay(1, moved) is None  # another global model: a new release
     assert again.replay(2, sent) is None  # another round: a new release
+
+
+def test_two_processes_of_one_client_make_one_release_per_round(tmp_path, monkeypatch):
+    """Issue 5: a ClientApp of the stopped run still training when the resumed server asks the
+    site for the same round. The release lock makes the second wait and send the first's reply
+    again: one set of ledger lines, the same reply twice (without the lock both trained from the
+    same empty ledger and the round was in the ledger twice)."""
+    import threading
+
+    import numpy as np
+    from flwr.app import ConfigRecord, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.client.app import train
+    from fedrec.client.local import build_task_models
+    from fedrec.strategies.records import pack
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # Message() outside a running app
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg, _, _ = _setup(tmp_path, rounds=2)
+    ledger = tmp_path / "privacy_ledger.jsonl"
+    models = build_task_models(cfg, build_workload(cfg).spec, cfg.seed)
+    config = {"fedrec": cfg.to_json(), "server-round": 1, "run-id": "run-x",
+              "ledger-path": str(ledger)}  # fmt: skip
+    replies = []
+
+    def client_app_process():
+        ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})  # fmt: skip
+        msg = Message(RecordDict({"arrays": pack(models), "config": ConfigRecord(config)}),
+                      dst_node_id=1, message_type="train")  # fmt: skip
+        replies.append(train(msg, ctx))
+
+    threads = [threading.Thread(target=client_app_process) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.has_content() for r in replies), [r.error for r in replies if r.has_error()]
+    entries = read_ledger(ledger)
+    assert sorted((e["task"], e["round"]) for e in entries) == sorted((t, 1) for t in cfg.tasks)
+    first, second = (r.content["arrays"] for r in replies)
+    for key in first:
+        np.testing.assert_array_equal(first[key].numpy(), second[key].numpy())
+    assert list(replies[0].content["ledger"]["entries"]) == list(
+        replies[1].content["ledger"]["entries"]
+    )

@@ -194,3 +194,24 @@ def test_direction_rule_needs_three_replies_and_can_be_switched_off():
     assert make_screen(load_config(None, {"reject_min_cosine": -1})).min_cosine == -1
     with pytest.raises(ValueError, match="min_cosine"):
         UpdateScreen(min_cosine=1.0)
+
+
+def test_aggregation_does_not_depend_on_the_order_replies_arrive_in():
+    """Float sums depend on order; Flower sums replies in list order. Observed sorts them by
+    content, so the same replies arriving in any order give the same global model, bit for bit
+    (a run is reproducible from its seed)."""
+    big = {"recall/emb": np.full((6, 4), 1e8, np.float32), "ranking/w": np.ones(3, np.float32)}
+    values = [big, {k: np.full_like(v, 1.0) for k, v in big.items()},
+              {k: -v for k, v in big.items()}]  # fmt: skip
+    orders = [(0, 1, 2), (0, 2, 1), (2, 1, 0), (1, 0, 2)]
+
+    def fedavg(order, observed):
+        inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
+        strategy = Observed(inner) if observed else inner
+        replies = [_reply(i + 1, arrays=values[i], weight=1) for i in order]
+        return strategy.aggregate_train(1, replies)[0]["recall/emb"].numpy()
+
+    plain = [fedavg(order, observed=False) for order in orders]
+    assert any(not np.array_equal(plain[0], p) for p in plain[1:])  # order matters to Flower
+    sorted_ = [fedavg(order, observed=True) for order in orders]
+    assert all(np.array_equal(sorted_[0], s) for s in sorted_[1:])
