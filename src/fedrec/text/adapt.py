@@ -37,7 +37,7 @@ from fedrec.text.adapter import (
     run_steps,
     tokenize_items,
 )
-from fedrec.text.encoder import TextEncoder, _file_digest, model_identity
+from fedrec.text.encoder import TextEncoder, file_digest, model_identity
 from fedrec.text.items import TextError
 from fedrec.training import DPSGDParams, LocalData, TrainStats
 
@@ -216,13 +216,13 @@ class AdaptedTextEncoder(TextEncoder):
     @functools.cached_property
     def identity(self) -> str:
         """sha256 over the base model files and the adapter file's bytes."""
-        parts = (model_identity(self.model_dir), "lora", _file_digest(self.adapter_path))
+        parts = (model_identity(self.model_dir), "lora", file_digest(self.adapter_path))
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def adapter_digest(path: str | Path) -> str:
     """sha256 of an adapter file's bytes (the cache key's part for it)."""
-    return _file_digest(_adapter_file(path))
+    return file_digest(_adapter_file(path))
 
 
 def _adapter_file(path: str | Path) -> Path:

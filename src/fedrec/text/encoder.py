@@ -137,7 +137,7 @@ def _load(folder: Path) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     return tokenizer, model.eval()
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, memoised per (path, size, mtime) within the process."""
     st = path.stat()
     return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -162,7 +162,7 @@ def model_identity(folder: Path) -> str:
     )  # shards of a sharded model
     h = hashlib.sha256()
     for p in files:
-        h.update(f"{p.name}\0{_file_digest(p)}\0".encode())
+        h.update(f"{p.name}\0{file_digest(p)}\0".encode())
     return h.hexdigest()
 
 
