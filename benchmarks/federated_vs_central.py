@@ -9,8 +9,8 @@ negatives), the federated share of the centralized HR@10, popularity, and the wa
 framework-overhead share of the federation. Everything printed comes from the run's summary.json.
 
 ``--seeds N`` repeats the whole comparison (federation and central training) for seeds
-``S .. S+N-1`` (each seed sets model initialisation, client sampling and batches; data and
-split stay fixed) and ends with the mean over seeds of each HR@10 and of the federated share,
+``S .. S+N-1`` (each seed sets model initialisation, client sampling, batches and the 99
+sampled negatives of each evaluated user; data and split stay fixed) and ends with the mean over seeds of each HR@10 and of the federated share,
 with the smallest and largest share: one seed's HR@10 moves by about 0.01 either way, which
 is 1.5% of the share.
 """

@@ -14,7 +14,8 @@ defaults (10x the median norm, cosine 0 with the median update). Prints test HR@
 clean FedAvg, and writes DIR/robust_aggregation.json.
 
 ``--seeds N`` repeats everything for seeds ``seed .. seed+N-1``: each seed sets both the run's
-seed (model initialisation, client sampling, batches) and which clients attack. A simulation is
+seed (model initialisation, client sampling, batches, the 99 sampled negatives of evaluation)
+and which clients attack. A simulation is
 deterministic given its seed, so an attacked run differs from the clean run of the same seed only
 through the attack; but a small change early in training moves the final HR@10 by about 0.01
 either way, so one seed cannot show a 2% effect. The last table gives, per strategy, attack and
