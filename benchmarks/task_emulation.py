@@ -7,7 +7,8 @@ The default federation's clients (ML-100K, one per occupation) train one task mo
 the ClientApp does (fedrec.training.train_task, Adam reset each round); the server step is
 FedAvg weighted by users. No Flower, no other tasks: a probe, not the reported figure (that is
 benchmarks/federated_vs_central.py). ``--central`` trains the same model on all users for
-rounds x epochs passes instead (as ``fedrec train-central``). ``--decay cos`` lowers the local
+rounds x epochs passes instead (the passes of ``fedrec train-central``, one per call, so with
+other batch draws). ``--decay cos`` lowers the local
 learning rate from lr to lr/10 over the rounds (central: over the same passes). Prints
 validation and test HR@10 (99 sampled negatives) after every round (central: every ``epochs``
 passes) with the seconds so far.
