@@ -20,13 +20,14 @@ import time
 
 import numpy as np
 import torch
+from emulation import fedavg_round, initial_state
 
 from fedrec.client.local import build_task_models, train_round
 from fedrec.client.privacy import CALIBRATION_MARGIN
 from fedrec.config import load_config
 from fedrec.privacy.accounting import calibrate_noise
 from fedrec.scoring import evaluate_model
-from fedrec.training import DPSGDParams, sample_rate_for, steps_per_round
+from fedrec.training import DPSGDParams, LocalData, sample_rate_for, steps_per_round
 from fedrec.workload import build_workload
 
 
@@ -62,23 +63,17 @@ def main() -> None:
     print(f"local epochs {[tasks[t].local_epochs for t in tasks]}; largest silo "
           f"({int(sizes[big])} users) noise multipliers "
           + " / ".join(f"{dps[big][t].noise_multiplier:.2f}" for t in tasks), flush=True)
-    state = {t: {k: v.clone() for k, v in m.state_dict().items()} for t, m in models.items()}
+    state = initial_state(models)
     t0 = time.perf_counter()
     for r in range(1, args.rounds + 1):
-        acc = {t: {k: torch.zeros_like(v, dtype=torch.float64) for k, v in s.items()}
-               for t, s in state.items()}
-        for c, data in enumerate(clients):
-            for t, m in models.items():
-                m.load_state_dict(state[t])
+
+        def train(c: int, data: LocalData, r: int = r) -> None:
             train_round(cfg, models, data, server_round=r, client_seed=c, dp=dps[c])
-            for t, m in models.items():
-                for k, v in m.state_dict().items():
-                    acc[t][k] += v.double() * (sizes[c] / sizes.sum())
-        state = {t: {k: v.to(state[t][k].dtype) for k, v in a.items()} for t, a in acc.items()}
+
+        state = fedavg_round(models, state, clients, train)
         if r % 4 == 0 or r == args.rounds:
             hr = []
             for t, m in models.items():
-                m.load_state_dict(state[t])
                 hr.append(f"{t} {evaluate_model(m, work.test, full_ranking=False)['hr@10']:.4f}")
             print(f"round {r}: test HR@10 {' '.join(hr)} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)

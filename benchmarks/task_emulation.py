@@ -21,13 +21,13 @@ import dataclasses
 import math
 import time
 
-import numpy as np
 import torch
+from emulation import fedavg_round, initial_state
 
 from fedrec.client.local import build_task_models
 from fedrec.config import TASKS, load_config
 from fedrec.scoring import evaluate_model
-from fedrec.training import train_task
+from fedrec.training import LocalData, train_task
 from fedrec.workload import build_workload
 
 
@@ -77,18 +77,13 @@ def main() -> None:
                 report(f"central epoch {e + 1}")
         return
     clients = [work.client_data(c) for c in range(work.partition.n_clients)]
-    weights = np.array([d.n_users for d in clients], dtype=np.float64)
-    weights /= weights.sum()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = initial_state({args.task: model})
     for r in range(1, args.rounds + 1):
-        acc = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
-        for c, data in enumerate(clients):
-            model.load_state_dict(state)
+
+        def train(c: int, data: LocalData, r: int = r) -> None:
             train_task(model, data, dataclasses.replace(tc, lr=lr_at(r)), seed=(c * 7919 + r) * 31)
-            for k, v in model.state_dict().items():
-                acc[k] += v.double() * weights[c]
-        state = {k: v.to(state[k].dtype) for k, v in acc.items()}
-        model.load_state_dict(state)
+
+        state = fedavg_round({args.task: model}, state, clients, train)
         report(f"round {r}")
 
 

@@ -58,7 +58,8 @@ def main() -> None:
         for t, m in models.items():
             u = np.stack(updates[t])
             median = np.median(u, axis=0)
-            cos = u @ median / (np.linalg.norm(u, axis=1) * np.linalg.norm(median) + 1e-12)
+            norms = np.linalg.norm(u, axis=1)
+            cos = u @ median / (norms * np.linalg.norm(median) + 1e-12)
             print(
                 f"round {r} {t:8} cosine with the median update: min {cos.min():.3f} "
                 f"p10 {np.quantile(cos, 0.1):.3f} median {np.median(cos):.3f}; smallest silos "
@@ -66,7 +67,6 @@ def main() -> None:
                 f"{', '.join(f'{cos[i]:.3f}' for i in smallest)}",
                 flush=True,
             )
-            norms = np.linalg.norm(u, axis=1)
             ratio = norms / np.median(norms)
             print(
                 f"round {r} {t:8} norm / median norm: min {ratio.min():.2f} max "
