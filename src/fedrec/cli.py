@@ -40,6 +40,13 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         help="record: DP-SGD on every client (cross-silo); user: DP-FedAvg (cross-device)",
     )
     p.add_argument(
+        "--dp-noise",
+        choices=["local", "distributed"],
+        help="record-level DP: local (each client's DP-SGD is private alone) or distributed "
+        "(one step per round; the clients' noise shares add up under secure aggregation, which "
+        "this turns on, with strategy fedadam unless --strategy is given: docs/distributed-dp.md)",
+    )
+    p.add_argument(
         "--text",
         choices=list(TEXT_MODES),
         help="item text through the frozen encoder: beside or instead of item-ID embeddings, "
@@ -68,6 +75,11 @@ def _overrides(args: argparse.Namespace) -> dict:
         out["text.mode"] = args.text
     if getattr(args, "secure_aggregation", None):
         out["secure_aggregation"] = True
+    if getattr(args, "dp_noise", None) is not None:
+        out["privacy.noise"] = args.dp_noise
+        if args.dp_noise == "distributed":
+            out["secure_aggregation"] = True
+            out.setdefault("strategy", "fedadam")
     return out
 
 

@@ -20,6 +20,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimme
 # strategies that need only the (weighted) sum of the updates, which secure aggregation gives
 SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 PRIVACY_MODES = ("none", "record", "user")
+NOISE_PLACES = ("local", "distributed")
 TEXT_MODES = ("off", "beside", "instead", "content")
 
 
@@ -56,6 +57,18 @@ class PrivacyConfig:
     accountant: str = "prv"  # opacus accountant used for calibration and the ledger
     secure_rng: bool = False  # cryptographically secure noise (slower); on for production
     task_shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # budget split over TASKS
+    # record-level: where the DP-SGD noise is added. local: each client's local training is
+    # DP on its own (several steps per round, full noise per client). distributed: one DP-SGD
+    # step per task per round; each client adds 1/min_contributors of the noise variance and
+    # secure aggregation releases only the sum, which carries the full noise (the server runs
+    # Adam on it: strategy fedadam). Same guarantee per client against a server that sees
+    # only sums, about sqrt(clients) times less noise in the model (docs/distributed-dp.md).
+    noise: str = "local"
+    # distributed: the noise adds up to the full multiplier over at least this many clients;
+    # clients refuse to unmask a round with fewer (the secure-aggregation threshold is raised
+    # to it). 0 = a strict majority of the run's clients (set by `fedrec simulate`)
+    min_contributors: int = 0
+    sample_rate: float = 0.25  # distributed: Poisson rate of users per step, the same everywhere
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,19 @@ def _validate(cfg: FedrecConfig) -> None:
          "use record-level DP (--epsilon) with it"),
         (cfg.privacy.mode in PRIVACY_MODES, "privacy.mode", f"must be one of {PRIVACY_MODES}"),
         (cfg.privacy.epsilon > 0, "privacy.epsilon", "must be positive"),
+        (cfg.privacy.noise in NOISE_PLACES, "privacy.noise",
+         f"must be one of {', '.join(NOISE_PLACES)}"),
+        (cfg.privacy.noise == "local" or cfg.privacy.mode == "record", "privacy.noise",
+         "'distributed' is a form of record-level DP-SGD: set privacy.mode = 'record' (--epsilon)"),
+        (cfg.privacy.noise == "local" or cfg.secure_aggregation, "privacy.noise",
+         "'distributed' needs secure_aggregation = true: each client's share of the noise is "
+         "too small to release its update in the clear"),
+        (cfg.privacy.noise == "local" or cfg.strategy == "fedadam", "privacy.noise",
+         "'distributed' needs strategy = 'fedadam': each round is one noisy gradient step, "
+         "and the server's Adam takes it"),
+        (cfg.privacy.min_contributors == 0 or cfg.privacy.min_contributors >= 2,
+         "privacy.min_contributors", "must be at least 2 (or 0 for a majority of the clients)"),
+        (0 < cfg.privacy.sample_rate <= 1, "privacy.sample_rate", "must be in (0, 1]"),
         (0 < cfg.privacy.delta < 1, "privacy.delta", "must be in (0, 1)"),
         (cfg.privacy.clipping_norm > 0, "privacy.clipping_norm", "must be positive"),
         (cfg.privacy.clipping_side in ("server", "client"), "privacy.clipping_side",

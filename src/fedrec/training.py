@@ -31,13 +31,17 @@ class DPSGDParams:
     noise_multiplier: float
     clipping_norm: float
     noise_seed: int | None = None  # None: seed from OS entropy (unpredictable noise)
+    # distributed noise (privacy.noise = "distributed"): > 0 makes the call one DP-SGD step at
+    # Poisson rate ``sample_rate`` whose noise is shared by at least this many clients
+    contributors: int = 0
+    sample_rate: float = 0.0
 
 
 @dataclass(frozen=True)
 class TrainStats:
     """What one local training call did (aggregates only: safe to send to the server)."""
 
-    loss: float  # mean per-user loss over the steps
+    loss: float  # mean per-user loss over the steps (nan if every Poisson batch was empty)
     steps: int  # optimizer steps taken (each one a DP release under DP)
     sample_rate: float  # users per step / users (the Poisson rate under DP)
     examples: int  # users trained on
@@ -90,6 +94,9 @@ def train_task(
         optimizer.register_step_post_hook(_proximal_hook(model, cfg.lr * proximal_mu))
     q = sample_rate_for(cfg, data.n_users)
     n_steps = steps_per_round(cfg, data.n_users)
+    if dp is not None and dp.contributors > 0:
+        q, n_steps = dp.sample_rate, 1
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0 / cfg.batch_size)
     start = time.perf_counter()
     model.train()
     if dp is None:
@@ -97,8 +104,8 @@ def train_task(
     else:
         losses = _train_private(model, optimizer, data, cfg, rng, gen, n_steps, q, dp)
     model.eval()
-    loss = float(np.mean(losses)) if losses else float("nan")
-    if not math.isfinite(loss):
+    loss = float(np.mean(losses)) if losses else float("nan")  # nan: every batch was empty
+    if losses and not math.isfinite(loss):
         raise FloatingPointError(f"degenerate training loss {loss} for task {model.task}")
     return TrainStats(loss, n_steps, q, data.n_users, time.perf_counter() - start)
 
@@ -165,6 +172,14 @@ def _train_private(
     We use Opacus's GradSampleModuleFastGradientClipping + DPOptimizerFastGradientClipping but
     sample users ourselves (Poisson, rate q, a fixed number of steps) so each step is one
     accounted release even when the sampled batch is empty; accounting lives in fedrec.privacy.
+
+    Distributed noise (``dp.contributors`` m > 0, one step): the gradient is the *sum* of the
+    clipped per-user gradients plus Gaussian noise of std ``noise_multiplier / sqrt(m)`` times
+    the clipping norm, and ``optimizer`` (SGD, lr 1 / batch size) moves the model by it, so the
+    update is that sum scaled by a constant every client shares. Summed over at least m clients
+    by secure aggregation, the noise has the full multiplier: one DP-SGD step over all their
+    users, each client's Poisson sample at the same rate (Kairouz et al. 2021 do this with
+    discrete noise; fedrec's Gaussian is continuous, see docs/distributed-dp.md).
     """
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
@@ -172,6 +187,9 @@ def _train_private(
 
     noise_gen = noise_generator(dp)
     expected = q * data.n_users
+    noise_multiplier = dp.noise_multiplier
+    if dp.contributors > 0:  # distributed: the sum of clipped gradients plus a noise share
+        expected, noise_multiplier = 1, dp.noise_multiplier / math.sqrt(dp.contributors)
     gsm = GradSampleModuleFastGradientClipping(
         model,
         batch_first=True,
@@ -181,7 +199,7 @@ def _train_private(
     )
     dp_opt = DPOptimizerFastGradientClipping(
         optimizer,
-        noise_multiplier=dp.noise_multiplier,
+        noise_multiplier=noise_multiplier,
         max_grad_norm=dp.clipping_norm,
         expected_batch_size=max(1, round(expected)),
         loss_reduction="mean",

@@ -43,6 +43,7 @@ from fedrec.privacy import (
     validate_budget,
     verify_chain,
 )
+from fedrec.privacy.entry import DISTRIBUTED
 from fedrec.privacy.errors import check_epsilon
 from fedrec.privacy.ledger import read_locked
 from fedrec.strategies.records import arrays_digest
@@ -119,9 +120,18 @@ class ClientPrivacy:
                 self.sigmas[task],
                 p.clipping_norm,
                 None if p.secure_rng else _noise_seed(self.seed, server_round, task),
+                contributors=self.contributors,
+                sample_rate=q if self.contributors else 0.0,
             )
-            for task in self.plan
+            for task, (q, _) in self.plan.items()
         }
+
+    @property
+    def contributors(self) -> int:
+        """Distributed noise: the fewest clients whose noise shares the released sum holds
+        (each adds noise_multiplier / sqrt of it); 0 for local DP-SGD."""
+        p = self.cfg.privacy
+        return p.min_contributors if p.noise == "distributed" else 0
 
     def _check_lifetime(self, server_round: int, trial: ClientPrivacyState) -> None:
         """PrivacyRefusal if the site's releases in all runs plus this round exceed its budget."""
@@ -164,6 +174,8 @@ class ClientPrivacy:
                 clipping_norm=p.clipping_norm,
                 delta=p.delta,
                 budget_epsilon=self.lifetime_budget,
+                mechanism=DISTRIBUTED if self.contributors else "dp-sgd",
+                noise_contributors=self.contributors or None,
             )
             written = self.ledger.append(entry) if self.ledger else entry.to_fields()
             entries.append(json.dumps(written, sort_keys=True))
@@ -194,10 +206,13 @@ def client_privacy(
     """
     if cfg.privacy.mode != "record":
         return None
-    plan = {
-        t: (sample_rate_for(c, data.n_users), steps_per_round(c, data.n_users))
-        for t, c in cfg.tasks.items()
-    }
+    if cfg.privacy.noise == "distributed":  # one step per round, one rate at every client
+        plan = dict.fromkeys(cfg.tasks, (cfg.privacy.sample_rate, 1))
+    else:
+        plan = {
+            t: (sample_rate_for(c, data.n_users), steps_per_round(c, data.n_users))
+            for t, c in cfg.tasks.items()
+        }
     shares = dict(zip(cfg.tasks, cfg.privacy.task_shares, strict=False))
     return privacy_controller(
         cfg, context, client, plan, shares, n_users=data.n_users, ledger_path=ledger_path,
@@ -229,6 +244,11 @@ def privacy_controller(
     stage (fedrec.text.federated) with its single task."""
     p = cfg.privacy
     validate_budget(epsilon=p.epsilon, delta=p.delta, min_records=n_users)
+    if p.noise == "distributed" and p.min_contributors < 2:
+        raise PrivacyError(
+            "privacy.noise = 'distributed' needs privacy.min_contributors >= 2 (the fewest "
+            "clients whose noise shares make up the full noise); set it in the run's config"
+        )
     if site_budget is not None and not site:
         raise PrivacyError("a site budget bounds a site ledger: pass site=True with it.")
     budget = None if site_budget is None else check_epsilon(site_budget, name="site budget")
@@ -293,6 +313,8 @@ def _calibrate(
     sigmas = calibrate(p.epsilon, [])
     if not prior and budget >= p.epsilon:
         return sigmas
+    if p.noise == "distributed":  # every client must add the same share: refusals guard the
+        return sigmas  # site's lifetime budget (before_round), more noise here would not count
     spent = epsilon_opacus(prior, delta=p.delta, accountant=p.accountant)  # type: ignore[arg-type]
     try:
         lifetime = calibrate(budget, prior)

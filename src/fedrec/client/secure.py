@@ -3,7 +3,9 @@
 ``fedrec.secagg.flower.handle_secagg`` runs the protocol stages and calls ``secure_update``
 in the masked-input stage. The update is trained (and, under DP, clipped and noised, with its
 ledger lines written) exactly as in a plain round; what is masked is its difference from the
-global model. Metrics and ledger lines travel in the clear beside the masked vector.
+global model. Metrics and ledger lines travel in the clear beside the masked vector. Under
+distributed DP noise the update is only private inside a sum of ``privacy.min_contributors``
+clients: it is masked only when the round's threshold (below which no client unmasks) is that.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message
 
+from fedrec.config import from_json
 from fedrec.secagg.flower import ClientUpdate
 from fedrec.strategies.records import ARRAYS_KEY
 
@@ -32,4 +35,8 @@ def secure_update(
     if reply.has_error():
         raise ValueError(f"not contributing this round: {reply.error.reason}")
     records = {k: reply.content[k] for k in ("metrics", "ledger") if k in reply.content}
-    return ClientUpdate(update_delta(reply.content[ARRAYS_KEY], msg.content[ARRAYS_KEY]), records)
+    p = from_json(str(msg.content["config"]["fedrec"])).privacy
+    need = p.min_contributors if p.mode == "record" and p.noise == "distributed" else 0
+    return ClientUpdate(
+        update_delta(reply.content[ARRAYS_KEY], msg.content[ARRAYS_KEY]), records, need
+    )

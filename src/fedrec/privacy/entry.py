@@ -16,16 +16,22 @@ from typing import Any
 from fedrec.privacy.errors import ACCOUNTANTS, PrivacyError
 from fedrec.privacy.state import ClientPrivacyState
 
-MECHANISMS: tuple[str, ...] = ("dp-sgd", "dp-fedavg", "dp-fedavg-adaptive")
+MECHANISMS: tuple[str, ...] = ("dp-sgd", "dp-fedavg", "dp-fedavg-adaptive", "dp-sgd-distributed")
 """``dp-fedavg-adaptive``: DP-FedAvg whose clipping norm adapts (Andrew et al. 2021); its
 ``noise_multiplier`` is the round's effective one, update and clipped-count noise together, and
-its ``clipping_norm`` the norm that round clipped to (strategies/user_dp.py)."""
+its ``clipping_norm`` the norm that round clipped to (strategies/user_dp.py).
+``dp-sgd-distributed``: one DP-SGD step whose noise is shared (privacy.noise = "distributed");
+its ``noise_multiplier`` is the multiplier of the released sum, and ``noise_contributors`` (only
+on these entries) the fewest clients whose noise shares, each of multiplier
+``noise_multiplier / sqrt(noise_contributors)``, that sum holds (docs/distributed-dp.md)."""
+DISTRIBUTED = "dp-sgd-distributed"
 UNITS: tuple[str, ...] = ("user",)
 RELEASE_FIELDS: tuple[str, ...] = (
     "client", "task", "round", "mechanism", "unit", "noise_multiplier", "sample_rate", "steps",
     "clipping_norm", "delta", "accountant", "epsilon", "epsilon_composed", "budget_epsilon",
 )  # fmt: skip
 CHAIN_FIELDS: tuple[str, ...] = ("seq", "run_id", "time", "prev_hash", "hash")
+OPTIONAL_FIELDS: tuple[str, ...] = ("noise_contributors",)  # dp-sgd-distributed entries only
 ALL_FIELDS: tuple[str, ...] = RELEASE_FIELDS + CHAIN_FIELDS
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -79,6 +85,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "epsilon": _NONNEG,
     "epsilon_composed": _NONNEG,
     "budget_epsilon": _POSITIVE,
+    "noise_contributors": _int(2),
     "seq": _int(0),
     "run_id": _text,
     "time": _text,
@@ -97,12 +104,16 @@ def field_problems(
     missing = [name for name in required if name not in fields]
     if missing:
         problems.append(f"missing field(s): {', '.join(missing)}")
-    unknown = sorted(set(fields) - set(ALL_FIELDS))
+    unknown = sorted(set(fields) - set(ALL_FIELDS) - set(OPTIONAL_FIELDS))
     if unknown:
         problems.append(f"unknown field(s): {', '.join(unknown)}")
-    for name in required:
+    for name in (*required, *OPTIONAL_FIELDS):
         if name in fields and (msg := _CHECKS[name](fields[name])) is not None:
             problems.append(f"field {name!r} {msg}, got {fields[name]!r}")
+    if "mechanism" in fields and (fields["mechanism"] == DISTRIBUTED) != (
+        "noise_contributors" in fields
+    ):
+        problems.append(f"field 'noise_contributors' belongs to (and only to) {DISTRIBUTED} entries")
     return problems
 
 
@@ -131,6 +142,7 @@ class LedgerEntry:
     budget_epsilon: float
     mechanism: str = "dp-sgd"
     unit: str = "user"
+    noise_contributors: int | None = None  # dp-sgd-distributed only
 
     def __post_init__(self) -> None:
         problems = field_problems(self.to_fields(), required=RELEASE_FIELDS)
@@ -138,7 +150,10 @@ class LedgerEntry:
             raise PrivacyError("invalid ledger entry: " + "; ".join(problems))
 
     def to_fields(self) -> dict[str, Any]:
-        return asdict(self)
+        fields = asdict(self)
+        if fields["noise_contributors"] is None:
+            del fields["noise_contributors"]
+        return fields
 
     @classmethod
     def from_state(
@@ -152,6 +167,7 @@ class LedgerEntry:
         delta: float,
         budget_epsilon: float,
         mechanism: str = "dp-sgd",
+        noise_contributors: int | None = None,
     ) -> LedgerEntry:
         """The entry for ``task``'s latest record in ``state`` (call after ``state.record``).
 
@@ -174,4 +190,5 @@ class LedgerEntry:
             epsilon_composed=state.composed_epsilon(delta=delta, upto=upto),
             budget_epsilon=budget_epsilon,
             mechanism=mechanism,
+            noise_contributors=noise_contributors,
         )

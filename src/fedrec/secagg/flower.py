@@ -37,10 +37,14 @@ class ClientUpdate:
 
     ``arrays`` must already be clipped and noised for DP. ``records`` (metrics, a ledger
     ConfigRecord...) travel in the clear next to the masked vector: never put weights there.
+    ``min_survivors``: the update is only private inside a sum of at least this many (its DP
+    noise is a share of the sum's: distributed DP); it is masked only if the round's
+    reconstruction threshold, below which this client refuses to unmask, is at least that.
     """
 
     arrays: Mapping[str, NDArray]
     records: Mapping[str, ConfigRecord | MetricRecord] = field(default_factory=dict)
+    min_survivors: int = 0
 
     def __post_init__(self) -> None:
         if any(not isinstance(r, ConfigRecord | MetricRecord) for r in self.records.values()):
@@ -166,6 +170,12 @@ def _step(
             update = update_fn(msg, context)
         except Exception as err:  # a refusal or a failed training: answer, never raise
             raise SecAggError(f"no update: {type(err).__name__}: {err}") from err
+        if update.min_survivors > client.state.threshold:
+            raise SecAggError(
+                f"the round's threshold {client.state.threshold} is below the "
+                f"{update.min_survivors} contributors this update's noise share needs; "
+                "not masking it"
+            )
         masked = client.masked_input(sealed, update.arrays)
         reply = wire.masked_to_record(masked, client.config.modulus)
         for key, record in update.records.items():

@@ -39,12 +39,15 @@ class SecAggConfig:
     ``threshold`` t: shares needed to rebuild a client's secret; None = a strict majority of its
     share holders, which also stops a server that lies about dropouts from getting both secrets.
     ``neighbours`` k: others each client shares with (SecAgg+); None = everyone (SecAgg).
+    ``min_threshold``: the threshold is at least this (clients whose DP noise is a share of
+    the sum's refuse to unmask below it: fedrec.client.secure).
     """
 
     clipping_range: float = 8.0  # Flower's SecAgg+ default: room for noised model deltas
     quantization_range: int = 2**22  # step 2c/(L-1) = 3.8e-6 at c = 8
     modulus: int = 2**32  # 1024 clients fit with L = 2**22; 4-byte wire format
     threshold: int | None = None  # None: majority of the k + 1 share holders
+    min_threshold: int = 0  # a floor under the threshold (distributed DP's min contributors)
     neighbours: int | None = None  # None: complete graph
 
     def __post_init__(self) -> None:
@@ -123,6 +126,7 @@ def plan_round(
     if k < n - 1 and k % 2:
         raise ValueError(f"neighbours must be even on a ring (k/2 each side), got {k}.")
     t = (k + 1) // 2 + 1 if config.threshold is None else config.threshold
+    t = max(t, config.min_threshold)
     if t > k + 1:
         raise ValueError(
             f"threshold {t} exceeds the {k + 1} share holders of each client "

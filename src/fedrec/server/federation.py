@@ -157,7 +157,9 @@ def run_federation(
 
 def secure_grid(grid: Grid, cfg: FedrecConfig, run: RunDir) -> SecureAggregationGrid:
     """The grid through which Flower's strategy gets only sums (fedrec.server.secure_grid)."""
-    return SecureAggregationGrid(grid, SecAggConfig(), run.path.name)
+    p = cfg.privacy
+    floor = p.min_contributors if p.mode == "record" and p.noise == "distributed" else 0
+    return SecureAggregationGrid(grid, SecAggConfig(min_threshold=floor), run.path.name)
 
 
 class UserLevelLedger:

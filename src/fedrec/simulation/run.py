@@ -11,11 +11,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedrec.client.replay import DIRNAME as RELEASES_DIRNAME
-from fedrec.config import FedrecConfig
+from fedrec.config import ConfigError, FedrecConfig
 from fedrec.rundir import RunDir, create_run_dir
 from fedrec.server.federation import FederationResult, OnRound
 from fedrec.workload import build_workload
@@ -49,6 +50,21 @@ def check_inputs(cfg: FedrecConfig) -> int:
     return work.partition.n_clients
 
 
+def with_contributors(cfg: FedrecConfig, n_clients: int) -> FedrecConfig:
+    """Distributed DP noise: ``privacy.min_contributors`` 0 becomes a strict majority of the
+    ``n_clients``; ConfigError if it exceeds them (no round could ever be unmasked)."""
+    p = cfg.privacy
+    if p.mode != "record" or p.noise != "distributed":
+        return cfg
+    m = p.min_contributors or n_clients // 2 + 1
+    if m > n_clients or m < 2:
+        raise ConfigError(
+            f"privacy.min_contributors = {m} needs at least {max(m, 2)} clients; the partition "
+            f"gives {n_clients}"
+        )
+    return replace(cfg, privacy=replace(p, min_contributors=m))
+
+
 def simulate(
     cfg: FedrecConfig,
     *,
@@ -70,6 +86,7 @@ def simulate(
     from fedrec.server.outputs import write_outputs
 
     n_clients = check_inputs(cfg)
+    cfg = with_contributors(cfg, n_clients)
     run = _resumable(cfg, resume_from) if resume_from is not None else create_run_dir(cfg)
     holder: dict[str, FederationResult] = {}
     server_app = make_server_app(

@@ -6,6 +6,8 @@ every task's parameters key by key: one global model per task, one round trip pe
 
 from __future__ import annotations
 
+import math
+
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -70,12 +72,13 @@ def aggregate_train_metrics(replies: list[RecordDict], weighted_by_key: str) -> 
     """Weighted means of losses; sums of counts and seconds (total work done this round)."""
     records = [next(iter(r.metric_records.values())) for r in replies]
     weights = [float(m[weighted_by_key]) for m in records]  # type: ignore[arg-type]
-    total = sum(weights) or 1.0
     out: dict[str, float] = {"clients": float(len(records))}
     for key in records[0]:
         values = [float(m[key]) for m in records]  # type: ignore[arg-type]
         if key in (weighted_by_key, "num-examples") or key.endswith(("-seconds", ".steps")):
             out[key] = sum(values)
-        else:
-            out[key] = sum(w * v for w, v in zip(weights, values, strict=False)) / total
+        else:  # a loss is nan where a client's Poisson batches were all empty: skip it
+            seen = [(w, v) for w, v in zip(weights, values, strict=True) if math.isfinite(v)]
+            part = sum(w for w, _ in seen)
+            out[key] = sum(w * v for w, v in seen) / part if part > 0 else math.nan
     return MetricRecord(out)  # type: ignore[arg-type]

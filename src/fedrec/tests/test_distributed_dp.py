@@ -1,0 +1,195 @@
+"""Distributed DP noise (privacy.noise = "distributed"): one DP-SGD step per round whose noise
+is shared by at least ``min_contributors`` clients under secure aggregation."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.client.local import build_task_models
+from fedrec.config import ConfigError, FedrecConfig, TaskConfig, load_config
+from fedrec.data import synthetic_ecommerce
+from fedrec.data.sequences import build_sequences
+from fedrec.models.base import ModelSpec
+from fedrec.privacy import LedgerEntry, PrivacyError, audit_ledger, read_ledger
+from fedrec.secagg.params import SecAggConfig, plan_round
+from fedrec.training import DPSGDParams, LocalData, _batch, train_task
+
+DISTRIBUTED = {
+    "privacy.mode": "record",
+    "privacy.noise": "distributed",
+    "secure_aggregation": True,
+    "strategy": "fedadam",
+}
+
+
+@pytest.fixture(scope="module")
+def small():
+    ds = synthetic_ecommerce(n_merchants=2, n_users=40, n_items=50, seed=3)
+    seqs = build_sequences(ds.interactions, 20)
+    data = LocalData(seqs, ds.user_feature_codes()[seqs.users])
+    spec = ModelSpec(
+        ds.num_items,
+        tuple(int(c) for c in ds.items["category_index"]),
+        ds.num_categories,
+        ds.user_feature_cards(),
+        (7, 6),
+        max_len=20,
+        dim=16,
+    )
+    return data, spec
+
+
+def _delta(before, model):
+    return torch.cat([(p.detach() - b).ravel() for p, b in zip(model.parameters(), before,
+                                                               strict=True)])  # fmt: skip
+
+
+def test_one_distributed_step_moves_by_minus_the_gradient_sum_over_the_batch_size(small):
+    data, spec = small
+    cfg = TaskConfig(lr=0.01, batch_size=8, local_epochs=3, dim=16, negatives=4)
+    model = build_task_models(FedrecConfig(), spec, 0)["recall"]
+    reference = copy.deepcopy(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    # rate 1: every user; clipping far above any gradient; no noise: the exact gradient sum
+    dp = DPSGDParams(0.0, 1e6, noise_seed=1, contributors=3, sample_rate=1.0)
+    stats = train_task(model, data, cfg, seed=7, dp=dp)
+    assert (stats.steps, stats.sample_rate) == (1, 1.0)  # one step, whatever local_epochs says
+
+    torch.manual_seed(7)  # the batch train_task drew: same seed, same generator, all users
+    batch = _batch(data, np.arange(data.n_users), cfg, spec.num_items,
+                   torch.Generator().manual_seed(7))  # fmt: skip
+    reference.train()
+    reference(batch).sum().backward()
+    expected = torch.cat([-p.grad.ravel() / cfg.batch_size for p in reference.parameters()])
+    got = _delta(before, model)
+    assert float(expected.norm()) > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("contributors", [1, 4, 16])
+def test_each_client_adds_the_noise_divided_by_the_root_of_the_contributors(small, contributors):
+    data, spec = small
+    cfg = TaskConfig(lr=0.01, batch_size=4, local_epochs=1, dim=16, negatives=4)
+    model = build_task_models(FedrecConfig(), spec, 0)["personal"]
+    before = [p.detach().clone() for p in model.parameters()]
+    # a rate so low the Poisson batch is empty: the update is the noise share alone
+    dp = DPSGDParams(2.0, 0.5, noise_seed=3, contributors=contributors, sample_rate=1e-12)
+    train_task(model, data, cfg, seed=1, dp=dp)
+    noise = _delta(before, model) * -cfg.batch_size
+    want = 2.0 * 0.5 / contributors**0.5
+    assert noise.numel() > 10_000
+    assert float(noise.std()) == pytest.approx(want, rel=0.03)
+    assert abs(float(noise.mean())) < 0.05 * want
+
+
+def test_shares_of_enough_clients_add_up_to_the_full_noise(small):
+    data, spec = small
+    cfg = TaskConfig(lr=0.01, batch_size=4, local_epochs=1, dim=16, negatives=4)
+    total = None
+    for client in range(9):
+        model = build_task_models(FedrecConfig(), spec, 0)["personal"]
+        before = [p.detach().clone() for p in model.parameters()]
+        dp = DPSGDParams(1.5, 1.0, noise_seed=100 + client, contributors=9, sample_rate=1e-12)
+        train_task(model, data, cfg, seed=client, dp=dp)
+        share = _delta(before, model) * -cfg.batch_size
+        total = share if total is None else total + share
+    assert float(total.std()) == pytest.approx(1.5, rel=0.03)  # sigma * C over the sum
+
+
+def test_configuration_refuses_what_would_break_the_guarantee():
+    assert load_config(None, DISTRIBUTED).privacy.noise == "distributed"
+    for drop, match in [
+        ("secure_aggregation", "needs secure_aggregation"),
+        ("strategy", "needs strategy = 'fedadam'"),
+        ("privacy.mode", "form of record-level DP-SGD"),
+    ]:
+        settings = {k: v for k, v in DISTRIBUTED.items() if k != drop}
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, settings)
+    with pytest.raises(ConfigError, match="min_contributors"):
+        load_config(None, {**DISTRIBUTED, "privacy.min_contributors": 1})
+    with pytest.raises(ConfigError, match="sample_rate"):
+        load_config(None, {**DISTRIBUTED, "privacy.sample_rate": 0.0})
+    with pytest.raises(ConfigError, match="privacy.noise"):
+        load_config(None, {"privacy.noise": "central"})
+
+
+def test_simulate_sets_a_majority_and_refuses_more_contributors_than_clients():
+    from fedrec.simulation.run import with_contributors
+
+    cfg = load_config(None, DISTRIBUTED)
+    assert with_contributors(cfg, 21).privacy.min_contributors == 11
+    assert with_contributors(cfg, 4).privacy.min_contributors == 3
+    fixed = load_config(None, {**DISTRIBUTED, "privacy.min_contributors": 5})
+    assert with_contributors(fixed, 21).privacy.min_contributors == 5
+    with pytest.raises(ConfigError, match="needs at least 5 clients"):
+        with_contributors(fixed, 4)
+    local = load_config(None, {"privacy.mode": "record"})
+    assert with_contributors(local, 4) is local
+
+
+def test_the_secure_aggregation_threshold_is_raised_to_the_contributors():
+    ids = range(1, 8)
+    assert plan_round(SecAggConfig(), ids, "r").threshold == 4  # a majority of 7
+    assert plan_round(SecAggConfig(min_threshold=6), ids, "r").threshold == 6
+    assert plan_round(SecAggConfig(min_threshold=2), ids, "r").threshold == 4
+    with pytest.raises(ValueError, match="exceeds"):
+        plan_round(SecAggConfig(min_threshold=8), ids, "r")
+
+
+def test_ledger_entries_carry_their_contributors_and_only_distributed_ones():
+    fields = dict(
+        client="client-0", task="recall", round=1, noise_multiplier=1.2, sample_rate=0.25,
+        steps=1, clipping_norm=1.0, delta=1e-3, accountant="prv", epsilon=0.5,
+        epsilon_composed=0.5, budget_epsilon=8.0,
+    )  # fmt: skip
+    entry = LedgerEntry(**fields, mechanism="dp-sgd-distributed", noise_contributors=11)
+    assert entry.to_fields()["noise_contributors"] == 11
+    assert "noise_contributors" not in LedgerEntry(**fields).to_fields()
+    with pytest.raises(PrivacyError, match="noise_contributors"):
+        LedgerEntry(**fields, mechanism="dp-sgd-distributed")
+    with pytest.raises(PrivacyError, match="noise_contributors"):
+        LedgerEntry(**fields, noise_contributors=11)
+    with pytest.raises(PrivacyError, match="noise_contributors"):
+        LedgerEntry(**fields, mechanism="dp-sgd-distributed", noise_contributors=1)
+
+
+@pytest.mark.slow
+def test_a_distributed_dp_federation_is_accounted_and_audited(tmp_path):
+    from fedrec.simulation import simulate
+
+    cfg = load_config(
+        None,
+        {
+            **DISTRIBUTED,
+            "dataset": "synthetic:merchants=4,users=160,items=300",
+            "partition": "site",
+            "rounds": 3,
+            "seed": 2,
+            "out": str(tmp_path / "run"),
+            "eval_full_ranking": False,
+            "privacy.epsilon": 4.0,
+            "tasks": {t: {"dim": 16} for t in ("recall", "ranking", "personal")},
+        },
+    )
+    run, summary = simulate(cfg, baselines=False)
+    entries = read_ledger(run.ledger)
+    assert len(entries) == 3 * 4 * 3  # rounds x clients x tasks: nobody dropped
+    assert {e["mechanism"] for e in entries} == {"dp-sgd-distributed"}
+    assert {e["noise_contributors"] for e in entries} == {3}  # a majority of 4
+    assert {(e["steps"], e["sample_rate"]) for e in entries} == {(1, 0.25)}
+    assert len({e["noise_multiplier"] for e in entries}) == 1  # one multiplier everywhere
+    for client in {e["client"] for e in entries}:
+        mine = [e["epsilon_composed"] for e in entries if e["client"] == client]
+        assert mine == sorted(mine) and mine[0] < mine[-1] <= 4.0
+    assert audit_ledger(run.ledger, run_id=run.path.name).ok
+    assert summary["privacy"]["max_epsilon"] <= 4.0
+    assert sorted(summary["secure_aggregation"]["rounds"]) == ["1", "2", "3"]
+    assert (summary["privacy"]["noise"], summary["privacy"]["min_contributors"]) == (
+        "distributed", 3
+    )
+    saved = json.loads((run.path / "summary.json").read_text())
+    assert saved["privacy"]["max_epsilon"] == summary["privacy"]["max_epsilon"]
