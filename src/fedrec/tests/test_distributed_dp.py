@@ -10,12 +10,9 @@ import torch
 
 from fedrec.client.local import build_task_models
 from fedrec.config import ConfigError, FedrecConfig, TaskConfig, load_config
-from fedrec.data import synthetic_ecommerce
-from fedrec.data.sequences import build_sequences
-from fedrec.models.base import ModelSpec
 from fedrec.privacy import LedgerEntry, PrivacyError, audit_ledger, read_ledger
 from fedrec.secagg.params import SecAggConfig, plan_round
-from fedrec.training import DPSGDParams, LocalData, _batch, train_task
+from fedrec.training import DPSGDParams, _batch, train_task
 
 DISTRIBUTED = {
     "privacy.mode": "record",
@@ -23,23 +20,6 @@ DISTRIBUTED = {
     "secure_aggregation": True,
     "strategy": "fedadam",
 }
-
-
-@pytest.fixture(scope="module")
-def small():
-    ds = synthetic_ecommerce(n_merchants=2, n_users=40, n_items=50, seed=3)
-    seqs = build_sequences(ds.interactions, 20)
-    data = LocalData(seqs, ds.user_feature_codes()[seqs.users])
-    spec = ModelSpec(
-        ds.num_items,
-        tuple(int(c) for c in ds.items["category_index"]),
-        ds.num_categories,
-        ds.user_feature_cards(),
-        (7, 6),
-        max_len=20,
-        dim=16,
-    )
-    return data, spec
 
 
 def _delta(before, model):

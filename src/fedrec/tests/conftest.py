@@ -1,0 +1,26 @@
+"""Fixtures shared by several test modules."""
+
+import pytest
+
+from fedrec.data import synthetic_ecommerce
+from fedrec.data.sequences import build_sequences
+from fedrec.models.base import ModelSpec
+from fedrec.training import LocalData
+
+
+@pytest.fixture(scope="module")
+def small():
+    """60 synthetic users' training data and a matching small model spec."""
+    ds = synthetic_ecommerce(n_merchants=2, n_users=60, n_items=50, seed=3)
+    seqs = build_sequences(ds.interactions, 20)
+    data = LocalData(seqs, ds.user_feature_codes()[seqs.users])
+    spec = ModelSpec(
+        ds.num_items,
+        tuple(int(c) for c in ds.items["category_index"]),
+        ds.num_categories,
+        ds.user_feature_cards(),
+        (7, 6),
+        max_len=20,
+        dim=16,
+    )
+    return data, spec
