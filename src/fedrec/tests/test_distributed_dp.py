@@ -167,7 +167,7 @@ def test_a_distributed_dp_federation_is_accounted_and_audited(tmp_path):
         assert mine == sorted(mine) and mine[0] < mine[-1] <= 4.0
     assert audit_ledger(run.ledger, run_id=run.path.name).ok
     assert summary["privacy"]["max_epsilon"] <= 4.0
-    assert sorted(summary["secure_aggregation"]["rounds"]) == ["1", "2", "3"]
+    assert sorted(summary["secure_aggregation"]["rounds"]) == [1, 2, 3]
     assert (summary["privacy"]["noise"], summary["privacy"]["min_contributors"]) == (
         "distributed", 3
     )
