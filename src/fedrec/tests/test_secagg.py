@@ -214,12 +214,32 @@ def test_round_plans_check_capacity_threshold_and_ring():
     assert plan.threshold == 3
 
 
-def test_flower_adapter_over_an_in_process_grid_with_one_refusing_client(monkeypatch):
+@pytest.fixture
+def task_identity(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     for attr in ("_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, attr, 0)
+
+
+def _in_process_round(inputs, ctxs, update_fn, config=CFG):
+    """secagg_aggregate over a grid that hands each message to its client's handle_secagg."""
+
+    class InProcessGrid:
+        def send_and_receive(self, messages, *, timeout=None):
+            return [handle_secagg(m, ctxs[m.metadata.dst_node_id], update_fn) for m in messages]
+
+    return secagg_aggregate(
+        InProcessGrid(),
+        list(inputs),
+        config=config,
+        round_id=4,
+        train_content=RecordDict({"train": ConfigRecord({"lr": 0.5})}),
+    )
+
+
+def test_flower_adapter_over_an_in_process_grid_with_one_refusing_client(task_identity):
     inputs = _inputs(5, seed=13)
     refuser = sorted(inputs)[1]
     ctxs = {u: Context(1, u, {}, RecordDict(), {}) for u in inputs}
@@ -230,17 +250,7 @@ def test_flower_adapter_over_an_in_process_grid_with_one_refusing_client(monkeyp
         lr = msg.content["train"]["lr"]
         return ClientUpdate(inputs[ctx.node_id], {"metrics": MetricRecord({"lr": lr})})
 
-    class InProcessGrid:
-        def send_and_receive(self, messages, *, timeout=None):
-            return [handle_secagg(m, ctxs[m.metadata.dst_node_id], update_fn) for m in messages]
-
-    out = secagg_aggregate(
-        InProcessGrid(),
-        list(inputs),
-        config=CFG,
-        round_id=4,
-        train_content=RecordDict({"train": ConfigRecord({"lr": 0.5})}),
-    )
+    out = _in_process_round(inputs, ctxs, update_fn)
     _assert_sum(out.result, inputs, set(inputs) - {refuser})
     assert out.result.dropped["masked_input"] == (refuser,)
     assert set(out.replies) == set(inputs) - {refuser}
@@ -248,6 +258,27 @@ def test_flower_adapter_over_an_in_process_grid_with_one_refusing_client(monkeyp
     assert out.metrics()["secagg.survivors"] == 4.0
     assert ctxs[refuser].state["secagg-state"]["stage"] == "share_keys"
     assert all(ctxs[u].state["secagg-state"]["seed"] == b"" for u in out.result.survivors)
+
+
+@pytest.mark.parametrize("min_threshold", [0, 4])
+def test_an_update_needing_more_contributors_than_the_threshold_is_not_masked(
+    task_identity, min_threshold
+):
+    """Distributed DP: each update carries a noise share that is private only in a sum of 4."""
+    inputs = _inputs(5, seed=21)
+    ctxs = {u: Context(1, u, {}, RecordDict(), {}) for u in inputs}
+
+    def update_fn(msg, ctx):
+        return ClientUpdate(inputs[ctx.node_id], min_survivors=4)
+
+    config = dataclasses.replace(CFG, min_threshold=min_threshold)
+    if min_threshold == 0:  # a majority of 5 is 3: every client refuses to mask
+        with pytest.raises(TooFewSurvivors):
+            _in_process_round(inputs, ctxs, update_fn, config)
+        assert all(c.state["secagg-state"]["stage"] == "share_keys" for c in ctxs.values())
+    else:
+        out = _in_process_round(inputs, ctxs, update_fn, config)
+        _assert_sum(out.result, inputs, set(inputs))
 
 
 def _client_vector(partition: int) -> np.ndarray:
