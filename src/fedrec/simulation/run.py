@@ -52,15 +52,16 @@ def check_inputs(cfg: FedrecConfig) -> int:
 
 def with_contributors(cfg: FedrecConfig, n_clients: int) -> FedrecConfig:
     """Distributed DP noise: ``privacy.min_contributors`` 0 becomes a strict majority of the
-    ``n_clients``; ConfigError if it exceeds them (no round could ever be unmasked)."""
+    clients a round samples; ConfigError if it exceeds them (no round could be unmasked)."""
     p = cfg.privacy
     if p.mode != "record" or p.noise != "distributed":
         return cfg
-    m = p.min_contributors or n_clients // 2 + 1
-    if m > n_clients or m < 2:
+    sampled = min(n_clients, max(int(n_clients * cfg.fraction_train), cfg.min_train_clients))
+    m = p.min_contributors or sampled // 2 + 1
+    if m > sampled or m < 2:
         raise ConfigError(
-            f"privacy.min_contributors = {m} needs at least {max(m, 2)} clients; the partition "
-            f"gives {n_clients}"
+            f"privacy.min_contributors = {m} needs at least {max(m, 2)} clients in each round; "
+            f"the partition gives {n_clients} and each round samples {sampled}"
         )
     return replace(cfg, privacy=replace(p, min_contributors=m))
 

@@ -107,6 +107,13 @@ def test_simulate_sets_a_majority_and_refuses_more_contributors_than_clients():
     assert with_contributors(fixed, 21).privacy.min_contributors == 5
     with pytest.raises(ConfigError, match="needs at least 5 clients"):
         with_contributors(fixed, 4)
+    half = load_config(None, {**DISTRIBUTED, "fraction_train": 0.5})
+    assert with_contributors(half, 21).privacy.min_contributors == 6  # a majority of 10 sampled
+    eleven = load_config(
+        None, {**DISTRIBUTED, "fraction_train": 0.5, "privacy.min_contributors": 11}
+    )
+    with pytest.raises(ConfigError, match="each round samples 10"):
+        with_contributors(eleven, 21)
     local = load_config(None, {"privacy.mode": "record"})
     assert with_contributors(local, 4) is local
 
@@ -147,7 +154,7 @@ def test_a_distributed_dp_federation_is_accounted_and_audited(tmp_path):
             **DISTRIBUTED,
             "dataset": "synthetic:merchants=4,users=160,items=300",
             "partition": "site",
-            "rounds": 3,
+            "rounds": 2,
             "seed": 2,
             "out": str(tmp_path / "run"),
             "eval_full_ranking": False,
@@ -157,7 +164,7 @@ def test_a_distributed_dp_federation_is_accounted_and_audited(tmp_path):
     )
     run, summary = simulate(cfg, baselines=False)
     entries = read_ledger(run.ledger)
-    assert len(entries) == 3 * 4 * 3  # rounds x clients x tasks: nobody dropped
+    assert len(entries) == 2 * 4 * 3  # rounds x clients x tasks: nobody dropped
     assert {e["mechanism"] for e in entries} == {"dp-sgd-distributed"}
     assert {e["noise_contributors"] for e in entries} == {3}  # a majority of 4
     assert {(e["steps"], e["sample_rate"]) for e in entries} == {(1, 0.25)}
@@ -167,7 +174,7 @@ def test_a_distributed_dp_federation_is_accounted_and_audited(tmp_path):
         assert mine == sorted(mine) and mine[0] < mine[-1] <= 4.0
     assert audit_ledger(run.ledger, run_id=run.path.name).ok
     assert summary["privacy"]["max_epsilon"] <= 4.0
-    assert sorted(summary["secure_aggregation"]["rounds"]) == [1, 2, 3]
+    assert sorted(summary["secure_aggregation"]["rounds"]) == [1, 2]
     assert (summary["privacy"]["noise"], summary["privacy"]["min_contributors"]) == (
         "distributed", 3
     )
