@@ -71,6 +71,7 @@ def _train(
         run_id=str(config.get("run-id", "")),
         site="ledger-path" in context.node_config,
         site_budget=_site_budget(context),
+        deployed="data-path" in context.node_config,
     )
     kept = privacy.replay(server_round, msg.content[ARRAYS_KEY]) if privacy else None
     if kept is not None:  # released before the server died: send it again (client/replay.py)

@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
@@ -198,6 +198,7 @@ def client_privacy(
     run_id: str,
     site: bool = False,
     site_budget: float | None = None,
+    deployed: bool = False,
 ) -> ClientPrivacy | None:
     """The client's DP controller for record-level DP; None when DP is off or server-side.
 
@@ -216,7 +217,7 @@ def client_privacy(
     shares = dict(zip(cfg.tasks, cfg.privacy.task_shares, strict=False))
     return privacy_controller(
         cfg, context, client, plan, shares, n_users=data.n_users, ledger_path=ledger_path,
-        run_id=run_id, site=site, site_budget=site_budget,
+        run_id=run_id, site=site, site_budget=site_budget, deployed=deployed,
     )  # fmt: skip
 
 
@@ -237,11 +238,19 @@ def privacy_controller(
     run_id: str,
     site: bool = False,
     site_budget: float | None = None,
+    deployed: bool = False,
 ) -> ClientPrivacy:
     """A record-level DP controller for any set of releases per round: ``plan`` maps each task
     (a model trained under DP-SGD) to its (sample rate, steps per round), ``task_shares`` splits
     the budget over them. The task models use it through ``client_privacy``; the text adapter
-    stage (fedrec.text.federated) with its single task."""
+    stage (fedrec.text.federated) with its single task.
+
+    ``deployed``: a partner site's client. Its DP noise always comes from OS entropy, whatever
+    ``privacy.secure_rng`` says: seeded noise (the simulation default, so runs reproduce) is a
+    function of the run's seed, the client's number, the round and the task, all of which the
+    server knows, and a server that can recompute the noise can subtract it."""
+    if deployed and not cfg.privacy.secure_rng:
+        cfg = replace(cfg, privacy=replace(cfg.privacy, secure_rng=True))
     p = cfg.privacy
     validate_budget(epsilon=p.epsilon, delta=p.delta, min_records=n_users)
     if p.noise == "distributed" and p.min_contributors < 2:

@@ -44,6 +44,22 @@ def test_budget_is_kept_then_the_client_refuses(tmp_path):
     assert audit_ledger(ledger, run_id="run-x").ok
 
 
+def test_a_deployed_client_never_uses_noise_the_server_could_recompute(tmp_path):
+    cfg, data, ctx = _setup(tmp_path)
+    assert not cfg.privacy.secure_rng  # the simulation default: noise seeded from the run seed
+    simulated = client_privacy(cfg, ctx, 0, data, ledger_path=None, run_id="r").before_round(1)
+    assert all(p.noise_seed is not None for p in simulated.values())
+    again = client_privacy(cfg, _fresh_context(), 0, data, ledger_path=None, run_id="r")
+    assert again.before_round(1) == simulated  # reproducible: anyone with the config has it
+    deployed = client_privacy(
+        cfg, _fresh_context(), 0, data, ledger_path=None, run_id="r", deployed=True
+    ).before_round(1)
+    assert all(p.noise_seed is None for p in deployed.values())  # OS entropy at training time
+    assert {t: p.noise_multiplier for t, p in deployed.items()} == {
+        t: p.noise_multiplier for t, p in simulated.items()
+    }
+
+
 def test_delta_too_large_for_the_smallest_client_is_refused(tmp_path):
     cfg, data, ctx = _setup(tmp_path)
     cfg = load_config(None, {**{k: v for k, v in cfg.to_dict().items() if k not in ("tasks", "privacy")},
