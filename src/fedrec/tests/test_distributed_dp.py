@@ -180,3 +180,23 @@ def test_a_distributed_dp_federation_is_accounted_and_audited(tmp_path):
     )
     saved = json.loads((run.path / "summary.json").read_text())
     assert saved["privacy"]["max_epsilon"] == summary["privacy"]["max_epsilon"]
+
+
+def test_a_client_whose_poisson_batches_were_empty_does_not_turn_the_round_loss_into_nan():
+    """One step at rate 0.25: a 7-user silo samples nobody 13% of the time (loss nan)."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedrec.strategies.factory import aggregate_train_metrics
+
+    def reply(n, loss, seconds):
+        return RecordDict({"m": MetricRecord(
+            {"num-examples": n, "recall.loss": loss, "recall.train-seconds": seconds}
+        )})  # fmt: skip
+
+    out = aggregate_train_metrics(
+        [reply(30, 2.0, 1.0), reply(7, float("nan"), 0.5), reply(10, 4.0, 2.0)], "num-examples"
+    )
+    assert out["recall.loss"] == pytest.approx((30 * 2.0 + 10 * 4.0) / 40)
+    assert out["recall.train-seconds"] == 3.5 and out["num-examples"] == 47
+    none = aggregate_train_metrics([reply(7, float("nan"), 0.5)], "num-examples")
+    assert np.isnan(none["recall.loss"])
