@@ -35,8 +35,19 @@ def secure_update(
     if reply.has_error():
         raise ValueError(f"not contributing this round: {reply.error.reason}")
     records = {k: reply.content[k] for k in ("metrics", "ledger") if k in reply.content}
-    p = from_json(str(msg.content["config"]["fedrec"])).privacy
-    need = p.min_contributors if p.mode == "record" and p.noise == "distributed" else 0
     return ClientUpdate(
-        update_delta(reply.content[ARRAYS_KEY], msg.content[ARRAYS_KEY]), records, need
+        update_delta(reply.content[ARRAYS_KEY], msg.content[ARRAYS_KEY]),
+        records,
+        contributors_needed(msg),
     )
+
+
+def contributors_needed(msg: Message) -> int:
+    """The fewest updates a sum must hold for this client's to be private in it: the run's
+    ``privacy.min_contributors`` under distributed DP noise, else 0 (no such need)."""
+    config = msg.content.config_records.get("config")
+    raw = config.get("fedrec") if config is not None else None
+    if raw is None:  # not a fedrec training message (no run config): nothing shared
+        return 0
+    p = from_json(str(raw)).privacy
+    return p.min_contributors if p.mode == "record" and p.noise == "distributed" else 0

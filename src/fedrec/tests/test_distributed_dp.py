@@ -200,3 +200,26 @@ def test_a_client_whose_poisson_batches_were_empty_does_not_turn_the_round_loss_
     assert out["recall.train-seconds"] == 3.5 and out["num-examples"] == 47
     none = aggregate_train_metrics([reply(7, float("nan"), 0.5)], "num-examples")
     assert np.isnan(none["recall.loss"])
+
+
+def test_a_client_asks_for_as_many_contributors_as_the_run_config_names(monkeypatch):
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # a Message outside a running app
+    for attr in ("_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 0)
+
+    from fedrec.client.secure import contributors_needed
+
+    def train_msg(settings):
+        cfg = load_config(None, settings)
+        content = RecordDict({"config": ConfigRecord({"fedrec": cfg.to_json()})})
+        return Message(content, dst_node_id=1, message_type="train")
+
+    assert contributors_needed(train_msg({**DISTRIBUTED, "privacy.min_contributors": 7})) == 7
+    local = {**DISTRIBUTED, "privacy.noise": "local", "privacy.min_contributors": 7}
+    assert contributors_needed(train_msg(local)) == 0
+    bare = Message(RecordDict({"config": ConfigRecord({"lr": 0.1})}), dst_node_id=1,
+                   message_type="train")  # fmt: skip
+    assert contributors_needed(bare) == 0
