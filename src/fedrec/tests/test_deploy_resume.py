@@ -281,7 +281,7 @@ def test_a_deployed_run_killed_after_round_1_resumes_and_releases_nothing_twice(
         _kill_serverapp(fed.children[0].proc.pid)  # the server dies in round 2
         stop_run(fed.site, first)  # as the refusal says: the SuperLink drops round 2's messages
         assert (run_status(fed.site, first) or "").startswith("finished")
-        _wait_until_idle([c.proc.pid for c in fed.children[1:]], timeout=120)
+        _wait_until_idle([c.proc.pid for c in fed.children[1:]], timeout=300)  # loaded machines
 
         code, err = _fedrec(capsys, "server", "resume", str(out), *site_flags, "--timeout", "300")
         assert code == 0, err
