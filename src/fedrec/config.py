@@ -70,6 +70,16 @@ class PrivacyConfig:
     min_contributors: int = 0
     sample_rate: float = 0.25  # distributed: Poisson rate of users per step, the same everywhere
 
+    @property
+    def distributed(self) -> bool:
+        """Record-level DP-SGD whose noise is shared by the clients (``noise = "distributed"``)."""
+        return self.mode == "record" and self.noise == "distributed"
+
+    @property
+    def noise_contributors(self) -> int:
+        """The fewest clients whose noise shares a released sum must hold; 0 for local noise."""
+        return self.min_contributors if self.distributed else 0
+
 
 @dataclass(frozen=True)
 class TextConfig:

@@ -89,14 +89,15 @@ def train_task(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    if proximal_mu > 0:
-        optimizer.register_step_post_hook(_proximal_hook(model, cfg.lr * proximal_mu))
-    q = sample_rate_for(cfg, data.n_users)
-    n_steps = steps_per_round(cfg, data.n_users)
-    if dp is not None and dp.contributors > 0:
+    optimizer: torch.optim.Optimizer
+    if dp is not None and dp.contributors > 0:  # one step of the shared noisy gradient sum
         q, n_steps = dp.sample_rate, 1
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0 / cfg.batch_size)
+    else:
+        q, n_steps = sample_rate_for(cfg, data.n_users), steps_per_round(cfg, data.n_users)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if proximal_mu > 0:
+        optimizer.register_step_post_hook(_proximal_hook(model, cfg.lr * proximal_mu))
     start = time.perf_counter()
     model.train()
     if dp is None:

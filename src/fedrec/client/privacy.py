@@ -130,8 +130,7 @@ class ClientPrivacy:
     def contributors(self) -> int:
         """Distributed noise: the fewest clients whose noise shares the released sum holds
         (each adds noise_multiplier / sqrt of it); 0 for local DP-SGD."""
-        p = self.cfg.privacy
-        return p.min_contributors if p.noise == "distributed" else 0
+        return self.cfg.privacy.noise_contributors
 
     def _check_lifetime(self, server_round: int, trial: ClientPrivacyState) -> None:
         """PrivacyRefusal if the site's releases in all runs plus this round exceed its budget."""
@@ -207,7 +206,7 @@ def client_privacy(
     """
     if cfg.privacy.mode != "record":
         return None
-    if cfg.privacy.noise == "distributed":  # one step per round, one rate at every client
+    if cfg.privacy.distributed:  # one step per round, one rate at every client
         plan = dict.fromkeys(cfg.tasks, (cfg.privacy.sample_rate, 1))
     else:
         plan = {
@@ -253,7 +252,7 @@ def privacy_controller(
         cfg = replace(cfg, privacy=replace(cfg.privacy, secure_rng=True))
     p = cfg.privacy
     validate_budget(epsilon=p.epsilon, delta=p.delta, min_records=n_users)
-    if p.noise == "distributed" and p.min_contributors < 2:
+    if p.distributed and p.min_contributors < 2:
         raise PrivacyError(
             "privacy.noise = 'distributed' needs privacy.min_contributors >= 2 (the fewest "
             "clients whose noise shares make up the full noise); set it in the run's config"
@@ -322,7 +321,7 @@ def _calibrate(
     sigmas = calibrate(p.epsilon, [])
     if not prior and budget >= p.epsilon:
         return sigmas
-    if p.noise == "distributed":  # every client must add the same share: refusals guard the
+    if p.distributed:  # every client must add the same share: refusals guard the
         return sigmas  # site's lifetime budget (before_round), more noise here would not count
     spent = epsilon_opacus(prior, delta=p.delta, accountant=p.accountant)  # type: ignore[arg-type]
     try:

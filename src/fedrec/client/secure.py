@@ -49,5 +49,4 @@ def contributors_needed(msg: Message) -> int:
     raw = config.get("fedrec") if config is not None else None
     if raw is None:  # not a fedrec training message (no run config): nothing shared
         return 0
-    p = from_json(str(raw)).privacy
-    return p.min_contributors if p.mode == "record" and p.noise == "distributed" else 0
+    return from_json(str(raw)).privacy.noise_contributors

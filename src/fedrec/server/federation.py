@@ -157,8 +157,7 @@ def run_federation(
 
 def secure_grid(grid: Grid, cfg: FedrecConfig, run: RunDir) -> SecureAggregationGrid:
     """The grid through which Flower's strategy gets only sums (fedrec.server.secure_grid)."""
-    p = cfg.privacy
-    floor = p.min_contributors if p.mode == "record" and p.noise == "distributed" else 0
+    floor = cfg.privacy.noise_contributors
     return SecureAggregationGrid(grid, SecAggConfig(min_threshold=floor), run.path.name)
 
 

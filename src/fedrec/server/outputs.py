@@ -170,12 +170,11 @@ def privacy_summary(cfg: FedrecConfig, run: RunDir) -> dict[str, Any]:
         client[entry["task"]] = entry["epsilon"]
         client["composed"] = entry["epsilon_composed"]
     composed = [c["composed"] for c in per_client.values()]
-    distributed = cfg.privacy.mode == "record" and cfg.privacy.noise == "distributed"
     return {
         "mode": cfg.privacy.mode,
         "unit": UNITS[cfg.privacy.mode],
         **({"noise": "distributed", "min_contributors": cfg.privacy.min_contributors}
-           if distributed else {}),  # fmt: skip
+           if cfg.privacy.distributed else {}),  # fmt: skip
         "delta": cfg.privacy.delta,
         "budget_epsilon": cfg.privacy.epsilon,
         "max_epsilon": max(composed) if composed else 0.0,

@@ -54,7 +54,7 @@ def with_contributors(cfg: FedrecConfig, n_clients: int) -> FedrecConfig:
     """Distributed DP noise: ``privacy.min_contributors`` 0 becomes a strict majority of the
     clients a round samples; ConfigError if it exceeds them (no round could be unmasked)."""
     p = cfg.privacy
-    if p.mode != "record" or p.noise != "distributed":
+    if not p.distributed:
         return cfg
     sampled = min(n_clients, max(int(n_clients * cfg.fraction_train), cfg.min_train_clients))
     m = p.min_contributors or sampled // 2 + 1
