@@ -1,7 +1,7 @@
 """Record-level DP federation emulated in one process: quick probes of DP training settings.
 
     .venv/bin/python benchmarks/dp_emulation.py [--epsilon 8] [--rounds 12] [--text content]
-        [--local-epochs recall=1 ranking=1 personal=1]
+        [--local-epochs recall=1 ranking=1 personal=1] [--set tasks.ranking.lr=0.001 ...]
 
 Each client of the default federation trains its task models under DP-SGD exactly as the
 ClientApp does (fedrec.client.local.train_round), with noise calibrated once per client for the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+import tomllib
 
 import numpy as np
 import torch
@@ -37,9 +38,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--text", default="content", help="content | off")
     parser.add_argument("--local-epochs", nargs="*", default=[], metavar="TASK=N")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, values in TOML syntax (tasks.ranking.lr=0.001)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(None, {"text.mode": args.text, "rounds": args.rounds})
+    overrides = {k: tomllib.loads(f"v = {v}")["v"] for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = load_config(None, {"text.mode": args.text, "rounds": args.rounds, **overrides})
     epochs = dict(item.split("=") for item in args.local_epochs)
     tasks = {
         t: dataclasses.replace(c, local_epochs=int(epochs.get(t, c.local_epochs)))

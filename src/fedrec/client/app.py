@@ -21,7 +21,7 @@ from fedrec.client.local import build_task_models, train_round
 from fedrec.client.mods import user_dp_clipping
 from fedrec.client.privacy import client_name, client_privacy
 from fedrec.client.replay import release_lock
-from fedrec.client.secure import secure_update
+from fedrec.client.secure import contributors_needed, secure_update
 from fedrec.config import FedrecConfig, from_json
 from fedrec.secagg.flower import handle_secagg
 from fedrec.strategies.records import ARRAYS_KEY, pack, unpack_into
@@ -98,7 +98,9 @@ def _train(
 @app.train("secagg")
 def train_secagg(msg: Message, context: Context) -> Message:
     """Secure aggregation (fedrec.secagg): the same training; only a masked delta leaves."""
-    return handle_secagg(msg, context, partial(secure_update, train))
+    return handle_secagg(
+        msg, context, partial(secure_update, train), min_survivors=contributors_needed
+    )
 
 
 @app.query("fusion")

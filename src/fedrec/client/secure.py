@@ -5,7 +5,8 @@ in the masked-input stage. The update is trained (and, under DP, clipped and noi
 ledger lines written) exactly as in a plain round; what is masked is its difference from the
 global model. Metrics and ledger lines travel in the clear beside the masked vector. Under
 distributed DP noise the update is only private inside a sum of ``privacy.min_contributors``
-clients: it is masked only when the round's threshold (below which no client unmasks) is that.
+clients: ``contributors_needed`` tells ``handle_secagg`` so, and a client whose round has a
+lower threshold (below which no client unmasks) refuses it before training.
 """
 
 from __future__ import annotations
@@ -35,11 +36,7 @@ def secure_update(
     if reply.has_error():
         raise ValueError(f"not contributing this round: {reply.error.reason}")
     records = {k: reply.content[k] for k in ("metrics", "ledger") if k in reply.content}
-    return ClientUpdate(
-        update_delta(reply.content[ARRAYS_KEY], msg.content[ARRAYS_KEY]),
-        records,
-        contributors_needed(msg),
-    )
+    return ClientUpdate(update_delta(reply.content[ARRAYS_KEY], msg.content[ARRAYS_KEY]), records)
 
 
 def contributors_needed(msg: Message) -> int:

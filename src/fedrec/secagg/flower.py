@@ -37,14 +37,10 @@ class ClientUpdate:
 
     ``arrays`` must already be clipped and noised for DP. ``records`` (metrics, a ledger
     ConfigRecord...) travel in the clear next to the masked vector: never put weights there.
-    ``min_survivors``: the update is only private inside a sum of at least this many (its DP
-    noise is a share of the sum's: distributed DP); it is masked only if the round's
-    reconstruction threshold, below which this client refuses to unmask, is at least that.
     """
 
     arrays: Mapping[str, NDArray]
     records: Mapping[str, ConfigRecord | MetricRecord] = field(default_factory=dict)
-    min_survivors: int = 0
 
     def __post_init__(self) -> None:
         if any(not isinstance(r, ConfigRecord | MetricRecord) for r in self.records.values()):
@@ -131,17 +127,28 @@ def secagg_aggregate(
     return SecAggRound(result, clear, seconds)
 
 
-def handle_secagg(msg: Message, context: Context, update_fn: UpdateFn) -> Message:
+def handle_secagg(
+    msg: Message,
+    context: Context,
+    update_fn: UpdateFn,
+    min_survivors: Callable[[Message], int] | None = None,
+) -> Message:
     """Answer one secure-aggregation message; the protocol state lives in ``context.state``.
 
     ``update_fn(msg, context)`` is called in the masked-input stage and returns the
     client's ``ClientUpdate``. Protocol failures are answered as error replies.
+
+    ``min_survivors(msg)``: the fewest inputs a sum must hold for this client's update to be
+    private in it (distributed DP: its noise is a share of the sum's). If the round's
+    reconstruction threshold, below which this client refuses to unmask, is lower, the client
+    refuses the round before ``update_fn`` runs: it neither trains nor spends budget.
     """
     try:
         stage = wire.stage_of(msg.content)
         saved = context.state.config_records.get(wire.STATE_KEY)
         client = SecAggClient.from_dict(dict(saved)) if saved is not None else SecAggClient()
-        reply = _step(client, stage, msg, context, update_fn)
+        need = min_survivors or (lambda _msg: 0)
+        reply = _step(client, stage, msg, context, update_fn, need)
     except (SecAggError, ValueError, KeyError, TypeError) as err:
         log.error("node %d: secure aggregation failed: %s", msg.metadata.dst_node_id, err)
         return Message(Error(code=ERROR_CODE_SECAGG, reason=f"secagg: {err}"), reply_to=msg)
@@ -150,7 +157,12 @@ def handle_secagg(msg: Message, context: Context, update_fn: UpdateFn) -> Messag
 
 
 def _step(
-    client: SecAggClient, stage: str, msg: Message, context: Context, update_fn: UpdateFn
+    client: SecAggClient,
+    stage: str,
+    msg: Message,
+    context: Context,
+    update_fn: UpdateFn,
+    min_survivors: Callable[[Message], int],
 ) -> RecordDict:
     content = msg.content
     if stage == "setup":
@@ -166,16 +178,16 @@ def _step(
         sealed = wire.sealed_from_record(content)
         if client.state.stage != "share_keys":  # check before the (long) training
             raise SecAggError(f"masked_input after '{client.state.stage or 'nothing'}'")
+        need = min_survivors(msg)
+        if need > client.state.threshold:  # before training: no budget spent on a refusal
+            raise SecAggError(
+                f"the round's threshold {client.state.threshold} is below the {need} "
+                "contributors this client's noise share needs; not training this round"
+            )
         try:
             update = update_fn(msg, context)
         except Exception as err:  # a refusal or a failed training: answer, never raise
             raise SecAggError(f"no update: {type(err).__name__}: {err}") from err
-        if update.min_survivors > client.state.threshold:
-            raise SecAggError(
-                f"the round's threshold {client.state.threshold} is below the "
-                f"{update.min_survivors} contributors this update's noise share needs; "
-                "not masking it"
-            )
         masked = client.masked_input(sealed, update.arrays)
         reply = wire.masked_to_record(masked, client.config.modulus)
         for key, record in update.records.items():

@@ -177,3 +177,38 @@ def test_notes_rounds_table() -> None:
     # q = 64/5000 and ceil(5000/64) = 79 steps per round.
     eps = [epsilon_opacus([(1.0, 64 / 5000, 79 * r)], delta=1e-5) for r in (1, 5, 10, 20, 50)]
     assert eps == pytest.approx([0.86, 1.56, 2.14, 3.02, 4.90], abs=0.005)
+
+
+def test_memoised_opacus_rdp_gives_opacus_own_figures() -> None:
+    """fedrec caches Opacus' per-step RDP (fedrec.privacy.accounting): the PRV and RDP epsilons
+    of a mixed history, fractional orders and q = 0.4 included, equal bit for bit what Opacus
+    computes in a process that never imported fedrec."""
+    import subprocess
+    import sys
+
+    from opacus.accountants.analysis import rdp
+
+    assert hasattr(rdp._compute_rdp, "cache_info")  # the cache is installed
+    hist = [(1.3, 0.4, 7), (2.7, 0.05, 40)]
+    code = (
+        "from opacus.accountants import create_accountant\n"
+        "from opacus.accountants.analysis import rdp\n"
+        "assert not hasattr(rdp._compute_rdp, 'cache_info')\n"
+        "for mech in ('prv', 'rdp'):\n"
+        "    acc = create_accountant(mechanism=mech)\n"
+        f"    acc.history = {hist!r}\n"
+        "    print(repr(float(acc.get_epsilon(delta=1e-5))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    fresh = [float(x) for x in out.stdout.split()]
+    from opacus.accountants import create_accountant
+
+    mine = []
+    for mech in ("prv", "rdp"):
+        acc = create_accountant(mechanism=mech)
+        acc.history = list(hist)
+        mine.append(float(acc.get_epsilon(delta=1e-5)))
+    assert mine == fresh
+    assert rdp._compute_rdp.cache_info().hits > 0

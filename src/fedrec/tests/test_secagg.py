@@ -223,12 +223,14 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, 0)
 
 
-def _in_process_round(inputs, ctxs, update_fn, config=CFG):
+def _in_process_round(inputs, ctxs, update_fn, config=CFG, need=None):
     """secagg_aggregate over a grid that hands each message to its client's handle_secagg."""
 
     class InProcessGrid:
         def send_and_receive(self, messages, *, timeout=None):
-            return [handle_secagg(m, ctxs[m.metadata.dst_node_id], update_fn) for m in messages]
+            return [
+                handle_secagg(m, ctxs[m.metadata.dst_node_id], update_fn, need) for m in messages
+            ]
 
     return secagg_aggregate(
         InProcessGrid(),
@@ -261,23 +263,28 @@ def test_flower_adapter_over_an_in_process_grid_with_one_refusing_client(task_id
 
 
 @pytest.mark.parametrize("min_threshold", [0, 4])
-def test_an_update_needing_more_contributors_than_the_threshold_is_not_masked(
+def test_a_client_needing_more_contributors_than_the_threshold_refuses_before_training(
     task_identity, min_threshold
 ):
-    """Distributed DP: each update carries a noise share that is private only in a sum of 4."""
+    """Distributed DP: each update carries a noise share that is private only in a sum of 4.
+    Under a lower threshold no client trains (spending budget) or masks anything."""
     inputs = _inputs(5, seed=21)
     ctxs = {u: Context(1, u, {}, RecordDict(), {}) for u in inputs}
+    trained = []
 
     def update_fn(msg, ctx):
-        return ClientUpdate(inputs[ctx.node_id], min_survivors=4)
+        trained.append(ctx.node_id)
+        return ClientUpdate(inputs[ctx.node_id])
 
     config = dataclasses.replace(CFG, min_threshold=min_threshold)
-    if min_threshold == 0:  # a majority of 5 is 3: every client refuses to mask
+    if min_threshold == 0:  # a majority of 5 is 3: every client refuses
         with pytest.raises(TooFewSurvivors):
-            _in_process_round(inputs, ctxs, update_fn, config)
+            _in_process_round(inputs, ctxs, update_fn, config, need=lambda msg: 4)
+        assert trained == []
         assert all(c.state["secagg-state"]["stage"] == "share_keys" for c in ctxs.values())
     else:
-        out = _in_process_round(inputs, ctxs, update_fn, config)
+        out = _in_process_round(inputs, ctxs, update_fn, config, need=lambda msg: 4)
+        assert sorted(trained) == sorted(inputs)
         _assert_sum(out.result, inputs, set(inputs))
 
 
