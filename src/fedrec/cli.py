@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedrec.config import TEXT_MODES, ConfigError, FedrecConfig, load_config
 
@@ -346,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         DeployError,
         TextError,
     ) as err:
-        console.print(f"[red]error:[/] {err}")
+        # soft_wrap: the terminal wraps, so a long path stays one copyable token; escape: a
+        # message holding "[...]" is text, not Rich markup
+        console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")

@@ -28,6 +28,8 @@ def _fedrec(*args, cwd):
             "epsilon",
         ),
         (["audit", "no-run-here"], "no-run-here"),
+        # a long path is not broken across lines (copyable), brackets are not Rich markup
+        (["audit", "runs/" + "r" * 150 + "[red]x"], "runs/" + "r" * 150 + "[red]x"),
     ],
 )
 def test_user_errors_are_one_clear_line(tmp_path, args, needle):
