@@ -212,3 +212,19 @@ def test_memoised_opacus_rdp_gives_opacus_own_figures() -> None:
         mine.append(float(acc.get_epsilon(delta=1e-5)))
     assert mine == fresh
     assert rdp._compute_rdp.cache_info().hits > 0
+
+
+def test_cached_pld_gives_dp_accountings_own_figures() -> None:
+    """fedrec builds each sampled Gaussian's PLD once (fedrec.privacy.accounting._epsilon_pld):
+    its epsilon equals dp-accounting's PLDAccountant's bit for bit, for single and mixed
+    histories, also when the cached PLDs are reused across queries."""
+    from dp_accounting.pld import PLDAccountant
+
+    from fedrec.privacy.accounting import canonical_history, dp_event
+
+    for hist in ([(1.3, 0.4, 7)], [(1.3, 0.4, 7), (2.7, 0.05, 40)], [(0.9, 1.0, 3), (1.3, 0.4, 2)]):
+        canon = canonical_history(hist)
+        acc = PLDAccountant()
+        acc.compose(dp_event(canon))
+        for delta in (1e-3, 1e-5):
+            assert epsilon_dp_accounting(hist, delta=delta, method="pld") == acc.get_epsilon(delta)
