@@ -329,16 +329,31 @@ def _kill_serverapp(superlink_pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a process (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_until_idle(supernode_pids: list[int], *, timeout: float) -> None:
-    """Until no ClientApp of the stopped run still trains (it may still append to its ledger)."""
+    """Until no ClientApp of the stopped run still works (trains, writes its ledger).
+
+    A ClientApp whose run was stopped may linger after its work, retrying to push its reply
+    to the SuperNode (Flower's HTTP retry), sometimes for minutes: such a process uses no CPU.
+    So a ClientApp counts as working while its CPU time still grows over a 2 s window."""
     from fedrec.deploy.process import descendants
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        busy = [
+        apps = [
             p for s in supernode_pids for p in descendants(s) if "flwr-clientapp" in _cmdline(p)
         ]
-        if not busy:
+        before = {p: _cpu_seconds(p) for p in apps}
+        time.sleep(2.0)
+        working = [p for p in apps if _cpu_seconds(p) not in (None, before[p])]
+        if not working:
             return
-        time.sleep(0.5)
-    raise AssertionError(f"ClientApps still running after {timeout} s")
+    raise AssertionError(f"ClientApps {working} still working after {timeout} s")
