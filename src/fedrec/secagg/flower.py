@@ -147,8 +147,7 @@ def handle_secagg(
         stage = wire.stage_of(msg.content)
         saved = context.state.config_records.get(wire.STATE_KEY)
         client = SecAggClient.from_dict(dict(saved)) if saved is not None else SecAggClient()
-        need = min_survivors or (lambda _msg: 0)
-        reply = _step(client, stage, msg, context, update_fn, need)
+        reply = _step(client, stage, msg, context, update_fn, min_survivors)
     except (SecAggError, ValueError, KeyError, TypeError) as err:
         log.error("node %d: secure aggregation failed: %s", msg.metadata.dst_node_id, err)
         return Message(Error(code=ERROR_CODE_SECAGG, reason=f"secagg: {err}"), reply_to=msg)
@@ -162,7 +161,7 @@ def _step(
     msg: Message,
     context: Context,
     update_fn: UpdateFn,
-    min_survivors: Callable[[Message], int],
+    min_survivors: Callable[[Message], int] | None,
 ) -> RecordDict:
     content = msg.content
     if stage == "setup":
@@ -178,7 +177,7 @@ def _step(
         sealed = wire.sealed_from_record(content)
         if client.state.stage != "share_keys":  # check before the (long) training
             raise SecAggError(f"masked_input after '{client.state.stage or 'nothing'}'")
-        need = min_survivors(msg)
+        need = min_survivors(msg) if min_survivors is not None else 0
         if need > client.state.threshold:  # before training: no budget spent on a refusal
             raise SecAggError(
                 f"the round's threshold {client.state.threshold} is below the {need} "

@@ -199,16 +199,10 @@ def test_a_killed_distributed_run_resumes_to_the_uninterrupted_ledger_and_models
     from fedrec.models.registry import load_model
     from fedrec.server.checkpoint import resume_config
     from fedrec.simulation import simulate
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash_after_round_1(server_round, rows, rlog):
-        if server_round == 1:
-            raise Crash("simulated server crash after round 1")
+    from fedrec.tests.test_fault_tolerance import Crash, _crash_after
 
     with pytest.raises(Crash):
-        simulate(_distributed_cfg(tmp_path / "run"), baselines=False, on_round=crash_after_round_1)
+        simulate(_distributed_cfg(tmp_path / "run"), baselines=False, on_round=_crash_after(1))
     run, summary = simulate(
         resume_config(tmp_path / "run"), baselines=False, resume_from=tmp_path / "run"
     )
