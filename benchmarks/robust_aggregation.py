@@ -10,7 +10,8 @@ sends -1x (fedrec.simulation.faults; an attack simulation for benchmarks and tes
 config or flag of ``fedrec`` can turn on). The update screen's median-norm and direction rules
 are off (``reject_norm_factor = 0``, ``reject_min_cosine = -1``) unless ``--screen``: the
 question is then what each aggregator withstands by itself; with ``--screen`` they are the
-defaults (10x the median norm, cosine 0 with the median update). Prints test HR@10 per task, the drop relative to the same strategy's clean run and to
+defaults (10x the median norm, cosine 0 with the median update); ``--norm-outliers rescale``
+scales an update over the norm rule down to the median norm instead of rejecting it. Prints test HR@10 per task, the drop relative to the same strategy's clean run and to
 clean FedAvg, and writes DIR/robust_aggregation.json.
 
 ``--seeds N`` repeats everything for seeds ``seed .. seed+N-1``: each seed sets both the run's
@@ -61,6 +62,7 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         "eval_full_ranking": False,
         "reject_norm_factor": 10.0 if args.screen else 0.0,
         "reject_min_cosine": 0.0 if args.screen else -1.0,
+        "norm_outliers": args.norm_outliers,
     }
     done = Path(over["out"]) / "summary.json"
     if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
@@ -89,6 +91,9 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     parser.add_argument("--attack-share", type=float, default=0.1, help="share of attackers")
     parser.add_argument("--screen", action="store_true", help="keep the median-norm screen on")
+    parser.add_argument("--norm-outliers", choices=("reject", "rescale"), default="reject",
+                        help="with --screen: reject an update over 10x the median norm, or "
+                        "rescale it to the median norm")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed and the attackers'")
     parser.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds")
     parser.add_argument("--out", default="runs/robust_aggregation")

@@ -113,6 +113,9 @@ class FedrecConfig:
     # reject an update whose cosine with the round's coordinate-wise median update is below this
     # (-1 off): catches sign-flipped updates, whose norm is honest (strategies/screen.py)
     reject_min_cosine: float = 0.0
+    # what happens to an update over reject_norm_factor x the median: "reject" drops it;
+    # "rescale" scales it down to the round's median norm, keeping its direction and its data
+    norm_outliers: str = "reject"
     proximal_mu: float = 0.01  # FedProx only
     server_lr: float = 0.01  # FedAdam only
     server_momentum: float = 0.5  # FedAvgM only (Hsu et al. 2019), server learning rate 1
@@ -166,6 +169,8 @@ def _validate(cfg: FedrecConfig) -> None:
          "must be above 1 (or 0 to turn the median-norm check off)"),
         (-1 <= cfg.reject_min_cosine < 1, "reject_min_cosine",
          "must be in [-1, 1) (-1 turns the direction check off)"),
+        (cfg.norm_outliers in ("reject", "rescale"), "norm_outliers",
+         "must be reject or rescale"),
         (cfg.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}"),
         (0 <= cfg.server_momentum < 1, "server_momentum", "must be in [0, 1)"),
         (cfg.max_len >= 2, "max_len", "must be at least 2"),

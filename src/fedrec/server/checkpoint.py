@@ -264,5 +264,6 @@ def _progress_from_json(data: dict[str, Any]) -> Progress:
     for r in data["rounds"]:
         r["failures"] = [tuple(f) for f in r["failures"]]
         r["rejected"] = [tuple(x) for x in r["rejected"]]
+        r["rescaled"] = [tuple(x) for x in r.get("rescaled", [])]  # absent before rescaling
         rounds[r["round"]] = RoundLog(**r)
     return Progress(**{**data, "rounds": rounds})

@@ -119,6 +119,13 @@ def _fault_summary(result: FederationResult) -> dict[str, Any]:
             str(r): len(rlog.rejected) for r, rlog in sorted(result.rounds.items())
         },
     }
+    rescaled = [
+        {"round": r, "node": node, "reason": reason}
+        for r, rlog in sorted(result.rounds.items())
+        for node, reason in rlog.rescaled
+    ]
+    if rescaled:
+        out["rescaled_updates"] = rescaled
     if result.resumes:
         out["resumes"] = result.resumes
     return out

@@ -37,6 +37,7 @@ class RoundLog:
     replies: int = 0
     failures: list[tuple[int, int, str]] = field(default_factory=list)  # (node, code, reason)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): screened out
+    rescaled: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): to median
     metrics: dict[str, float] = field(default_factory=dict)
     ledger_entries: list[str] = field(default_factory=list)
 
@@ -65,10 +66,15 @@ class Observed(Strategy):
         replies = canonical_order(replies)
         rlog = RoundLog(server_round)
         if self.screen is not None and self._sent is not None:
-            replies, rlog.rejected = self.screen.screen(self._sent, replies)
+            replies, rlog.rejected, rlog.rescaled = self.screen.screen_all(self._sent, replies)
             for node, reason in rlog.rejected:
                 log.warning(
                     "round %d: rejected the update of node %d: %s", server_round, node, reason
+                )
+            for node, reason in rlog.rescaled:
+                log.warning(
+                    "round %d: rescaled the update of node %d to the median norm: %s",
+                    server_round, node, reason,
                 )
         for msg in replies:
             if msg.has_error():

@@ -11,7 +11,10 @@ A reply is rejected (and logged with the client's node id and the reason) when
   with client-side clipping), otherwise above ``median_factor`` times the median over the round's
   well-formed replies (at least 3 of them). Record-level DP-SGD clips per-example gradients and
   Adam rescales every step, so there the clipping norm does not bound a client's update and the
-  median rule applies;
+  median rule applies. With ``norm_action="rescale"`` such an update is not dropped but scaled
+  down to the round's median norm for that task, keeping its direction: an over-scaled update
+  (an attacker multiplying an honest one, or a client with a far too large learning rate) still
+  brings its client's data, at a typical magnitude, where rejecting it would lose that data;
 - a task's update points away from the round: its cosine with the coordinate-wise median of the
   round's well-formed updates (at least 3) is below ``min_cosine``. Honest updates start from
   the same global model and learn the same items, so they agree with the median in direction
@@ -35,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedrec.config import FedrecConfig
 from fedrec.strategies.records import ARRAYS_KEY, SEP
@@ -45,6 +48,7 @@ BOUND_SLACK = 1e-3  # relative float error allowed over a clipping bound
 MIN_FOR_MEDIAN = 3  # fewer well-formed replies: the median is no reference
 
 Rejection = tuple[int, str]  # (node id, reason)
+NORM_ACTIONS = ("reject", "rescale")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class UpdateScreen:
     norm_bound: float | None = None  # the whole update's L2 norm may not exceed this
     median_factor: float = 10.0  # 0 turns the median rule off
     min_cosine: float = 0.0  # reject a task update less aligned with the median (-1: rule off)
+    norm_action: str = "reject"  # over the median rule: reject, or rescale to the median norm
 
     def __post_init__(self) -> None:
         if self.norm_bound is not None and not self.norm_bound > 0:
@@ -63,11 +68,21 @@ class UpdateScreen:
             raise ValueError("median_factor must be above 1, or 0 to turn the median rule off.")
         if not -1 <= self.min_cosine < 1:
             raise ValueError("min_cosine must be in [-1, 1) (-1 turns the direction rule off).")
+        if self.norm_action not in NORM_ACTIONS:
+            raise ValueError(f"norm_action must be one of {', '.join(NORM_ACTIONS)}.")
 
     def screen(
         self, sent: ArrayRecord, replies: Sequence[Message]
     ) -> tuple[list[Message], list[Rejection]]:
         """The replies to aggregate (error replies pass through) and the rejected ones."""
+        kept, rejected, _ = self.screen_all(sent, replies)
+        return kept, rejected
+
+    def screen_all(
+        self, sent: ArrayRecord, replies: Sequence[Message]
+    ) -> tuple[list[Message], list[Rejection], list[Rejection]]:
+        """Like :meth:`screen`, plus the replies rescaled to the median norm (node, reason):
+        these are among the kept ones, their content replaced by the rescaled update."""
         reference = {k: v.numpy() for k, v in sent.items()}
         kept: list[Message] = []
         rejected: list[Rejection] = []
@@ -84,8 +99,13 @@ class UpdateScreen:
                 norms[id(msg)] = task_norms
             else:
                 rejected.append((msg.metadata.src_node_id, reason))
-        outliers = self._median_outliers(norms)
+        outliers, medians = self._median_outliers(norms)
+        rescaled: list[Rejection] = []
         for msg in [m for m in kept if id(m) in outliers]:
+            if self.norm_action == "rescale":
+                norms[id(msg)] = _rescale(msg, reference, norms[id(msg)], medians)
+                rescaled.append((msg.metadata.src_node_id, outliers[id(msg)]))
+                continue
             kept.remove(msg)
             rejected.append((msg.metadata.src_node_id, outliers[id(msg)]))
             del norms[id(msg)]
@@ -93,7 +113,8 @@ class UpdateScreen:
         for msg in [m for m in kept if id(m) in contrary]:
             kept.remove(msg)
             rejected.append((msg.metadata.src_node_id, contrary[id(msg)]))
-        return kept, rejected
+        rescaled = [r for r in rescaled if all(r[0] != node for node, _ in rejected)]
+        return kept, rejected, rescaled
 
     def check(
         self, content: RecordDict, reference: dict[str, np.ndarray]
@@ -134,20 +155,24 @@ class UpdateScreen:
             return f"update norm {total:.4g} exceeds the clipping bound {self.norm_bound:g}"
         return None
 
-    def _median_outliers(self, norms: dict[int, dict[str, float]]) -> dict[int, str]:
+    def _median_outliers(
+        self, norms: dict[int, dict[str, float]]
+    ) -> tuple[dict[int, str], dict[str, float]]:
+        """({reply: reason} over the median rule, {task: the round's median norm})."""
         if self.median_factor == 0 or len(norms) < MIN_FOR_MEDIAN:
-            return {}
+            return {}, {}
         out: dict[int, str] = {}
-        for task in {t for n in norms.values() for t in n}:
-            median = statistics.median(n.get(task, 0.0) for n in norms.values())
+        medians: dict[str, float] = {}
+        for task in sorted({t for n in norms.values() for t in n}):
+            median = medians[task] = statistics.median(n.get(task, 0.0) for n in norms.values())
             for msg_id, n in norms.items():
                 if median > 0 and n.get(task, 0.0) > self.median_factor * median:
-                    out.setdefault(
-                        msg_id,
+                    reason = (
                         f"'{task}' update norm {n[task]:.4g} is over {self.median_factor:g}x "
-                        f"the round's median {median:.4g}",
+                        f"the round's median {median:.4g}"
                     )
-        return out
+                    out[msg_id] = f"{out[msg_id]}; {reason}" if msg_id in out else reason
+        return out, medians
 
     def _contrary(
         self,
@@ -184,6 +209,31 @@ class UpdateScreen:
         return out
 
 
+def _rescale(
+    msg: Message,
+    reference: dict[str, np.ndarray],
+    task_norms: dict[str, float],
+    medians: dict[str, float],
+) -> dict[str, float]:
+    """Scale ``msg``'s update of every task over the median rule down to that task's median
+    norm, in place (in each array's own dtype); returns the update norms afterwards."""
+    record = msg.content.array_records[ARRAYS_KEY]
+    scale = {
+        task: medians[task] / n
+        for task, n in task_norms.items()
+        if task in medians and n > medians[task] > 0
+    }
+    arrays = {}
+    for key in record:
+        values, ref = record[key].numpy(), reference[key]
+        s = scale.get(key.split(SEP, 1)[0])
+        if s is not None:
+            values = np.asarray(ref + s * (values.astype(np.float64) - ref), dtype=values.dtype)
+        arrays[key] = Array(values)
+    msg.content[ARRAYS_KEY] = ArrayRecord(arrays)
+    return {task: medians[task] if task in scale else n for task, n in task_norms.items()}
+
+
 def _records_problem(content: RecordDict, weight_key: str) -> str | None:
     if list(content.array_records) != [ARRAYS_KEY]:
         return f"expected one ArrayRecord '{ARRAYS_KEY}', got {sorted(content.array_records)}"
@@ -209,4 +259,5 @@ def make_screen(cfg: FedrecConfig) -> UpdateScreen:
         norm_bound=p.clipping_norm if user and p.clipping_side == "client" else None,
         median_factor=cfg.reject_norm_factor,
         min_cosine=cfg.reject_min_cosine,
+        norm_action=cfg.norm_outliers,
     )

@@ -150,3 +150,21 @@ def test_poisoned_updates_are_screened_out_and_logged(tmp_path):
     assert summary["rejected_per_round"] == {"1": 1, "2": 1}
     assert all("median" in r["reason"] for r in summary["rejected_updates"])
     assert len({r["node"] for r in summary["rejected_updates"]}) == 1
+
+
+def test_over_scaled_updates_can_be_rescaled_to_the_median_instead(tmp_path):
+    """norm_outliers = "rescale": the attacker's update is kept at the median norm (its data
+    stays in the round), every round says so in summary.json, and nothing is rejected."""
+    from fedrec.client.app import app
+
+    cfg = _cfg(
+        tmp_path / "run", dataset="synthetic:merchants=5,users=200,items=300", rounds=2,
+        norm_outliers="rescale",
+    )
+    plan = FaultPlan(attack_share=0.2, attack_factor=1000.0, seed=2)
+    run, summary = simulate(cfg, baselines=False, client_app=with_faults(app, plan))
+    assert summary["rounds"] == 2 and summary["rejected_per_round"] == {"1": 0, "2": 0}
+    rescaled = summary["rescaled_updates"]
+    assert [r["round"] for r in rescaled] == [1, 2] and len({r["node"] for r in rescaled}) == 1
+    assert all("median" in r["reason"] for r in rescaled)
+    assert all(0 < m["hr@10"] <= 1 for m in summary["tasks"].values())

@@ -215,3 +215,66 @@ def test_aggregation_does_not_depend_on_the_order_replies_arrive_in():
     assert any(not np.array_equal(plain[0], p) for p in plain[1:])  # order matters to Flower
     sorted_ = [fedavg(order, observed=True) for order in orders]
     assert all(np.array_equal(sorted_[0], s) for s in sorted_[1:])
+
+
+def _task_norm(arrays, task):
+    return np.sqrt(sum(
+        float(np.sum((arrays[k].numpy().astype(np.float64) - GLOBAL[k]) ** 2))
+        for k in GLOBAL if k.startswith(task + "/")
+    ))
+
+
+def test_rescale_keeps_an_over_scaled_update_at_the_median_norm_in_its_own_direction():
+    honest = _non_iid()
+    sent = _sent()
+    # x20 in recall only: ranking stays honest and must be left as sent
+    scaled_recall = {
+        k: (v + (20.0 if k.startswith("recall/") else 1.0)
+            * (honest[0].content[ARRAYS_KEY][k].numpy() - v)).astype(np.float32)
+        for k, v in GLOBAL.items()
+    }
+    outlier = _reply(98, scaled_recall)
+    # the round's median counts every well-formed reply, the outlier's too
+    median = float(np.median([_task_norm(r.content[ARRAYS_KEY], "recall")
+                              for r in [*honest, outlier]]))
+    screen = UpdateScreen(norm_action="rescale")
+    kept, rejected, rescaled = screen.screen_all(sent, [*honest, outlier])
+    assert rejected == [] and outlier in kept
+    assert [node for node, _ in rescaled] == [98] and "'recall'" in rescaled[0][1]
+    after = outlier.content[ARRAYS_KEY]
+    assert _task_norm(after, "recall") == pytest.approx(median, rel=1e-5)
+    delta = after["recall/emb"].numpy() - GLOBAL["recall/emb"]
+    own = honest[0].content[ARRAYS_KEY]["recall/emb"].numpy() - GLOBAL["recall/emb"]
+    cosine = float(np.sum(delta * own) / np.linalg.norm(delta) / np.linalg.norm(own))
+    assert cosine == pytest.approx(1.0, abs=1e-5) and after["recall/emb"].numpy().dtype == np.float32
+    np.testing.assert_array_equal(after["ranking/w"].numpy(), scaled_recall["ranking/w"])
+    # the same update is rejected outright under the default action
+    again = _reply(98, scaled_recall)
+    kept, rejected = UpdateScreen().screen(sent, [*honest, again])
+    assert again not in kept and [node for node, _ in rejected] == [98]
+
+
+def test_a_rescaled_update_that_points_away_is_still_rejected():
+    honest = _non_iid()
+    flipped_x20 = {
+        k: (v - 20.0 * (honest[0].content[ARRAYS_KEY][k].numpy() - v)).astype(np.float32)
+        for k, v in GLOBAL.items()
+    }
+    kept, rejected, rescaled = UpdateScreen(norm_action="rescale").screen_all(
+        _sent(), [*honest, _reply(98, flipped_x20)]
+    )
+    assert kept == honest and [node for node, _ in rejected] == [98] and rescaled == []
+    assert "cosine" in rejected[0][1]
+
+
+def test_observed_records_rescaled_updates_and_the_config_selects_the_action():
+    inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
+    strategy = Observed(inner, screen=make_screen(load_config(None, {"norm_outliers": "rescale"})))
+    strategy._sent = _sent()
+    strategy.aggregate_train(1, [*_honest(), _bad("huge norm")])
+    rlog = strategy.rounds[1]
+    assert rlog.replies == 5 and rlog.rejected == [] and [n for n, _ in rlog.rescaled] == [99]
+    with pytest.raises(ValueError, match="norm_outliers"):
+        load_config(None, {"norm_outliers": "clip"})
+    with pytest.raises(ValueError, match="norm_action"):
+        UpdateScreen(norm_action="clip")
