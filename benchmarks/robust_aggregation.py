@@ -10,9 +10,10 @@ sends -1x (fedrec.simulation.faults; an attack simulation for benchmarks and tes
 config or flag of ``fedrec`` can turn on). The update screen's median-norm and direction rules
 are off (``reject_norm_factor = 0``, ``reject_min_cosine = -1``) unless ``--screen``: the
 question is then what each aggregator withstands by itself; with ``--screen`` they are the
-defaults (10x the median norm, cosine 0 with the median update); ``--norm-outliers rescale``
-scales an update over the norm rule down to the median norm instead of rejecting it. Prints test HR@10 per task, the drop relative to the same strategy's clean run and to
-clean FedAvg, and writes DIR/robust_aggregation.json.
+defaults (10x the median norm, cosine 0 with the median update, and an update over the norm
+rule rescaled to the median norm; ``--norm-outliers reject`` drops it instead). Prints test
+HR@10 per task, the drop relative to the same strategy's clean run and to clean FedAvg, and
+writes DIR/robust_aggregation.json.
 
 ``--seeds N`` repeats everything for seeds ``seed .. seed+N-1``: each seed sets both the run's
 seed (model initialisation, client sampling, batches, the 99 sampled negatives of evaluation)
@@ -39,7 +40,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fedrec.config import load_config
+from fedrec.models.registry import load_model
+from fedrec.scoring import evaluate_model
 from fedrec.simulation import simulate
 from fedrec.simulation.faults import FaultPlan, with_faults
 from fedrec.workload import build_workload
@@ -66,20 +71,43 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
     }
     done = Path(over["out"]) / "summary.json"
     if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
-        return _hr(json.loads(done.read_text()))
-    factor = ATTACKS[attack]
-    client_app = None
-    if factor is not None:
-        plan = FaultPlan(attack_share=args.attack_share, attack_factor=factor, seed=seed)
-        client_app = with_faults(app, plan)
-    cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
-    _, summary = simulate(cfg, baselines=False, client_app=client_app)
-    return _hr(summary)
+        summary = json.loads(done.read_text())
+    else:
+        factor = ATTACKS[attack]
+        client_app = None
+        if factor is not None:
+            plan = FaultPlan(attack_share=args.attack_share, attack_factor=factor, seed=seed)
+            client_app = with_faults(app, plan)
+        cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
+        _, summary = simulate(cfg, baselines=False, client_app=client_app)
+    return {**_hr(summary), "honest": honest_users_hr(Path(over["out"]), seed, args)}
+
+
+def honest_users_hr(run_dir: Path, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """Test HR@10 of the run's final models on the users of the clients that do not attack
+    (in every run of ``seed``, attacked or clean: the same users, the same negatives)."""
+    work = build_workload(load_config(None, _data_over(seed, args)))
+    attackers = FaultPlan(attack_share=args.attack_share, seed=seed).attackers(
+        work.partition.n_clients
+    )
+    honest = np.flatnonzero(~np.isin(work.partition.client_of_user, sorted(attackers)))
+    ev = work.test.of_users(honest)
+    return {
+        t: evaluate_model(load_model(run_dir / "models" / t), ev, full_ranking=False)["hr@10"]
+        for t in TASKS
+    }
+
+
+def _data_over(seed: int, args: argparse.Namespace) -> dict:
+    over = {"seed": seed, "dataset": args.dataset, "partition": args.partition}
+    return {k: v for k, v in over.items() if v is not None}
 
 
 def _hr(summary: dict) -> dict[str, float]:
     rejected = sum(summary.get("rejected_per_round", {}).values())  # honest ones too, if any
-    return {**{t: m["hr@10"] for t, m in summary["tasks"].items()}, "rejected": rejected}
+    rescaled = len(summary.get("rescaled_updates", []))
+    hr = {t: m["hr@10"] for t, m in summary["tasks"].items()}
+    return {**hr, "rejected": rejected, "rescaled": rescaled}
 
 
 def main() -> None:
@@ -91,9 +119,9 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     parser.add_argument("--attack-share", type=float, default=0.1, help="share of attackers")
     parser.add_argument("--screen", action="store_true", help="keep the median-norm screen on")
-    parser.add_argument("--norm-outliers", choices=("reject", "rescale"), default="reject",
-                        help="with --screen: reject an update over 10x the median norm, or "
-                        "rescale it to the median norm")
+    parser.add_argument("--norm-outliers", choices=("rescale", "reject"), default="rescale",
+                        help="with --screen: rescale an update over 10x the median norm to the "
+                        "median norm (the default), or reject it")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed and the attackers'")
     parser.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds")
     parser.add_argument("--out", default="runs/robust_aggregation")
@@ -117,11 +145,14 @@ def main() -> None:
         print(f"seed {seed}: the attackers hold {shares[seed]:.1%} of the users", flush=True)
         changes = mean_changes(by_seed)  # written after every seed: a stopped sweep keeps its part
         vs_flip = mean_changes(by_seed, reference="signflip")
+        honest = mean_changes(_honest_only(by_seed))
         out.write_text(json.dumps({
             "args": vars(args), "hr@10": by_seed, "attackers_user_share": shares,
             "change_vs_own_clean": changes, "change_vs_own_signflip": vs_flip,
+            "honest_users_change_vs_own_clean": honest,
         }, indent=2))  # fmt: skip
     _table(f"against the same strategy's clean run, over {len(by_seed)} seed(s)", changes)
+    _table("on the honest clients' test users only, against the same strategy's clean run", honest)
     _table("against the same strategy's sign-flip run (when it rejected every flipped update:\n"
            "FedAvg over the honest clients alone, the best a defence can do)", vs_flip)  # fmt: skip
     print(f"results: {out}")
@@ -129,11 +160,18 @@ def main() -> None:
 
 def attackers_share(seed: int, args: argparse.Namespace) -> float:
     """The share of all users that the attacking clients of ``seed`` hold."""
-    over = {"seed": seed, "dataset": args.dataset, "partition": args.partition}
-    work = build_workload(load_config(None, {k: v for k, v in over.items() if v is not None}))
+    work = build_workload(load_config(None, _data_over(seed, args)))
     sizes = [work.client_data(c).n_users for c in range(work.partition.n_clients)]
     plan = FaultPlan(attack_share=args.attack_share, seed=seed)
     return sum(sizes[c] for c in plan.attackers(len(sizes))) / sum(sizes)
+
+
+def _honest_only(by_seed: dict) -> dict:
+    """``by_seed`` with each run's HR@10 on the honest clients' users in place of all users'."""
+    return {
+        seed: {st: {a: hr["honest"] for a, hr in per.items()} for st, per in results.items()}
+        for seed, results in by_seed.items()
+    }
 
 
 def _table(title: str, changes: dict) -> None:
@@ -183,8 +221,12 @@ def _line(strategy: str, attack: str, hr: dict, results: dict, seconds: float) -
         f"{t} {hr[t]:.4f} ({_rel(hr[t], own[t])} own clean, {_rel(hr[t], ref.get(t))} FedAvg clean)"
         for t in TASKS
     ]
-    screened = f", {hr['rejected']} rejected" if hr["rejected"] else ""
-    return f"{strategy:13} {attack:8} " + "  ".join(cells) + f"  [{seconds:.0f} s{screened}]"
+    honest = " ".join(f"{hr['honest'][t]:.4f}" for t in TASKS)
+    screened = "".join(f", {hr[k]} {k}" for k in ("rejected", "rescaled") if hr.get(k))
+    return (
+        f"{strategy:13} {attack:8} " + "  ".join(cells)
+        + f"  honest users {honest}  [{seconds:.0f} s{screened}]"
+    )
 
 
 def _rel(value: float, ref: float | None) -> str:

@@ -113,9 +113,12 @@ class FedrecConfig:
     # reject an update whose cosine with the round's coordinate-wise median update is below this
     # (-1 off): catches sign-flipped updates, whose norm is honest (strategies/screen.py)
     reject_min_cosine: float = 0.0
-    # what happens to an update over reject_norm_factor x the median: "reject" drops it;
-    # "rescale" scales it down to the round's median norm, keeping its direction and its data
-    norm_outliers: str = "reject"
+    # what happens to an update over reject_norm_factor x the median: "rescale" scales it down
+    # to the round's median norm, keeping its direction and its client's data (FLAME's bound,
+    # Nguyen et al. 2022); "reject" drops it. Rescaling recovered most of what rejecting x10
+    # updates lost (README, benchmarks/robust_aggregation.py); a rescaled update still faces
+    # the direction rule below
+    norm_outliers: str = "rescale"
     proximal_mu: float = 0.01  # FedProx only
     server_lr: float = 0.01  # FedAdam only
     server_momentum: float = 0.5  # FedAvgM only (Hsu et al. 2019), server learning rate 1

@@ -11,10 +11,11 @@ A reply is rejected (and logged with the client's node id and the reason) when
   with client-side clipping), otherwise above ``median_factor`` times the median over the round's
   well-formed replies (at least 3 of them). Record-level DP-SGD clips per-example gradients and
   Adam rescales every step, so there the clipping norm does not bound a client's update and the
-  median rule applies. With ``norm_action="rescale"`` such an update is not dropped but scaled
-  down to the round's median norm for that task, keeping its direction: an over-scaled update
-  (an attacker multiplying an honest one, or a client with a far too large learning rate) still
-  brings its client's data, at a typical magnitude, where rejecting it would lose that data;
+  median rule applies. Under the median rule the default, ``norm_action="rescale"``, does not
+  drop such an update but scales that task's update down to the round's median norm, keeping
+  its direction (FLAME's bound, Nguyen et al. 2022): an over-scaled update (an attacker
+  multiplying an honest one, or a client with a far too large learning rate) still brings its
+  client's data, at a typical magnitude, where rejecting it (``"reject"``) loses that data;
 - a task's update points away from the round: its cosine with the coordinate-wise median of the
   round's well-formed updates (at least 3) is below ``min_cosine``. Honest updates start from
   the same global model and learn the same items, so they agree with the median in direction
@@ -59,7 +60,7 @@ class UpdateScreen:
     norm_bound: float | None = None  # the whole update's L2 norm may not exceed this
     median_factor: float = 10.0  # 0 turns the median rule off
     min_cosine: float = 0.0  # reject a task update less aligned with the median (-1: rule off)
-    norm_action: str = "reject"  # over the median rule: reject, or rescale to the median norm
+    norm_action: str = "rescale"  # over the median rule: rescale to the median norm, or reject
 
     def __post_init__(self) -> None:
         if self.norm_bound is not None and not self.norm_bound > 0:

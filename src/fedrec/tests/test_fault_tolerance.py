@@ -143,7 +143,10 @@ def test_thirty_percent_of_clients_failing_every_round_do_not_stop_the_run(tmp_p
 def test_poisoned_updates_are_screened_out_and_logged(tmp_path):
     from fedrec.client.app import app
 
-    cfg = _cfg(tmp_path / "run", dataset="synthetic:merchants=5,users=200,items=300", rounds=2)
+    cfg = _cfg(
+        tmp_path / "run", dataset="synthetic:merchants=5,users=200,items=300", rounds=2,
+        norm_outliers="reject",
+    )
     plan = FaultPlan(attack_share=0.2, attack_factor=1000.0, seed=2)
     run, summary = simulate(cfg, baselines=False, client_app=with_faults(app, plan))
     assert summary["rounds"] == 2
@@ -152,15 +155,12 @@ def test_poisoned_updates_are_screened_out_and_logged(tmp_path):
     assert len({r["node"] for r in summary["rejected_updates"]}) == 1
 
 
-def test_over_scaled_updates_can_be_rescaled_to_the_median_instead(tmp_path):
-    """norm_outliers = "rescale": the attacker's update is kept at the median norm (its data
-    stays in the round), every round says so in summary.json, and nothing is rejected."""
+def test_over_scaled_updates_are_rescaled_to_the_median_by_default(tmp_path):
+    """norm_outliers = "rescale" (the default): the attacker's update is kept at the median norm
+    (its data stays in the round), every round says so in summary.json, nothing is rejected."""
     from fedrec.client.app import app
 
-    cfg = _cfg(
-        tmp_path / "run", dataset="synthetic:merchants=5,users=200,items=300", rounds=2,
-        norm_outliers="rescale",
-    )
+    cfg = _cfg(tmp_path / "run", dataset="synthetic:merchants=5,users=200,items=300", rounds=2)
     plan = FaultPlan(attack_share=0.2, attack_factor=1000.0, seed=2)
     run, summary = simulate(cfg, baselines=False, client_app=with_faults(app, plan))
     assert summary["rounds"] == 2 and summary["rejected_per_round"] == {"1": 0, "2": 0}

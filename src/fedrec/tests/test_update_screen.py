@@ -80,7 +80,7 @@ def _bad(kind):
     ],
 )
 def test_each_kind_of_malformed_update_is_rejected_with_node_and_reason(kind, match):
-    screen = UpdateScreen(median_factor=10.0)
+    screen = UpdateScreen(median_factor=10.0, norm_action="reject")
     kept, rejected = screen.screen(_sent(), [*_honest(), _bad(kind)])
     assert len(kept) == 4 and [node for node, _ in rejected] == [99]
     assert match in rejected[0][1]
@@ -120,7 +120,7 @@ def test_error_replies_pass_through_to_the_strategy():
 
 def test_observed_aggregates_only_what_the_screen_kept():
     inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
-    strategy = Observed(inner, screen=UpdateScreen())
+    strategy = Observed(inner, screen=UpdateScreen(norm_action="reject"))
     honest = _honest()
     strategy._sent = _sent()
     arrays, _ = strategy.aggregate_train(1, [*honest, _bad("nan"), _bad("huge norm")])
@@ -237,7 +237,7 @@ def test_rescale_keeps_an_over_scaled_update_at_the_median_norm_in_its_own_direc
     # the round's median counts every well-formed reply, the outlier's too
     median = float(np.median([_task_norm(r.content[ARRAYS_KEY], "recall")
                               for r in [*honest, outlier]]))
-    screen = UpdateScreen(norm_action="rescale")
+    screen = UpdateScreen()  # rescale is the default
     kept, rejected, rescaled = screen.screen_all(sent, [*honest, outlier])
     assert rejected == [] and outlier in kept
     assert [node for node, _ in rescaled] == [98] and "'recall'" in rescaled[0][1]
@@ -248,9 +248,9 @@ def test_rescale_keeps_an_over_scaled_update_at_the_median_norm_in_its_own_direc
     cosine = float(np.sum(delta * own) / np.linalg.norm(delta) / np.linalg.norm(own))
     assert cosine == pytest.approx(1.0, abs=1e-5) and after["recall/emb"].numpy().dtype == np.float32
     np.testing.assert_array_equal(after["ranking/w"].numpy(), scaled_recall["ranking/w"])
-    # the same update is rejected outright under the default action
+    # the same update is rejected outright under norm_action="reject"
     again = _reply(98, scaled_recall)
-    kept, rejected = UpdateScreen().screen(sent, [*honest, again])
+    kept, rejected = UpdateScreen(norm_action="reject").screen(sent, [*honest, again])
     assert again not in kept and [node for node, _ in rejected] == [98]
 
 
@@ -260,7 +260,7 @@ def test_a_rescaled_update_that_points_away_is_still_rejected():
         k: (v - 20.0 * (honest[0].content[ARRAYS_KEY][k].numpy() - v)).astype(np.float32)
         for k, v in GLOBAL.items()
     }
-    kept, rejected, rescaled = UpdateScreen(norm_action="rescale").screen_all(
+    kept, rejected, rescaled = UpdateScreen().screen_all(
         _sent(), [*honest, _reply(98, flipped_x20)]
     )
     assert kept == honest and [node for node, _ in rejected] == [98] and rescaled == []
@@ -269,11 +269,13 @@ def test_a_rescaled_update_that_points_away_is_still_rejected():
 
 def test_observed_records_rescaled_updates_and_the_config_selects_the_action():
     inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
-    strategy = Observed(inner, screen=make_screen(load_config(None, {"norm_outliers": "rescale"})))
+    strategy = Observed(inner, screen=make_screen(load_config(None, {})))  # the default: rescale
     strategy._sent = _sent()
     strategy.aggregate_train(1, [*_honest(), _bad("huge norm")])
     rlog = strategy.rounds[1]
     assert rlog.replies == 5 and rlog.rejected == [] and [n for n, _ in rlog.rescaled] == [99]
+    reject = make_screen(load_config(None, {"norm_outliers": "reject"}))
+    assert reject.norm_action == "reject"
     with pytest.raises(ValueError, match="norm_outliers"):
         load_config(None, {"norm_outliers": "clip"})
     with pytest.raises(ValueError, match="norm_action"):
