@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,7 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
     done = Path(over["out"]) / "summary.json"
     if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
         summary = json.loads(done.read_text())
+        _check_cached(Path(over["out"]), over, summary)
     else:
         factor = ATTACKS[attack]
         client_app = None
@@ -81,6 +83,27 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
         _, summary = simulate(cfg, baselines=False, client_app=client_app)
     return {**_hr(summary), "honest": honest_users_hr(Path(over["out"]), seed, args)}
+
+
+def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
+    """Refuse a finished run made under other screen settings than this sweep's. A run made
+    before ``norm_outliers`` existed rejected norm outliers; a run in which nothing was over
+    the norm rule is the same run under either action."""
+    stored = tomllib.loads((run_dir / "config.toml").read_text())
+    stored.setdefault("norm_outliers", "reject")
+    diff = [k for k in ("reject_norm_factor", "reject_min_cosine", "norm_outliers")
+            if stored[k] != over[k]]  # fmt: skip
+    norm_rule_hit = summary.get("rescaled_updates") or any(
+        "update norm" in r["reason"] and "median" in r["reason"]
+        for r in summary.get("rejected_updates", [])
+    )
+    if diff == ["norm_outliers"] and not norm_rule_hit:
+        return
+    if diff:
+        raise SystemExit(
+            f"{run_dir}: made with {', '.join(f'{k} = {stored[k]!r}' for k in diff)}, not this "
+            f"sweep's {', '.join(f'{k} = {over[k]!r}' for k in diff)}; use another --out"
+        )
 
 
 def honest_users_hr(run_dir: Path, seed: int, args: argparse.Namespace) -> dict[str, float]:

@@ -109,7 +109,7 @@ class FedrecConfig:
     fraction_train: float = 1.0  # share of clients sampled per round
     min_train_clients: int = 2  # a round needs at least this many replies
     round_timeout: float = 3600.0  # seconds a round waits for replies; later ones are dropped
-    reject_norm_factor: float = 10.0  # reject an update over this x the round's median norm (0 off)
+    reject_norm_factor: float = 10.0  # norm rule: an update over this x the round's median (0 off)
     # reject an update whose cosine with the round's coordinate-wise median update is below this
     # (-1 off): catches sign-flipped updates, whose norm is honest (strategies/screen.py)
     reject_min_cosine: float = 0.0

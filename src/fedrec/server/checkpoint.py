@@ -124,7 +124,9 @@ def load_checkpoint(run: RunDir, cfg: FedrecConfig) -> Checkpoint | None:
         raise CheckpointError(f"{path}: checkpoint version {manifest.get('version')!r} unknown")
     if manifest["config_sha256"] != config_hash(cfg):
         raise CheckpointError(
-            f"{path}: written under another config; resume with the run's own config.toml"
+            f"{path}: written under another config; resume with the run's own config.toml "
+            "(a run started by an older fedrec, whose config had fewer settings, must be "
+            "resumed by that version)"
         )
     models = _read_arrays(path.parent, manifest["files"]["models"])
     server = _read_arrays(path.parent, manifest["files"]["server"])

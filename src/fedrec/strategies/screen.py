@@ -101,21 +101,27 @@ class UpdateScreen:
             else:
                 rejected.append((msg.metadata.src_node_id, reason))
         outliers, medians = self._median_outliers(norms)
-        rescaled: list[Rejection] = []
+        rescaled: dict[int, str] = {}  # id(msg) -> why
         for msg in [m for m in kept if id(m) in outliers]:
+            why = "; ".join(outliers[id(msg)].values())
             if self.norm_action == "rescale":
-                norms[id(msg)] = _rescale(msg, reference, norms[id(msg)], medians)
-                rescaled.append((msg.metadata.src_node_id, outliers[id(msg)]))
+                targets = {task: medians[task] for task in outliers[id(msg)]}
+                norms[id(msg)] = {**norms[id(msg)], **_rescale(msg, reference, targets)}
+                rescaled[id(msg)] = why
                 continue
             kept.remove(msg)
-            rejected.append((msg.metadata.src_node_id, outliers[id(msg)]))
+            rejected.append((msg.metadata.src_node_id, why))
             del norms[id(msg)]
         contrary = self._contrary(reference, [m for m in kept if id(m) in norms], norms)
         for msg in [m for m in kept if id(m) in contrary]:
             kept.remove(msg)
-            rejected.append((msg.metadata.src_node_id, contrary[id(msg)]))
-        rescaled = [r for r in rescaled if all(r[0] != node for node, _ in rejected)]
-        return kept, rejected, rescaled
+            why = contrary[id(msg)]
+            if id(msg) in rescaled:  # keep the norm finding in the one reason logged
+                why += f" (after rescaling: {rescaled.pop(id(msg))})"
+            rejected.append((msg.metadata.src_node_id, why))
+        return kept, rejected, [
+            (m.metadata.src_node_id, rescaled[id(m)]) for m in kept if id(m) in rescaled
+        ]
 
     def check(
         self, content: RecordDict, reference: dict[str, np.ndarray]
@@ -158,21 +164,20 @@ class UpdateScreen:
 
     def _median_outliers(
         self, norms: dict[int, dict[str, float]]
-    ) -> tuple[dict[int, str], dict[str, float]]:
-        """({reply: reason} over the median rule, {task: the round's median norm})."""
+    ) -> tuple[dict[int, dict[str, str]], dict[str, float]]:
+        """({reply: {task over the median rule: reason}}, {task: the round's median norm})."""
         if self.median_factor == 0 or len(norms) < MIN_FOR_MEDIAN:
             return {}, {}
-        out: dict[int, str] = {}
+        out: dict[int, dict[str, str]] = {}
         medians: dict[str, float] = {}
         for task in sorted({t for n in norms.values() for t in n}):
             median = medians[task] = statistics.median(n.get(task, 0.0) for n in norms.values())
             for msg_id, n in norms.items():
                 if median > 0 and n.get(task, 0.0) > self.median_factor * median:
-                    reason = (
+                    out.setdefault(msg_id, {})[task] = (
                         f"'{task}' update norm {n[task]:.4g} is over {self.median_factor:g}x "
                         f"the round's median {median:.4g}"
                     )
-                    out[msg_id] = f"{out[msg_id]}; {reason}" if msg_id in out else reason
         return out, medians
 
     def _contrary(
@@ -211,19 +216,19 @@ class UpdateScreen:
 
 
 def _rescale(
-    msg: Message,
-    reference: dict[str, np.ndarray],
-    task_norms: dict[str, float],
-    medians: dict[str, float],
+    msg: Message, reference: dict[str, np.ndarray], targets: dict[str, float]
 ) -> dict[str, float]:
-    """Scale ``msg``'s update of every task over the median rule down to that task's median
-    norm, in place (in each array's own dtype); returns the update norms afterwards."""
+    """Scale ``msg``'s update of each task in ``targets`` down to that task's target norm (the
+    round's median), in place, in each array's own dtype and key order; the other tasks are
+    left as sent. Returns the rescaled tasks' norms (their targets)."""
     record = msg.content.array_records[ARRAYS_KEY]
-    scale = {
-        task: medians[task] / n
-        for task, n in task_norms.items()
-        if task in medians and n > medians[task] > 0
-    }
+    current: dict[str, float] = defaultdict(float)
+    for key in record:
+        task = key.split(SEP, 1)[0]
+        if task in targets:
+            diff = record[key].numpy().astype(np.float64) - reference[key]
+            current[task] += float(np.dot(diff.ravel(), diff.ravel()))
+    scale = {t: targets[t] / math.sqrt(sq) for t, sq in current.items() if sq > 0}
     arrays = {}
     for key in record:
         values, ref = record[key].numpy(), reference[key]
@@ -232,7 +237,7 @@ def _rescale(
             values = np.asarray(ref + s * (values.astype(np.float64) - ref), dtype=values.dtype)
         arrays[key] = Array(values)
     msg.content[ARRAYS_KEY] = ArrayRecord(arrays)
-    return {task: medians[task] if task in scale else n for task, n in task_norms.items()}
+    return {task: targets[task] for task in scale}
 
 
 def _records_problem(content: RecordDict, weight_key: str) -> str | None:
@@ -260,5 +265,8 @@ def make_screen(cfg: FedrecConfig) -> UpdateScreen:
         norm_bound=p.clipping_norm if user and p.clipping_side == "client" else None,
         median_factor=cfg.reject_norm_factor,
         min_cosine=cfg.reject_min_cosine,
-        norm_action=cfg.norm_outliers,
+        # User-level DP bounds each user's influence on the release by the clipping norm; a
+        # rescale to the round's median would let one user's update change how much of
+        # *other* users' updates enters it, so there norm outliers are always rejected.
+        norm_action="reject" if user else cfg.norm_outliers,
     )

@@ -227,10 +227,12 @@ def _task_norm(arrays, task):
 def test_rescale_keeps_an_over_scaled_update_at_the_median_norm_in_its_own_direction():
     honest = _non_iid()
     sent = _sent()
-    # x20 in recall only: ranking stays honest and must be left as sent
+    # x20 in recall only, and ranking the honest update of largest norm (above the median, under
+    # the rule): ranking must be left as sent
+    big = max(honest, key=lambda r: _task_norm(r.content[ARRAYS_KEY], "ranking"))
     scaled_recall = {
         k: (v + (20.0 if k.startswith("recall/") else 1.0)
-            * (honest[0].content[ARRAYS_KEY][k].numpy() - v)).astype(np.float32)
+            * (big.content[ARRAYS_KEY][k].numpy() - v)).astype(np.float32)
         for k, v in GLOBAL.items()
     }
     outlier = _reply(98, scaled_recall)
@@ -243,8 +245,11 @@ def test_rescale_keeps_an_over_scaled_update_at_the_median_norm_in_its_own_direc
     assert [node for node, _ in rescaled] == [98] and "'recall'" in rescaled[0][1]
     after = outlier.content[ARRAYS_KEY]
     assert _task_norm(after, "recall") == pytest.approx(median, rel=1e-5)
+    ranking_median = float(np.median([_task_norm(r.content[ARRAYS_KEY], "ranking")
+                                      for r in [*honest, outlier]]))
+    assert _task_norm(after, "ranking") > 1.05 * ranking_median  # above the median, kept
     delta = after["recall/emb"].numpy() - GLOBAL["recall/emb"]
-    own = honest[0].content[ARRAYS_KEY]["recall/emb"].numpy() - GLOBAL["recall/emb"]
+    own = big.content[ARRAYS_KEY]["recall/emb"].numpy() - GLOBAL["recall/emb"]
     cosine = float(np.sum(delta * own) / np.linalg.norm(delta) / np.linalg.norm(own))
     assert cosine == pytest.approx(1.0, abs=1e-5) and after["recall/emb"].numpy().dtype == np.float32
     np.testing.assert_array_equal(after["ranking/w"].numpy(), scaled_recall["ranking/w"])
@@ -264,18 +269,36 @@ def test_a_rescaled_update_that_points_away_is_still_rejected():
         _sent(), [*honest, _reply(98, flipped_x20)]
     )
     assert kept == honest and [node for node, _ in rejected] == [98] and rescaled == []
-    assert "cosine" in rejected[0][1]
+    assert "cosine" in rejected[0][1] and "after rescaling" in rejected[0][1]  # both findings
 
 
-def test_observed_records_rescaled_updates_and_the_config_selects_the_action():
+def test_observed_aggregates_the_rescaled_update_and_the_config_selects_the_action():
     inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
     strategy = Observed(inner, screen=make_screen(load_config(None, {})))  # the default: rescale
     strategy._sent = _sent()
-    strategy.aggregate_train(1, [*_honest(), _bad("huge norm")])
+    honest, bad = _honest(), _bad("huge norm")  # +50 on every weight: over 10x in both tasks
+    arrays, _ = strategy.aggregate_train(1, [*honest, bad])
     rlog = strategy.rounds[1]
     assert rlog.replies == 5 and rlog.rejected == [] and [n for n, _ in rlog.rescaled] == [99]
+    # FedAvg (equal weights) over the honest updates and the bad one at each task's median norm
+    updates = [{k: r.content[ARRAYS_KEY][k].numpy() - GLOBAL[k] for k in GLOBAL} for r in honest]
+    bad_update = {k: np.full_like(v, 50.0) for k, v in GLOBAL.items()}
+    everyone = [*updates, bad_update]
+    for task in ("recall", "ranking"):
+        keys = [k for k in GLOBAL if k.startswith(task + "/")]
+        norms = [np.sqrt(sum(float(np.sum(u[k].astype(np.float64) ** 2)) for k in keys))
+                 for u in everyone]
+        factor = float(np.median(norms)) / norms[-1]
+        for k in keys:
+            expected = GLOBAL[k] + np.mean([*(u[k] for u in updates), factor * bad_update[k]], 0)
+            np.testing.assert_allclose(arrays[k].numpy(), expected, rtol=1e-5, atol=1e-6)
     reject = make_screen(load_config(None, {"norm_outliers": "reject"}))
     assert reject.norm_action == "reject"
+    # user-level DP: each user's influence is bounded by clipping alone, never by a median of
+    # other users' norms, so norm outliers are rejected whatever norm_outliers says
+    for side in ("server", "client"):
+        user = make_screen(load_config(None, {"privacy.mode": "user", "privacy.clipping_side": side}))
+        assert user.norm_action == "reject"
     with pytest.raises(ValueError, match="norm_outliers"):
         load_config(None, {"norm_outliers": "clip"})
     with pytest.raises(ValueError, match="norm_action"):
