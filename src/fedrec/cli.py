@@ -232,7 +232,10 @@ def cmd_text_adapt(args: argparse.Namespace) -> int:
     with RoundProgress(cfg.rounds, console, label="adapter rounds") as progress:
 
         def on_round(rnd) -> None:  # type: ignore[no-untyped-def]  # a text.federated.AdapterRound
-            loss = f"loss {rnd.loss:.4f}" if rnd.loss is not None else "no update"
+            if rnd.loss is not None:
+                loss = f"loss {rnd.loss:.4f}"
+            else:  # under DP clients do not report their loss (client/local.py)
+                loss = "updated" if rnd.replies else "no update"
             progress.report(rnd.round, rnd.replies, len(rnd.failures), f"{loss} | {rnd.seconds:.1f} s")
 
         summary = simulate_adapter(cfg, acfg, out, on_round=on_round, verbose=args.verbose)

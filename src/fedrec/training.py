@@ -39,7 +39,8 @@ class DPSGDParams:
 
 @dataclass(frozen=True)
 class TrainStats:
-    """What one local training call did (aggregates only: safe to send to the server)."""
+    """What one local training call did. Under record-level DP only the counts may leave the
+    client: ``loss`` is an unnoised function of its users' data (RoundResult.metrics)."""
 
     loss: float  # mean per-user loss over the steps (nan if every Poisson batch was empty)
     steps: int  # optimizer steps taken (each one a DP release under DP)
@@ -187,6 +188,7 @@ def _train_private(
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
     noise_gen = noise_generator(dp)
+    sampler = poisson_sampler(dp, rng)
     expected = q * data.n_users
     noise_multiplier = dp.noise_multiplier
     if dp.contributors > 0:  # distributed: the sum of clipped gradients plus a noise share
@@ -209,7 +211,7 @@ def _train_private(
     losses: list[float] = []
     try:
         for _ in range(n_steps):
-            rows = np.flatnonzero(rng.random(data.n_users) < q)
+            rows = np.flatnonzero(sampler.random(data.n_users) < q)
             dp_opt.zero_grad(set_to_none=True)
             if rows.size == 0:
                 noise_only_step(model, dp_opt)
@@ -231,6 +233,14 @@ def noise_only_step(model: nn.Module, dp_opt) -> None:
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     dp_opt.step()
+
+
+def poisson_sampler(dp: DPSGDParams, seeded: np.random.Generator) -> np.random.Generator:
+    """The generator of DP-SGD's Poisson sample: ``seeded`` (the run's, so simulations
+    reproduce) when the noise is seeded too, else one from OS entropy. Amplification by
+    subsampling assumes the sample is secret: a server that knows the seed could recompute which
+    users every step used, and the epsilon of the ledger would not hold."""
+    return seeded if dp.noise_seed is not None else np.random.default_rng(_entropy_seed())
 
 
 def noise_generator(dp: DPSGDParams) -> torch.Generator:

@@ -87,7 +87,9 @@ def _train(
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
     ledger = privacy.after_round(server_round, result) if privacy else []
-    metrics = MetricRecord({"num-examples": data.n_users, "dp-weight": 1.0, **result.metrics()})
+    metrics = MetricRecord(
+        {"num-examples": data.n_users, "dp-weight": 1.0, **result.metrics(loss=privacy is None)}
+    )
     content = RecordDict({ARRAYS_KEY: pack(models), "metrics": metrics})
     content["ledger"] = ConfigRecord({"entries": [str(e) for e in ledger]})
     if privacy:

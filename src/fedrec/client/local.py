@@ -57,10 +57,15 @@ def _with_dim(spec: ModelSpec, dim: int) -> ModelSpec:
 class RoundResult:
     stats: Mapping[str, TrainStats]
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, *, loss: bool = True) -> dict[str, float]:
+        """What the reply reports beside the update. ``loss=False`` under record-level DP: the
+        mean training loss is a function of the users' data with no bound on one user's
+        influence and no noise, so it would leak outside the ledger's epsilon (and, under
+        distributed noise, sit in the clear beside the masked update)."""
         out: dict[str, float] = {}
         for task, s in self.stats.items():
-            out[f"{task}.loss"] = s.loss
+            if loss:
+                out[f"{task}.loss"] = s.loss
             out[f"{task}.steps"] = float(s.steps)
             out[f"{task}.train-seconds"] = s.seconds
         return out

@@ -94,6 +94,17 @@ class ClientPrivacy:
                 "%s: kept release of round %d is not in the ledger", self.client, server_round
             )
             return None
+        if self.contributors > 0:
+            # Under distributed noise the update holds only 1/contributors of the noise
+            # variance; the sum hides it. Sent again into a sum over another set of clients
+            # (some replied before the server died, some do not now), the server could subtract
+            # the two sums and see this update nearly unnoised, which the ledger's one release
+            # at the full multiplier does not account for. So this client sits the round out.
+            raise PrivacyRefusal(
+                f"client {self.client}: round {server_round} was already released under "
+                "distributed noise; sending it again into another sum would expose it, so this "
+                "client does not take part in the repeated round"
+            )
         log.warning("%s: round %d already released; sending it again", self.client, server_round)
         return content
 

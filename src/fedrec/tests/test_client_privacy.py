@@ -140,6 +140,37 @@ def test_a_release_is_sent_again_not_made_twice(tmp_path):
     assert again.replay(2, sent) is None  # another round: a new release
 
 
+def test_under_distributed_noise_a_released_round_is_never_sent_again(tmp_path):
+    """Its update holds 1/min_contributors of the noise; sent again into a sum over other
+    clients, the difference of the two sums would expose it. The client refuses instead, and
+    releases nothing new."""
+    import dataclasses
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+    cfg, data, ctx = _setup(tmp_path, rounds=2)
+    cfg = dataclasses.replace(
+        cfg, secure_aggregation=True, strategy="fedadam",
+        privacy=dataclasses.replace(cfg.privacy, noise="distributed", min_contributors=2),
+    )
+    ledger = tmp_path / "privacy_ledger.jsonl"
+    sent = ArrayRecord({"recall/w": Array(np.arange(4, dtype=np.float32))})
+    ctl = client_privacy(cfg, ctx, 0, data, ledger_path=str(ledger), run_id="run-x")
+    assert ctl.contributors == 2 and ctl.replay(1, sent) is None
+    entries = ctl.after_round(1, _fake_round(ctl))
+    ctl.remember(1, RecordDict({
+        "arrays": ArrayRecord({"recall/w": Array(np.ones(4, dtype=np.float32))}),
+        "metrics": MetricRecord({"num-examples": 80}),
+        "ledger": ConfigRecord({"entries": entries}),
+    }))  # fmt: skip
+    lines = len(read_ledger(ledger))
+    again = client_privacy(cfg, _fresh_context(), 0, data, ledger_path=str(ledger), run_id="run-x")
+    with pytest.raises(PrivacyRefusal, match="already released under distributed noise"):
+        again.replay(1, sent)
+    assert len(read_ledger(ledger)) == lines
+
+
 def test_two_processes_of_one_client_make_one_release_per_round(tmp_path, monkeypatch):
     """Issue 5: a ClientApp of the stopped run still training when the resumed server asks the
     site for the same round. The release lock makes the second wait and send the first's reply

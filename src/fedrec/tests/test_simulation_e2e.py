@@ -87,6 +87,8 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
         assert composed[-1] <= 4.0
     priv = summary["privacy"]
     assert priv["mode"] == "record" and 0 < priv["max_epsilon"] <= priv["budget_epsilon"] == 4.0
+    rows = [json.loads(x) for x in run.metrics.read_text().splitlines()]
+    assert rows and all(r["train_loss"] is None for r in rows)  # no unnoised loss left a client
     audit = _cli("audit", str(run.path), "--final-only")  # recomputes every figure
     assert audit.returncode == 0, audit.stderr
     assert (run.path / "audit.json").exists() and (run.path / "epsilon.png").exists()

@@ -56,6 +56,25 @@ def test_dp_noise_is_reproducible_from_its_seed(small):
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=False))  # same seeds, same noise
 
 
+def test_poisson_sample_is_secret_unless_the_noise_is_seeded(small):
+    """Noise switched off, so only the Poisson sample can tell two runs apart: with seeded noise
+    (simulation) a run repeats exactly; with OS-entropy noise (noise_seed None: secure_rng and
+    every deployed client) the sample is drawn from OS entropy too, so a server that knows the
+    run's seed cannot recompute which users a step used."""
+    data, spec = small
+    cfg = TaskConfig(lr=0.01, batch_size=8, local_epochs=1, dim=16, negatives=4)
+
+    def trained(noise_seed):
+        model = _models(spec)["recall"]
+        train_task(model, data, cfg, seed=3, dp=DPSGDParams(0.0, 1.0, noise_seed=noise_seed))
+        return [p.detach().clone() for p in model.parameters()]
+
+    seeded = [trained(7), trained(7)]
+    assert all(torch.equal(a, b) for a, b in zip(*seeded, strict=True))
+    secret = [trained(None), trained(None)]
+    assert any(not torch.equal(a, b) for a, b in zip(*secret, strict=True))
+
+
 def test_noise_only_step_changes_weights(small):
     from opacus.optimizers import DPOptimizerFastGradientClipping
 

@@ -39,7 +39,13 @@ from transformers import PreTrainedTokenizerBase
 
 from fedrec.text.encoder import mean_pool
 from fedrec.text.items import TextError, clean_texts, first_indices
-from fedrec.training import DPSGDParams, TrainStats, noise_generator, noise_only_step
+from fedrec.training import (
+    DPSGDParams,
+    TrainStats,
+    noise_generator,
+    noise_only_step,
+    poisson_sampler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +328,8 @@ class AdapterTrainer:
         self.pool = np.flatnonzero(tokens.has_text)
         self.pool_pos = np.cumsum(tokens.has_text) - 1  # item -> position in pool
         self.rng = np.random.default_rng(seed)
+        # the Poisson sample under DP: OS entropy unless the noise is seeded (training.py)
+        self.sampler = poisson_sampler(dp, self.rng) if dp is not None else self.rng
         self.objective = TextContrastive(model, history=cfg.history, temperature=cfg.temperature)
         self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
         model.eval()
@@ -385,7 +393,7 @@ class AdapterTrainer:
         if self.dp is None:
             users = self.rng.choice(n, size=max(1, round(self.cfg.sample_rate * n)), replace=False)
         else:
-            users = np.flatnonzero(self.rng.random(n) < self.cfg.sample_rate)
+            users = np.flatnonzero(self.sampler.random(n) < self.cfg.sample_rate)
         return self.step_on(users)
 
     def step_on(self, users: np.ndarray) -> float | None:

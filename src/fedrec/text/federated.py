@@ -112,9 +112,10 @@ def local_round(
     metrics = MetricRecord(
         {
             "num-examples": stats.examples,
-            "loss": stats.loss,
             "steps": float(stats.steps),
             "train-seconds": stats.seconds,
+            # under DP the loss is an unnoised function of the users' data (client/local.py)
+            **({} if privacy else {"loss": stats.loss}),
         }
     )
     return ArrayRecord(as_tensors(local.state())), metrics
