@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fedrec.baselines import evaluate_all, popularity_metrics, train_central
@@ -101,7 +103,8 @@ def write_outputs(
     if result.secure_rounds is not None:
         summary["secure_aggregation"] = {"rounds": result.secure_rounds}
     if cfg.privacy.mode != "none":
-        summary["privacy"] = privacy_summary(cfg, run)
+        received = [e for _, rlog in sorted(result.rounds.items()) for e in rlog.ledger_entries]
+        summary["privacy"] = privacy_summary(cfg, run, received)
     write_report(run, summary, read_metrics(run))
     finish(run, summary)
     return summary
@@ -166,12 +169,22 @@ UNITS = {
 }
 
 
-def privacy_summary(cfg: FedrecConfig, run: RunDir) -> dict[str, Any]:
-    """Cumulative epsilon per client (per task and composed), from the ledger's last entries."""
+def privacy_summary(
+    cfg: FedrecConfig, run: RunDir, received: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Cumulative epsilon per client (per task and composed), from the ledger's last entries.
+
+    Deployed, the clients keep their ledgers on their sites and the run's own file stays empty
+    (record-level DP): the figures then come from the ledger lines the clients sent with their
+    replies (``received``), and ``source`` says so: the sites' ledgers are what to audit."""
     from fedrec.privacy import read_ledger
 
     per_client: dict[str, dict[str, float]] = {}
     entries = read_ledger(run.ledger) if run.ledger.exists() else []
+    source = "run ledger"
+    if not entries and received:
+        entries = [json.loads(line) for line in received]
+        source = "ledger lines received with the clients' replies (audit the sites' ledgers)"
     for entry in entries:
         client = per_client.setdefault(entry["client"], {})
         client[entry["task"]] = entry["epsilon"]
@@ -187,4 +200,5 @@ def privacy_summary(cfg: FedrecConfig, run: RunDir) -> dict[str, Any]:
         "max_epsilon": max(composed) if composed else 0.0,
         "accountant": entries[-1]["accountant"] if entries else cfg.privacy.accountant,
         "per_client": per_client,
+        "source": source if entries else "none (no release recorded)",
     }

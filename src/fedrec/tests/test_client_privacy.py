@@ -216,3 +216,24 @@ def test_two_processes_of_one_client_make_one_release_per_round(tmp_path, monkey
     assert list(replies[0].content["ledger"]["entries"]) == list(
         replies[1].content["ledger"]["entries"]
     )
+
+
+def test_a_deployed_runs_summary_takes_epsilon_from_the_lines_the_clients_sent(tmp_path):
+    """Deployed, each site keeps its ledger and the run's own file stays empty: summary.json's
+    epsilon comes from the ledger lines received with the replies, not a silent 0."""
+    from fedrec.rundir import RunDir
+    from fedrec.server.outputs import privacy_summary
+
+    cfg, data, ctx = _setup(tmp_path, rounds=2)
+    site_ledger = tmp_path / "site" / "privacy_ledger.jsonl"
+    site_ledger.parent.mkdir()
+    ctl = client_privacy(cfg, ctx, 0, data, ledger_path=str(site_ledger), run_id="run-x")
+    received = ctl.after_round(1, _fake_round(ctl)) + ctl.after_round(2, _fake_round(ctl))
+    run = RunDir(tmp_path / "server-run")
+    run.path.mkdir()
+    summary = privacy_summary(cfg, run, received)
+    last = read_ledger(site_ledger)[-1]
+    assert summary["per_client"]["client-0"]["composed"] == last["epsilon_composed"] > 0
+    assert summary["max_epsilon"] == last["epsilon_composed"] and "received" in summary["source"]
+    assert privacy_summary(cfg, run)["max_epsilon"] == 0.0  # nothing recorded, and it says so
+    assert privacy_summary(cfg, run)["source"].startswith("none")

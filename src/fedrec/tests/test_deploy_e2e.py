@@ -459,6 +459,9 @@ def test_two_rounds_on_three_sites_survive_a_site_killed_mid_run(federation):
     secagg = summary["secure_aggregation"]["rounds"]  # the server got sums of 3, then of 2
     assert [secagg[r]["secagg.survivors"] for r in sorted(secagg)] == [3.0, 2.0]
     assert summary["privacy"]["mode"] == "record"
+    # the sites keep the ledgers; the server's summary reports what their replies carried
+    assert 0 < summary["privacy"]["max_epsilon"] <= 8.0
+    assert set(summary["privacy"]["per_client"]) == {"client-0", "client-1", "client-2"}
     assert not (out / "INCOMPLETE").exists()
 
 
