@@ -32,7 +32,10 @@ def plot_rounds(run: RunDir, rows: Sequence[Mapping[str, Any]]) -> list[str]:
         ax.set_xlabel("round")
         ax.set_ylabel(metric + (" (validation)" if metric != "train_loss" else ""))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        else:  # e.g. train_loss under record-level DP: clients do not report it
+            ax.text(0.5, 0.5, "not reported", ha="center", va="center", transform=ax.transAxes)
         name = f"plot_{metric.replace('@', '_at_').replace('/', '_')}.png"
         fig.tight_layout()
         fig.savefig(run.path / name, dpi=100)

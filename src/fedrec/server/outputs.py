@@ -177,11 +177,14 @@ def privacy_summary(
     Deployed, the clients keep their ledgers on their sites and the run's own file stays empty
     (record-level DP): the figures then come from the ledger lines the clients sent with their
     replies (``received``), and ``source`` says so: the sites' ledgers are what to audit."""
-    from fedrec.privacy import read_ledger
+    from fedrec.privacy import read_ledger, verify_chain
 
     per_client: dict[str, dict[str, float]] = {}
     entries = read_ledger(run.ledger) if run.ledger.exists() else []
     source = "run ledger"
+    # the head of the finished ledger, kept apart from it: `fedrec audit` then detects lines
+    # removed from its end, which the chain alone cannot (a shorter chain is still a chain)
+    head = verify_chain(run.ledger, run_id=run.path.name).head_hash if entries else None
     if not entries and received:
         entries = [json.loads(line) for line in received]
         source = "ledger lines received with the clients' replies (audit the sites' ledgers)"
@@ -201,4 +204,5 @@ def privacy_summary(
         "accountant": entries[-1]["accountant"] if entries else cfg.privacy.accountant,
         "per_client": per_client,
         "source": source if entries else "none (no release recorded)",
+        **({"ledger_lines": len(entries), "ledger_head": head} if head else {}),
     }

@@ -92,11 +92,19 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
     audit = _cli("audit", str(run.path), "--final-only")  # recomputes every figure
     assert audit.returncode == 0, audit.stderr
     assert (run.path / "audit.json").exists() and (run.path / "epsilon.png").exists()
+    # what the run fixed apart from its ledger: the budget (config.toml), the head (summary)
+    from fedrec.cli import _run_commitments
+    from fedrec.privacy import verify_chain
+
+    budgets, head = _run_commitments(run.path, run.ledger)
+    assert budgets == {e["client"]: 4.0 for e in entries}
+    assert head == priv["ledger_head"] == verify_chain(run.ledger, run_id=run.path.name).head_hash
+    # the last round's lines removed: still a valid chain, but not the head the run ended at
     lines = run.ledger.read_text().splitlines()
-    lines[3] = lines[3].replace('"steps":', '"steps": 1, "x":', 1)  # an edited line
-    run.ledger.write_text("\n".join(lines) + "\n")
-    tampered = _cli("audit", str(run.path), "--final-only")
-    assert tampered.returncode == 1 and "FAILED" in tampered.stderr
+    run.ledger.write_text("\n".join(lines[:-3]) + "\n")
+    assert verify_chain(run.ledger, run_id=run.path.name).ok
+    cut = _cli("audit", str(run.path), "--final-only")
+    assert cut.returncode == 1 and "removed from the end" in cut.stdout + cut.stderr
 
 
 @pytest.mark.parametrize("side", ["server", "client"])
