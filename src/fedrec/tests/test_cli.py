@@ -32,9 +32,18 @@ def _fedrec(*args, cwd):
         (["audit", "runs/" + "r" * 150 + "[red]x"], "runs/" + "r" * 150 + "[red]x"),
     ],
 )
-def test_user_errors_are_one_clear_line(tmp_path, args, needle):
-    proc = _fedrec(*args, cwd=tmp_path)
+def test_user_errors_are_one_clear_line(tmp_path, monkeypatch, capsys, args, needle):
+    from fedrec.cli import main
+
+    monkeypatch.chdir(tmp_path)  # in process: each case as a subprocess cost ~8 s of imports
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and needle in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_user_error_exits_the_real_process_with_code_2_and_no_traceback(tmp_path):
+    proc = _fedrec("simulate", "--rounds", "0", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr and "rounds" in proc.stderr
     assert not (tmp_path / "runs").exists()
