@@ -147,12 +147,14 @@ def _run_commitments(run_dir: Path, ledger: Path) -> tuple[dict[str, float] | No
     import json
 
     from fedrec.config import load_config
-    from fedrec.privacy import read_ledger
+    from fedrec.privacy import verify_chain
 
     budgets = None
     if (run_dir / "config.toml").is_file():
         epsilon = load_config(run_dir / "config.toml").privacy.epsilon
-        budgets = {e["client"]: epsilon for e in read_ledger(ledger)}
+        # the well-formed lines only: a damaged ledger is the audit's finding, not a crash here
+        entries = verify_chain(ledger, run_id=run_dir.resolve().name).entries
+        budgets = {str(e["client"]): epsilon for e in entries}
     head = None
     if (run_dir / "summary.json").is_file():
         head = json.loads((run_dir / "summary.json").read_text()).get("privacy", {}).get(
@@ -193,6 +195,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for problem in result.problems:
         console.print(f"[red]problem:[/] {problem}")
     json_path, png = write_audit(result, target.parent if site else target)
+    if not site:
+        console.print(
+            "ledger end checked against summary.json's ledger_head" if head else
+            "[yellow]ledger end not checked[/]: no ledger_head in summary.json (a ledger cut at "
+            "its end would pass)"
+        )  # fmt: skip
     console.print(
         f"{'[green]audit passed' if result.ok else '[red]audit FAILED'}[/]: {json_path}, {png}"
     )

@@ -23,7 +23,7 @@ from fedrec.client.local import build_task_models
 from fedrec.config import FedrecConfig
 from fedrec.rundir import RunDir, append_metrics
 from fedrec.scoring import evaluate_model
-from fedrec.secagg.params import SecAggConfig
+from fedrec.secagg.params import SecAggConfig, SecAggError
 from fedrec.server.checkpoint import Progress, save_checkpoint
 from fedrec.server.fusion import FederatedFusion, federated_fusion
 from fedrec.server.resume import resume_state
@@ -134,7 +134,10 @@ def run_federation(
             train_config=train_config,
             after_round=after_round,
         )
-    except (TooFewClients, PrivacyBudgetExhausted) as err:
+    except (TooFewClients, PrivacyBudgetExhausted, SecAggError) as err:
+        # SecAggError: too few clients survived a round's protocol, e.g. under distributed
+        # noise after a resume, when the clients that already released the repeated round
+        # refuse to send it again (client/privacy.py): a clean stop, not a crash
         stopped = str(err)
         log.warning("federation stopped early: %s", err)
     seconds = before + time.perf_counter() - start

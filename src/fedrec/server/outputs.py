@@ -169,6 +169,31 @@ UNITS = {
 }
 
 
+def _received_entries(received: Sequence[str]) -> list[dict[str, Any]]:
+    """The ledger lines clients sent, parsed; a line that is not a ledger entry (a buggy or
+    hostile client) is logged and skipped rather than failing the run's outputs."""
+    out = []
+    for line in received:
+        try:
+            entry = json.loads(line)
+            ok = (
+                isinstance(entry, dict)
+                and isinstance(entry.get("client"), str)
+                and isinstance(entry.get("task"), str)
+                and all(
+                    isinstance(entry.get(k), (int, float)) and 0 <= entry[k] < float("inf")
+                    for k in ("epsilon", "epsilon_composed")
+                )
+            )
+        except ValueError:
+            ok = False
+        if ok:
+            out.append(entry)
+        else:
+            log.warning("a received ledger line is not a ledger entry; skipped: %.120s", line)
+    return out
+
+
 def privacy_summary(
     cfg: FedrecConfig, run: RunDir, received: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -186,8 +211,11 @@ def privacy_summary(
     # removed from its end, which the chain alone cannot (a shorter chain is still a chain)
     head = verify_chain(run.ledger, run_id=run.path.name).head_hash if entries else None
     if not entries and received:
-        entries = [json.loads(line) for line in received]
-        source = "ledger lines received with the clients' replies (audit the sites' ledgers)"
+        entries = _received_entries(received)
+        source = (
+            "ledger lines received with the clients' replies: a lower bound (a release whose "
+            "reply never arrived is only in its site's ledger; audit the sites' ledgers)"
+        )
     for entry in entries:
         client = per_client.setdefault(entry["client"], {})
         client[entry["task"]] = entry["epsilon"]

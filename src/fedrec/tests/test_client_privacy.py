@@ -231,8 +231,10 @@ def test_a_deployed_runs_summary_takes_epsilon_from_the_lines_the_clients_sent(t
     received = ctl.after_round(1, _fake_round(ctl)) + ctl.after_round(2, _fake_round(ctl))
     run = RunDir(tmp_path / "server-run")
     run.path.mkdir()
-    summary = privacy_summary(cfg, run, received)
+    junk = ["x", '{"client": 1}', '{"client": "client-9", "task": "t", "epsilon": -1}']
+    summary = privacy_summary(cfg, run, [*received, *junk])  # junk from a client: skipped
     last = read_ledger(site_ledger)[-1]
+    assert set(summary["per_client"]) == {"client-0"}
     assert summary["per_client"]["client-0"]["composed"] == last["epsilon_composed"] > 0
     assert summary["max_epsilon"] == last["epsilon_composed"] and "received" in summary["source"]
     assert privacy_summary(cfg, run)["max_epsilon"] == 0.0  # nothing recorded, and it says so
