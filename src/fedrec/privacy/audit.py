@@ -118,6 +118,7 @@ def audit_ledger(
     path: str | os.PathLike[str],
     *,
     budgets: Mapping[str, float] | None = None,
+    run_budget: float | None = None,
     tolerance: Tolerance = Tolerance(),
     run_id: str | None = None,
     expected_head: str | None = None,
@@ -126,8 +127,9 @@ def audit_ledger(
 ) -> AuditResult:
     """Verify the chain, recompute each client's epsilons and check them against budgets.
 
-    ``budgets`` maps client to its epsilon budget; clients missing from it are held to the
-    ``budget_epsilon`` their latest entry states. With ``every_entry`` each entry's cumulative
+    ``budgets`` maps client to its epsilon budget; clients missing from it are held to
+    ``run_budget`` if given (a run's ``privacy.epsilon``), else to the ``budget_epsilon`` their
+    latest entry states. With ``every_entry`` each entry's cumulative
     epsilons are recomputed with the ledger's accountant: two Opacus calls per entry, about
     0.5 s per entry for PRV with three tasks (300 entries: about 2.5 minutes). Without it only
     the cheap checks (monotone, consistent) run per entry. The final epsilons always get all
@@ -135,6 +137,8 @@ def audit_ledger(
     """
     chain = verify_chain(path, run_id=run_id, expected_head=expected_head, site=site)
     problems = [f"chain: {p}" for p in chain.problems]
+    if run_budget is not None:
+        budgets = {**{str(e["client"]): run_budget for e in chain.entries}, **(budgets or {})}
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for entry in chain.entries:
         groups.setdefault((entry["run_id"] if site else "", entry["client"]), []).append(entry)

@@ -172,19 +172,13 @@ UNITS = {
 def _received_entries(received: Sequence[str]) -> list[dict[str, Any]]:
     """The ledger lines clients sent, parsed; a line that is not a ledger entry (a buggy or
     hostile client) is logged and skipped rather than failing the run's outputs."""
+    from fedrec.privacy.entry import field_problems
+
     out = []
     for line in received:
         try:
             entry = json.loads(line)
-            ok = (
-                isinstance(entry, dict)
-                and isinstance(entry.get("client"), str)
-                and isinstance(entry.get("task"), str)
-                and all(
-                    isinstance(entry.get(k), (int, float)) and 0 <= entry[k] < float("inf")
-                    for k in ("epsilon", "epsilon_composed")
-                )
-            )
+            ok = isinstance(entry, dict) and not field_problems(entry)  # the ledger's own check
         except ValueError:
             ok = False
         if ok:
@@ -202,14 +196,15 @@ def privacy_summary(
     Deployed, the clients keep their ledgers on their sites and the run's own file stays empty
     (record-level DP): the figures then come from the ledger lines the clients sent with their
     replies (``received``), and ``source`` says so: the sites' ledgers are what to audit."""
-    from fedrec.privacy import read_ledger, verify_chain
+    from fedrec.privacy import read_ledger
+    from fedrec.server.checkpoint import ledger_position
 
     per_client: dict[str, dict[str, float]] = {}
     entries = read_ledger(run.ledger) if run.ledger.exists() else []
     source = "run ledger"
     # the head of the finished ledger, kept apart from it: `fedrec audit` then detects lines
     # removed from its end, which the chain alone cannot (a shorter chain is still a chain)
-    head = verify_chain(run.ledger, run_id=run.path.name).head_hash if entries else None
+    end = ledger_position(run.ledger) if entries else None
     if not entries and received:
         entries = _received_entries(received)
         source = (
@@ -232,5 +227,5 @@ def privacy_summary(
         "accountant": entries[-1]["accountant"] if entries else cfg.privacy.accountant,
         "per_client": per_client,
         "source": source if entries else "none (no release recorded)",
-        **({"ledger_lines": len(entries), "ledger_head": head} if head else {}),
+        **({"ledger_lines": end.lines, "ledger_head": end.head} if end else {}),
     }

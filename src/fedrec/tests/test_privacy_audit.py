@@ -109,6 +109,13 @@ def test_over_budget_is_detected(tmp_path: Path) -> None:
     assert _row(result, "site-1", COMPOSED).status == "over-budget"
     assert "ledger states budget 4" in _row(result, "site-1", COMPOSED).detail
     assert _row(result, "site-2", COMPOSED).status == "ok"  # held to its ledger budget
+    # a run's own budget (config.toml's privacy.epsilon) holds every client; a per-client one
+    # still overrides it
+    every = audit_ledger(path, run_budget=1.0)
+    assert {_row(every, c, COMPOSED).status for c in ("site-1", "site-2")} == {"over-budget"}
+    both = audit_ledger(path, budgets={"site-2": 4.0}, run_budget=1.0)
+    assert _row(both, "site-1", COMPOSED).status == "over-budget"
+    assert _row(both, "site-2", COMPOSED).status == "ok"
 
 
 def test_training_past_the_ledger_budget_is_detected(tmp_path: Path) -> None:
