@@ -8,6 +8,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.markup import escape
@@ -140,23 +141,32 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_commitments(run_dir: Path) -> tuple[float | None, str | None]:
-    """What a finished run directory fixed apart from its ledger: every client's budget is the
-    run's ``privacy.epsilon`` (config.toml), whatever the ledger's lines state; the ledger's
-    head hash at the end of the run (summary.json), so lines removed from its end are found."""
+class RunCommitments(NamedTuple):
+    """What a finished run directory fixed apart from its ledger (``_run_commitments``)."""
+
+    budget: float | None  # every client's budget: the run's privacy.epsilon (config.toml)
+    head: str | None  # the ledger's head hash at the end of the run (summary.json)
+    outside_ledger: list[str]  # what the run released that no ledgered mechanism covers
+
+
+def _run_commitments(run_dir: Path) -> RunCommitments:
+    """Every client's budget is the run's ``privacy.epsilon`` (config.toml), whatever the
+    ledger's lines state; the ledger's head hash at the end of the run (summary.json) finds
+    lines removed from its end; the run's config says what it released outside the ledger."""
     import json
 
-    from fedrec.config import load_config
+    from fedrec.config import releases_outside_ledger
 
-    budget = None
+    budget, outside = None, []
     if (run_dir / "config.toml").is_file():
-        budget = load_config(run_dir / "config.toml").privacy.epsilon
+        cfg = load_config(run_dir / "config.toml")
+        budget, outside = cfg.privacy.epsilon, releases_outside_ledger(cfg)
     head = None
     if (run_dir / "summary.json").is_file():
         head = json.loads((run_dir / "summary.json").read_text()).get("privacy", {}).get(
             "ledger_head"
         )
-    return budget, head
+    return RunCommitments(budget, head, outside)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -172,10 +182,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UserError(f"{ledger}: no privacy ledger; was the run made with --epsilon?")
     if site and args.empirical:
         raise UserError("--empirical retrains from a run directory; give the run, not a ledger")
-    budget, head = (None, None) if site else _run_commitments(target)
+    run = RunCommitments(None, None, []) if site else _run_commitments(target)
+    head = run.head
     result = audit_ledger(
         ledger,
-        run_budget=budget,
+        run_budget=run.budget,
         site=site,
         run_id=None if site else target.resolve().name,
         expected_head=head,
@@ -190,7 +201,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     console.print(table)
     for problem in result.problems:
         console.print(f"[red]problem:[/] {problem}")
-    json_path, png = write_audit(result, target.parent if site else target)
+    for release in run.outside_ledger:  # not a failure of the ledger: a limit of its claim
+        console.print(f"[yellow]not covered by the ledger:[/] this run also released {release}")
+    json_path, png = write_audit(
+        result, target.parent if site else target, extra={"outside_ledger": run.outside_ledger}
+    )
     if not site:
         console.print(
             "ledger end checked against summary.json's ledger_head" if head else

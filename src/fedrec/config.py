@@ -20,6 +20,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimme
 # strategies that need only the (weighted) sum of the updates, which secure aggregation gives
 SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 PRIVACY_MODES = ("none", "record", "user")
+FUSION_FITS = ("auto", "server", "federated", "fixed")
 NOISE_PLACES = ("local", "distributed")
 TEXT_MODES = ("off", "beside", "instead", "content")
 
@@ -124,7 +125,12 @@ class FedrecConfig:
     server_momentum: float = 0.5  # FedAvgM only (Hsu et al. 2019), server learning rate 1
     max_len: int = 50  # history length the models see
     eval_full_ranking: bool = True  # also rank the whole catalogue in the final evaluation
-    fusion_fit: str = "server"  # server: its validation users; federated: clients' (sums only)
+    # how the fusion weights are chosen: "server" fits them on its validation users,
+    # "federated" on the clients' (they return NDCG sums only), "fixed" takes equal weights
+    # over the task models and looks at no data. "auto": "server" without DP, "fixed" under
+    # DP, where a fit on users' data would be a release that no ledgered mechanism covers
+    # (set "server" or "federated" to fit anyway: the run then says so, and so does the audit)
+    fusion_fit: str = "auto"
     # content: fusion may also weigh an untrained content scorer over public item text (no
     # budget; fedrec.fusion.prior); none: the task models only
     fusion_prior: str = "content"
@@ -161,6 +167,27 @@ class FedrecConfig:
         return _to_toml(self.to_dict())
 
 
+def fusion_fit_mode(cfg: FedrecConfig) -> str:
+    """``cfg.fusion_fit`` with "auto" resolved: "fixed" under DP, else "server"."""
+    if cfg.fusion_fit != "auto":
+        return cfg.fusion_fit
+    return "server" if cfg.privacy.mode == "none" else "fixed"
+
+
+def releases_outside_ledger(cfg: FedrecConfig) -> list[str]:
+    """What a DP run with ``cfg`` publishes from its users' data that no ledgered DP mechanism
+    covers (empty without DP, and for the default fusion under DP)."""
+    if cfg.privacy.mode == "none":
+        return []
+    return {
+        "server": ["fusion weights fitted on the validation users' held-out items "
+                   "(fusion_fit = server): not differentially private"],
+        "federated": ["each client's NDCG sums over its validation users, and the fusion "
+                      "weights chosen from them (fusion_fit = federated): not differentially "
+                      "private"],
+    }.get(fusion_fit_mode(cfg), [])  # fmt: skip
+
+
 def _validate(cfg: FedrecConfig) -> None:
     checks = [
         (cfg.rounds >= 1, "rounds", "must be at least 1"),
@@ -177,7 +204,7 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}"),
         (0 <= cfg.server_momentum < 1, "server_momentum", "must be in [0, 1)"),
         (cfg.max_len >= 2, "max_len", "must be at least 2"),
-        (cfg.fusion_fit in ("server", "federated"), "fusion_fit", "must be server or federated"),
+        (cfg.fusion_fit in FUSION_FITS, "fusion_fit", f"must be one of {', '.join(FUSION_FITS)}"),
         (cfg.fusion_prior in ("content", "none"), "fusion_prior", "must be content or none"),
         (not cfg.secure_aggregation or cfg.strategy in SUM_STRATEGIES, "secure_aggregation",
          f"needs strategy {', '.join(SUM_STRATEGIES)}: robust aggregators "

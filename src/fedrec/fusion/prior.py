@@ -8,7 +8,9 @@ and never travels; the fusion weights decide how much it counts. On ML-100K it a
 ID-based task models miss (README, "Fusion").
 
 ``fusion_prior = "none"`` turns it off; without the text extra (``fedrec[text]``) it is skipped
-with a warning. The federated fusion fit does not use it yet (its clients score task models only).
+with a warning. The federated fusion fit does not use it yet (its clients score task models only),
+nor does the fixed one (equal weights: the default under DP, where the fit would weigh it by
+users' data; fedrec.config.fusion_fit_mode).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from fedrec.config import FedrecConfig, TextConfig
+from fedrec.config import FedrecConfig, TextConfig, fusion_fit_mode
 from fedrec.models.content import ContentRetrieval
 from fedrec.models.registry import build_model
 from fedrec.workload import Workload
@@ -31,7 +33,7 @@ PRIOR_DIM = 64  # principal axes of the text kept by the projection
 
 def content_prior(cfg: FedrecConfig, work: Workload) -> ContentRetrieval | None:
     """The untrained content scorer for ``cfg``'s catalogue, or None when off or unavailable."""
-    if cfg.fusion_prior == "none" or cfg.fusion_fit == "federated":
+    if cfg.fusion_prior == "none" or fusion_fit_mode(cfg) != "server":
         return None
     from fedrec.text.items import TextError
 

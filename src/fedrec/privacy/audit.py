@@ -296,12 +296,16 @@ def format_table(result: AuditResult) -> list[tuple[str, str, str, str, str]]:
     ]
 
 
-def write_audit(result: AuditResult, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``audit.json`` and ``epsilon.png`` (composed epsilon over rounds per client)."""
+def write_audit(
+    result: AuditResult, out_dir: str | os.PathLike[str], extra: Mapping[str, Any] | None = None
+) -> tuple[Path, Path]:
+    """Write ``audit.json`` (``result`` and any ``extra`` keys) and ``epsilon.png`` (composed
+    epsilon over rounds per client)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "audit.json"
-    json_path.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    data = {**result.to_dict(), **(extra or {})}
+    json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     png_path = out / "epsilon.png"
     _plot(result, png_path)
     return json_path, png_path

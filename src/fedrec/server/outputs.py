@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedrec.baselines import evaluate_all, popularity_metrics, train_central
-from fedrec.config import FedrecConfig
+from fedrec.config import FedrecConfig, fusion_fit_mode, releases_outside_ledger
 from fedrec.fusion.evaluate import fuse_and_evaluate
 from fedrec.fusion.fusers import fuser_from_dict
 from fedrec.fusion.pipeline import save_fuser
@@ -23,7 +23,9 @@ from fedrec.workload import build_workload
 log = logging.getLogger(__name__)
 
 
-def _fitted_on(result: FederationResult) -> str:
+def _fitted_on(cfg: FedrecConfig, result: FederationResult) -> str:
+    if fusion_fit_mode(cfg) == "fixed":
+        return "no data: equal weights over the task models (fusion_fit = fixed)"
     if result.fusion is None:
         return "the server's validation users (99 sampled negatives each)"
     f = result.fusion
@@ -43,7 +45,11 @@ def write_outputs(
     eval_seconds = result.eval_seconds + time.perf_counter() - t0
     for task, model in result.models.items():
         save_model(model, run.models / task)
-    stage("fusion (fitted on validation users, measured on test)")
+    fixed = fusion_fit_mode(cfg) == "fixed"
+    stage("fusion (equal weights, measured on test)" if fixed else
+          "fusion (fitted on validation users, measured on test)")  # fmt: skip
+    for release in releases_outside_ledger(cfg):
+        log.warning("this DP run releases %s", release)
     chosen = result.fusion.fuser if result.fusion else None
     scorers = dict(result.models)
     prior = content_prior(cfg, work)
@@ -53,7 +59,7 @@ def write_outputs(
     fusion = fuse_and_evaluate(
         scorers,
         work,
-        method="weighted",
+        method="average" if fixed else "weighted",  # the fit of "average" reads no data
         seed=cfg.seed,
         chosen=chosen,
         tasks=list(result.models),
@@ -73,7 +79,7 @@ def write_outputs(
         "fused": fusion["fused"],
         "fusion": {
             **{k: v for k, v in fusion["fusion"].items() if k != "state"},
-            "fitted_on": _fitted_on(result),
+            "fitted_on": _fitted_on(cfg, result),
             "per_method": fusion["per_method"],
         },
         "timing": _timing(result, eval_seconds),
@@ -228,4 +234,5 @@ def privacy_summary(
         "per_client": per_client,
         "source": source if entries else "none (no release recorded)",
         **({"ledger_lines": end.lines, "ledger_head": end.head} if end else {}),
+        "outside_ledger": releases_outside_ledger(cfg),
     }

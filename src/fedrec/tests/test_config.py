@@ -1,4 +1,5 @@
 import tomllib
+from dataclasses import replace
 
 import pytest
 
@@ -55,3 +56,18 @@ def test_default_is_the_documented_ml100k_cross_silo_run():
         "column:occupation",
         "none",
     )
+
+
+def test_fusion_under_dp_is_fitted_on_no_data_unless_asked_and_then_disclosed():
+    from fedrec.config import fusion_fit_mode, releases_outside_ledger
+
+    plain, dp = load_config(None, {}), load_config(None, {"privacy.mode": "record"})
+    assert (fusion_fit_mode(plain), releases_outside_ledger(plain)) == ("server", [])
+    assert (fusion_fit_mode(dp), releases_outside_ledger(dp)) == ("fixed", [])
+    for fit in ("server", "federated"):
+        asked = load_config(None, {"privacy.mode": "user", "fusion_fit": fit})
+        assert fusion_fit_mode(asked) == fit
+        assert [f"fusion_fit = {fit}" in r for r in releases_outside_ledger(asked)] == [True]
+        assert releases_outside_ledger(replace(asked, privacy=plain.privacy)) == []
+    with pytest.raises(ConfigError, match="fusion_fit"):
+        load_config(None, {"fusion_fit": "best"})

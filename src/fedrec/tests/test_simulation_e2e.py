@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -71,7 +72,7 @@ def test_federated_simulation_writes_a_complete_run_directory(tmp_path):
     assert "plot_hr_at_10.png" in run.report.read_text()
 
 
-def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
+def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path, capsys):
     cfg = _cfg(
         tmp_path,
         tasks=DP_TASKS,
@@ -87,6 +88,13 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
         assert composed[-1] <= 4.0
     priv = summary["privacy"]
     assert priv["mode"] == "record" and 0 < priv["max_epsilon"] <= priv["budget_epsilon"] == 4.0
+    # the released fused model is DP too: equal weights over the DP task models, fitted on no
+    # data, no content prior weighed by users' data; nothing released outside the ledger
+    fusion = summary["fusion"]
+    assert fusion["method"] == "average" and fusion["fitted_on"].startswith("no data")
+    assert fusion["weights"] == pytest.approx(dict.fromkeys(("recall", "ranking", "personal"), 1 / 3))
+    assert json.loads((run.path / "fusion.json").read_text())["weights"] == fusion["weights"]
+    assert priv["outside_ledger"] == []
     rows = [json.loads(x) for x in run.metrics.read_text().splitlines()]
     assert rows and all(r["train_loss"] is None for r in rows)  # no unnoised loss left a client
     audit = _cli("audit", str(run.path), "--final-only")  # recomputes every figure
@@ -96,8 +104,8 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
     from fedrec.cli import _run_commitments
     from fedrec.privacy import verify_chain
 
-    budget, head = _run_commitments(run.path)
-    assert budget == 4.0
+    budget, head, outside = _run_commitments(run.path)
+    assert budget == 4.0 and outside == []
     assert head == priv["ledger_head"] == verify_chain(run.ledger, run_id=run.path.name).head_hash
     # the last round's lines removed: still a valid chain, but not the head the run ended at
     lines = run.ledger.read_text().splitlines()
@@ -105,6 +113,14 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path):
     assert verify_chain(run.ledger, run_id=run.path.name).ok
     cut = _cli("audit", str(run.path), "--final-only")
     assert cut.returncode == 1 and "removed from the end" in cut.stdout + cut.stderr
+    # a DP run told to fit its fusion on users' data: the audit says what the ledger misses
+    from fedrec.cli import main
+
+    (run.path / "config.toml").write_text(replace(cfg, fusion_fit="server").to_toml())
+    main(["audit", str(run.path), "--final-only"])
+    outside = json.loads((run.path / "audit.json").read_text())["outside_ledger"]
+    assert len(outside) == 1 and "fusion_fit = server" in outside[0]
+    assert "not covered by the ledger" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("side", ["server", "client"])
