@@ -39,6 +39,7 @@ from fedrec.strategies.state import load_strategy_state, strategy_state
 
 DIRNAME = "checkpoint"
 MANIFEST = "checkpoint.json"
+STARTED = "started.json"  # the last round the server began, written before its first message
 VERSION = 1
 
 
@@ -104,7 +105,7 @@ def save_checkpoint(
         "progress": _progress_to_json(progress),
     }
     _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    keep = {MANIFEST, *(f["name"] for f in files.values())}
+    keep = {MANIFEST, STARTED, *(f["name"] for f in files.values())}
     for stale in folder.iterdir():
         if stale.name not in keep:
             stale.unlink()
@@ -236,6 +237,20 @@ def _read_arrays(folder: Path, spec: dict[str, str]) -> dict[str, np.ndarray]:
     if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != spec["sha256"]:
         raise CheckpointError(f"{path}: missing or damaged (hash mismatch)")
     return load_file(str(path))
+
+
+def mark_round_started(run: RunDir, server_round: int) -> None:
+    """Record that ``server_round`` begins, before any of its messages leaves: a resume then
+    knows which rounds past its checkpoint the clients may already have released."""
+    folder = checkpoint_dir(run)
+    folder.mkdir(exist_ok=True)
+    _write_atomic(folder / STARTED, json.dumps({"round": server_round}).encode())
+
+
+def last_round_started(run: RunDir) -> int:
+    """The last round ``mark_round_started`` recorded (0: none, or a run older than it)."""
+    path = checkpoint_dir(run) / STARTED
+    return int(json.loads(path.read_text())["round"]) if path.is_file() else 0
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

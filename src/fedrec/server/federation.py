@@ -24,7 +24,7 @@ from fedrec.config import FedrecConfig
 from fedrec.rundir import RunDir, append_metrics
 from fedrec.scoring import evaluate_model
 from fedrec.secagg.params import SecAggConfig, SecAggError
-from fedrec.server.checkpoint import Progress, save_checkpoint
+from fedrec.server.checkpoint import Progress, mark_round_started, save_checkpoint
 from fedrec.server.fusion import FederatedFusion, federated_fusion
 from fedrec.server.resume import resume_state
 from fedrec.server.rounds import run_rounds, wait_for_nodes
@@ -133,11 +133,12 @@ def run_federation(
             timeout=cfg.round_timeout,
             train_config=train_config,
             after_round=after_round,
+            before_round=lambda server_round: mark_round_started(run, server_round),
         )
     except (TooFewClients, PrivacyBudgetExhausted, SecAggError) as err:
-        # SecAggError: too few clients survived a round's protocol, e.g. under distributed
-        # noise after a resume, when the clients that already released the repeated round
-        # refuse to send it again (client/privacy.py): a clean stop, not a crash
+        # SecAggError: too few clients survived a round's protocol (dropouts; or, under
+        # distributed noise, clients refusing a round they already released, which a resume
+        # skips: server/resume.py): a clean stop, not a crash
         stopped = str(err)
         log.warning("federation stopped early: %s", err)
     seconds = before + time.perf_counter() - start

@@ -14,6 +14,11 @@ clients). Each record-level client rebuilds its accountant from its own ledger l
 same round and global model, so a crash mid-round costs no second release: the resumed run ends
 with the ledger (non-random fields) of an uninterrupted one. Under user-level DP the server's
 own lines past the checkpoint are composed into Flower's accountant as well.
+
+Under distributed noise an update carries only its client's share of the noise and must never
+be in two sums, so it is never re-sent: a resume skips every round the server had begun past
+its checkpoint (``checkpoint.mark_round_started`` records each before its first message) and
+goes on with the next. The model misses those steps; their releases stay in the ledger.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from fedrec.server.checkpoint import (
     CheckpointError,
     LedgerPosition,
     Progress,
+    last_round_started,
     lines_past,
     load_checkpoint,
     restore,
@@ -72,7 +78,7 @@ def resume_state(
         restore(ckpt, strategy)
     if user_ledger is not None:
         restore_user_ledger(user_ledger)
-    progress.resumes.append({"after_round": progress.round, "ledger_lines_past_checkpoint": past})
+    entry = {"after_round": progress.round, "ledger_lines_past_checkpoint": past}
     write_metrics(run, progress.rows)
     log.warning(
         "resuming %s after round %d; %d ledger line(s) past the checkpoint kept and counted",
@@ -80,7 +86,27 @@ def resume_state(
         progress.round,
         past,
     )
+    if skipped := rounds_to_skip(run, cfg, progress.round):
+        entry["skipped_rounds"] = skipped
+        progress.round = skipped[-1]  # consumed: the next round is the one after them
+        log.warning(
+            "skipping round(s) %s: the server had begun them, and under distributed noise a "
+            "client's update carries only its share of the noise, so it is never sent twice; "
+            "clients that released them keep those releases in their epsilon",
+            ", ".join(map(str, skipped)),
+        )
+    progress.resumes.append(entry)
     return (ckpt.arrays if ckpt else initial), progress
+
+
+def rounds_to_skip(run: RunDir, cfg: FedrecConfig, checkpointed: int) -> list[int]:
+    """The rounds past the checkpoint that a resume must not ask again: under distributed
+    noise, every round the server had begun, since any client may have released it (each
+    client would refuse it again: client/privacy.py; the run would stop there). Under local
+    noise a client re-sends the update it released, so those rounds are simply repeated."""
+    if not cfg.privacy.distributed:
+        return []
+    return list(range(checkpointed + 1, last_round_started(run) + 1))
 
 
 def restore_user_ledger(user_ledger) -> None:

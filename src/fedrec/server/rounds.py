@@ -43,10 +43,14 @@ def run_rounds(
     timeout: float,
     train_config: ConfigRecord,
     after_round: AfterRound,
+    before_round: Callable[[int], None] | None = None,
 ) -> ArrayRecord:
-    """Train ``rounds``; ``after_round(round, global arrays)`` runs after each aggregation."""
+    """Train ``rounds``; ``before_round(round)`` runs before a round's first message is sent,
+    ``after_round(round, global arrays)`` after its aggregation."""
     for server_round in rounds:
         log.info("round %d/%d", server_round, rounds.stop - 1)
+        if before_round is not None:
+            before_round(server_round)
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
         )

@@ -222,6 +222,45 @@ def test_a_killed_distributed_run_resumes_to_the_uninterrupted_ledger_and_models
             np.testing.assert_allclose(value, theirs.state_dict()[key], rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_a_round_the_server_died_in_is_skipped_on_resume_not_sent_again(tmp_path, monkeypatch):
+    """Every client released round 2, then the server died before its checkpoint. Asked again,
+    each would refuse (its update carries only a share of the noise: never in two sums), and the
+    run would stop there; the resume skips round 2 and trains round 3 instead."""
+    from collections import Counter
+    from dataclasses import replace
+
+    import fedrec.server.federation as federation
+    from fedrec.server.checkpoint import resume_config
+    from fedrec.simulation import simulate
+    from fedrec.tests.test_fault_tolerance import Crash
+
+    cfg = replace(_distributed_cfg(tmp_path / "run"), rounds=3)
+    real = federation.save_checkpoint
+
+    def dying(run, cfg, arrays, strategy, progress):
+        if progress.round == 2:
+            raise Crash("simulated server crash before the round-2 checkpoint")
+        return real(run, cfg, arrays, strategy, progress)
+
+    monkeypatch.setattr(federation, "save_checkpoint", dying)
+    with pytest.raises(Crash):
+        simulate(cfg, baselines=False)
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    run, summary = simulate(resume_config(run_dir), baselines=False, resume_from=run_dir)
+    assert summary["stopped_early"] is None and summary["client_failures"] == []
+    assert summary["resumes"] == [
+        {"after_round": 1, "ledger_lines_past_checkpoint": 12, "skipped_rounds": [2]}
+    ]
+    rows = [json.loads(x) for x in run.metrics.read_text().splitlines()]
+    assert sorted({r["round"] for r in rows}) == [1, 3]  # round 2's sum never reached the model
+    releases = Counter((e["client"], e["task"], e["round"]) for e in read_ledger(run.ledger))
+    assert len(releases) == 4 * 3 * 3 and set(releases.values()) == {1}  # none made twice
+    assert audit_ledger(run.ledger, run_id=run.path.name).ok
+    assert 0 < summary["privacy"]["max_epsilon"] <= 4.0
+
+
 def test_a_client_whose_poisson_batches_were_empty_does_not_turn_the_round_loss_into_nan():
     """One step at rate 0.25: a 7-user silo samples nobody 13% of the time (loss nan)."""
     from flwr.app import MetricRecord, RecordDict
