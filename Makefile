@@ -19,11 +19,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/fedrec simulate
 
+# Two workers, each file's tests on one of them (module fixtures are built once): much of the
+# suite waits on subprocesses and Flower heartbeats, which the other worker's tests fill.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src benchmarks
