@@ -21,6 +21,8 @@ demo: setup
 
 # Two workers, each file's tests on one of them (module fixtures are built once): much of the
 # suite waits on subprocesses and Flower heartbeats, which the other worker's tests fill.
+# (--dist loadgroup would keep the two deployment files on one worker, but with pytest 9.2 and
+# xdist 3.8 it does not group even a file marked xdist_group; they bind ports picked free.)
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
 test: setup

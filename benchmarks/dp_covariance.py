@@ -6,20 +6,23 @@ The unit of privacy is a user's whole history, as in fedrec's DP runs. Each user
 items form an indicator vector scaled to L2 norm 1, so one user changes the released sum
 G = sum_u v_u v_u^T by at most 1 in Frobenius norm (the upper triangle, which is what is
 released, by at most 1 too), and changes the popularity sum p = sum_u v_u by at most 1. Two
-Gaussian releases, p with noise sigma / sqrt(f) and G over the M items with the largest noisy
-p with noise sigma / sqrt(1 - f), compose to exactly one Gaussian mechanism of noise multiplier
-sigma (Gaussian DP adds in quadrature), calibrated once to (epsilon, delta = 1e-3) with Opacus'
-PRV accountant and checked with Google's dp-accounting (PLD). A user's score for an item is
-h_u E_k E_k^T (E_k the top-k eigenvectors of the noisy G; PureSVD, Cremonesi et al. 2010);
-items outside the M follow, ordered by noisy popularity.
+Gaussian releases, p with noise sigma / sqrt(f) and G (all items) with noise sigma / sqrt(1 - f),
+compose to exactly one Gaussian mechanism of noise multiplier sigma (Gaussian DP adds in
+quadrature), calibrated once to (epsilon, delta = 1e-3) with Opacus' PRV accountant and checked
+with Google's dp-accounting (PLD). Everything after is post-processing of those two releases:
+the noisy G restricted to the M items of largest noisy p, its top-k eigenvectors E_k, and a
+user's scores h_u E_k E_k^T (PureSVD, Cremonesi et al. 2010); items outside the M follow,
+ordered by noisy popularity.
 
 In a federation this is one round: every silo sums its users' v_u v_u^T and p, adds its share
 of the noise (fedrec's distributed noise, docs/distributed-dp.md) and secure aggregation
 releases only the sum, which equals the central release computed here. Nothing here is wired
 into fedrec yet: it measures whether the mechanism is worth building.
 
-(M, k) are chosen on the validation split per epsilon and noise draw; HR@10 is reported on the
-test split (held-out item among 99 sampled negatives), as for every fedrec figure.
+HR@10 is on the test split (held-out item among 99 sampled negatives), as for every fedrec
+figure, for two choices of (M, k): fixed in advance (all items, k = FIXED_RANK), which the
+guarantee covers, and chosen on the validation split per noise draw, which reads the users'
+held-out items outside the guarantee (an optimistic figure, as tuned DP results usually are).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ DELTA = 1e-3
 POP_SHARE = 0.1  # f: the share of the Gaussian DP budget (1/sigma^2) spent on popularity
 SIZES = (400, 600, 800, 1000, 1682)
 RANKS = (3, 5, 8, 10, 15, 20, 30)
+FIXED_RANK = 10  # the choice made in advance: a round number, not tuned on any release
 
 
 def calibrate(epsilon: float) -> float:
@@ -110,31 +114,36 @@ def main() -> None:
     )
     for eps in args.epsilons:
         sigma = calibrate(eps) if eps > 0 else 0.0
-        tests = []
+        fixed, tuned = [], []
         for seed in range(args.seeds if eps > 0 else 1):
             rng = np.random.default_rng(seed)
             p = pop + rng.normal(0.0, sigma / np.sqrt(POP_SHARE), n_items) if sigma else pop
+            noisy = gram + symmetric_noise(n_items, sigma / np.sqrt(1 - POP_SHARE), rng)
             order = np.argsort(-p)
             by_size = {}
-            for m in SIZES:
+            for m in SIZES:  # each a restriction of the one noisy release: post-processing
                 top = order[:m]
-                g = gram[np.ix_(top, top)]
-                if sigma:
-                    g = g + symmetric_noise(m, sigma / np.sqrt(1 - POP_SHARE), rng)
-                by_size[m] = (top, np.linalg.eigh(g)[1])
+                by_size[m] = (top, np.linalg.eigh(noisy[np.ix_(top, top)])[1])
+            fixed.append(
+                hr_at_10(pca_scores(hist["test"], p, *by_size[n_items], FIXED_RANK), evs["test"])
+            )
             grid = {
                 (m, k): hr_at_10(pca_scores(hist["valid"], p, *by_size[m], k), evs["valid"])
                 for m, k in itertools.product(SIZES, RANKS)
             }
             m, k = max(grid, key=grid.get)
-            test = hr_at_10(pca_scores(hist["test"], p, *by_size[m], k), evs["test"])
-            tests.append(test)
+            tuned.append(hr_at_10(pca_scores(hist["test"], p, *by_size[m], k), evs["test"]))
             print(
-                f"epsilon {eps:g} (noise multiplier {sigma:.3f}) draw {seed}: chose M={m} k={k} "
-                f"(valid {grid[m, k]:.4f}) -> test HR@10 {test:.4f}",
+                f"epsilon {eps:g} (noise multiplier {sigma:.3f}) draw {seed}: all items, "
+                f"k={FIXED_RANK} -> test HR@10 {fixed[-1]:.4f}; tuned on validation M={m} k={k} "
+                f"(valid {grid[m, k]:.4f}) -> test HR@10 {tuned[-1]:.4f}",
                 flush=True,
             )
-        print(f"epsilon {eps:g}: mean test HR@10 {np.mean(tests):.4f}", flush=True)
+        print(
+            f"epsilon {eps:g}: mean test HR@10 {np.mean(fixed):.4f} fixed in advance, "
+            f"{np.mean(tuned):.4f} tuned on validation",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -5,13 +5,16 @@
 Refits the fusion on the run's validation users twice, on the task models alone and with the
 content prior (an untrained scorer over public item text, fedrec.fusion.prior), and prints for
 each the fused and per-method test HR@10 / NDCG@10, the chosen normalisation and weights, and
-fused minus the best task model with its 95% paired-bootstrap interval. The run's own
-summary.json holds the second of these (the default since the prior was added).
+fused minus the best task model with its 95% paired-bootstrap interval. A run without DP holds
+the second of these in its summary.json (the default since the prior was added). For a DP run
+both refits read the validation users' held-out items, which no DP mechanism covers: an
+analysis of what a fit would gain, not a release (its own fusion used equal weights).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from fedrec.config import load_config
 from fedrec.fusion.evaluate import fuse_and_evaluate
@@ -27,7 +30,7 @@ def main() -> None:
     cfg = load_config(f"{args.run_dir}/config.toml")
     work = build_workload(cfg)
     models = {t: load_model(f"{args.run_dir}/models/{t}") for t in cfg.tasks}
-    prior = content_prior(cfg, work)
+    prior = content_prior(replace(cfg, fusion_fit="server"), work)  # also for a DP run
     variants = {"task models only": models}
     if prior is not None:
         variants["with the content prior"] = {**models, PRIOR: prior}

@@ -163,9 +163,9 @@ def _run_commitments(run_dir: Path) -> RunCommitments:
         budget, outside = cfg.privacy.epsilon, releases_outside_ledger(cfg)
     head = None
     if (run_dir / "summary.json").is_file():
-        head = json.loads((run_dir / "summary.json").read_text()).get("privacy", {}).get(
-            "ledger_head"
-        )
+        privacy = json.loads((run_dir / "summary.json").read_text()).get("privacy", {})
+        head = privacy.get("ledger_head")
+        outside = privacy.get("outside_ledger", outside)  # what the run itself recorded
     return RunCommitments(budget, head, outside)
 
 
@@ -204,7 +204,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for release in run.outside_ledger:  # not a failure of the ledger: a limit of its claim
         console.print(f"[yellow]not covered by the ledger:[/] this run also released {release}")
     json_path, png = write_audit(
-        result, target.parent if site else target, extra={"outside_ledger": run.outside_ledger}
+        result,
+        target.parent if site else target,
+        extra=None if site else {"outside_ledger": run.outside_ledger},  # a site: unknown here
     )
     if not site:
         console.print(

@@ -175,8 +175,10 @@ def fusion_fit_mode(cfg: FedrecConfig) -> str:
 
 
 def releases_outside_ledger(cfg: FedrecConfig) -> list[str]:
-    """What a DP run with ``cfg`` publishes from its users' data that no ledgered DP mechanism
-    covers (empty without DP, and for the default fusion under DP)."""
+    """What a DP run with ``cfg`` releases from its users' data, in the model it ships or to
+    the server, that no ledgered DP mechanism covers (empty without DP, and for the default
+    fusion under DP). Evaluation figures (validation and test metrics of a simulation, computed
+    where the data scientist holds the data) are reports, not releases, and are not listed."""
     if cfg.privacy.mode == "none":
         return []
     return {

@@ -94,6 +94,10 @@ def write_report(
     ]
     if summary.get("stopped_early"):
         lines += ["", f"**Stopped early:** {summary['stopped_early']}"]
+    if summary.get("skipped_rounds"):
+        lines += ["", "**Skipped on resume:** round(s) "
+                  f"{', '.join(map(str, summary['skipped_rounds']))}, begun before the server "
+                  "stopped and not sent again (distributed noise); not in the models"]
     lines += [
         "",
         "## Test metrics",

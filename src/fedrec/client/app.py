@@ -22,7 +22,7 @@ from fedrec.client.mods import user_dp_clipping
 from fedrec.client.privacy import client_name, client_privacy
 from fedrec.client.replay import release_lock
 from fedrec.client.secure import contributors_needed, secure_update
-from fedrec.config import FedrecConfig, from_json
+from fedrec.config import FedrecConfig, from_json, fusion_fit_mode
 from fedrec.secagg.flower import handle_secagg
 from fedrec.strategies.records import ARRAYS_KEY, pack, unpack_into
 from fedrec.training import LocalData
@@ -111,6 +111,12 @@ def fusion(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg = _site_config(from_json(str(msg.content["config"]["fedrec"])), context)
     client = int(context.node_config["partition-id"])
+    if cfg.privacy.mode != "none" and fusion_fit_mode(cfg) != "federated":
+        # under DP the sums are a release outside the ledger: answered only when the run's
+        # config asks for the federated fit, which its summary and audit then disclose
+        reason = "a DP run's config does not ask for the federated fusion fit; no sums sent"
+        log.error("client %d refused a fusion query: %s", client, reason)
+        return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     try:
         return fusion_reply(msg, cfg, None if "data-path" in context.node_config else client)
     except ValueError as err:

@@ -304,7 +304,10 @@ def write_audit(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "audit.json"
-    data = {**result.to_dict(), **(extra or {})}
+    data = result.to_dict()
+    if clash := set(data) & set(extra or {}):
+        raise ValueError(f"extra keys {sorted(clash)} would replace the audit's own")
+    data.update(extra or {})
     json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     png_path = out / "epsilon.png"
     _plot(result, png_path)

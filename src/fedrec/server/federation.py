@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedrec.client.local import build_task_models
-from fedrec.config import FedrecConfig
+from fedrec.config import FedrecConfig, fusion_fit_mode
 from fedrec.rundir import RunDir, append_metrics
 from fedrec.scoring import evaluate_model
 from fedrec.secagg.params import SecAggConfig, SecAggError
@@ -43,7 +43,7 @@ class TooFewClients(RuntimeError):
 @dataclass
 class FederationResult:
     models: dict
-    rounds_completed: int
+    rounds_completed: int  # rounds aggregated into the models (skipped ones not counted)
     stopped_early: str | None
     rounds: dict[int, RoundLog]
     seconds: float
@@ -52,6 +52,7 @@ class FederationResult:
     fusion: FederatedFusion | None = None  # when cfg.fusion_fit == "federated"
     secure_rounds: dict[int, dict[str, float]] | None = None  # protocol metrics per round
     resumes: list[dict] = field(default_factory=list)  # one entry per resume (server/checkpoint.py)
+    skipped_rounds: list[int] = field(default_factory=list)  # begun, never aggregated (resume.py)
 
 
 OnRound = Callable[[int, list[dict], RoundLog], None]
@@ -143,11 +144,12 @@ def run_federation(
         log.warning("federation stopped early: %s", err)
     seconds = before + time.perf_counter() - start
     fusion = None
-    if cfg.fusion_fit == "federated" and progress.round > 0:
+    if fusion_fit_mode(cfg) == "federated" and progress.round > 0:
         fusion = federated_fusion(grid, cfg, models)
+    skipped = [r for entry in progress.resumes for r in entry.get("skipped_rounds", [])]
     return FederationResult(
         models,
-        progress.round,
+        progress.round - len(skipped),
         stopped,
         {**progress.rounds, **strategy.rounds},
         seconds,
@@ -156,6 +158,7 @@ def run_federation(
         fusion,
         sgrid.rounds if sgrid else None,
         resumes=progress.resumes,
+        skipped_rounds=skipped,
     )
 
 

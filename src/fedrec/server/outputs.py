@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 def _fitted_on(cfg: FedrecConfig, result: FederationResult) -> str:
     if fusion_fit_mode(cfg) == "fixed":
-        return "no data: equal weights over the task models (fusion_fit = fixed)"
+        why = " under DP" if cfg.fusion_fit == "auto" else ""
+        return f"no data: equal weights over the task models (fusion_fit = {cfg.fusion_fit}{why})"
     if result.fusion is None:
         return "the server's validation users (99 sampled negatives each)"
     f = result.fusion
@@ -137,6 +138,8 @@ def _fault_summary(result: FederationResult) -> dict[str, Any]:
         out["rescaled_updates"] = rescaled
     if result.resumes:
         out["resumes"] = result.resumes
+    if result.skipped_rounds:
+        out["skipped_rounds"] = result.skipped_rounds
     return out
 
 

@@ -47,6 +47,7 @@ from fedrec.server.checkpoint import (
     lines_past,
     load_checkpoint,
     restore,
+    save_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,9 @@ def resume_state(
         progress.round,
         past,
     )
-    if skipped := rounds_to_skip(run, cfg, progress.round):
+    arrays = ckpt.arrays if ckpt else initial
+    skipped = rounds_to_skip(run, cfg, progress.round)
+    if skipped:
         entry["skipped_rounds"] = skipped
         progress.round = skipped[-1]  # consumed: the next round is the one after them
         log.warning(
@@ -96,7 +99,9 @@ def resume_state(
             ", ".join(map(str, skipped)),
         )
     progress.resumes.append(entry)
-    return (ckpt.arrays if ckpt else initial), progress
+    if skipped:  # kept at once: a crash before the next round's checkpoint must not lose it
+        save_checkpoint(run, cfg, arrays, strategy, progress)
+    return arrays, progress
 
 
 def rounds_to_skip(run: RunDir, cfg: FedrecConfig, checkpointed: int) -> list[int]:

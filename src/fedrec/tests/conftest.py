@@ -24,3 +24,4 @@ def small():
         dim=16,
     )
     return data, spec
+

@@ -216,3 +216,35 @@ def test_rounds_go_on_with_the_clients_that_answered_in_time(tmp_path, monkeypat
     assert [strategy.rounds[r].replies for r in (3, 4)] == [3, 3]
     np.testing.assert_allclose(final["ranking/w"].numpy(), _arrays(0)["ranking/w"].numpy() + 2)
     assert wait_for_nodes(_Grid([1], set()), 2, timeout=0.3) == 1  # gives up, goes on
+
+
+def test_a_resume_under_distributed_noise_skips_the_rounds_begun_past_the_checkpoint(tmp_path):
+    """started.json says round 3 began; the checkpoint is after round 1. Under distributed noise
+    rounds 2 and 3 are skipped (any client may have released them) and the skip is checkpointed
+    at once, so a second crash cannot lose it; under local noise nothing is skipped."""
+    from fedrec.server.checkpoint import mark_round_started
+    from fedrec.server.resume import resume_state
+
+    local = _cfg(tmp_path / "local", **{"privacy.mode": "record"})
+    run = create_run_dir(local)
+    save_checkpoint(run, local, _arrays(1), Observed(make_strategy(local, 3)), _progress(1))
+    mark_round_started(run, 3)
+    _, progress = resume_state(run, local, Observed(make_strategy(local, 3)), None, _arrays(0))
+    assert progress.round == 1 and "skipped_rounds" not in progress.resumes[-1]
+
+    distributed = _cfg(tmp_path, strategy="fedadam", secure_aggregation=True,
+                       **{"privacy.mode": "record", "privacy.noise": "distributed"})  # fmt: skip
+    run = create_run_dir(distributed)
+    save_checkpoint(run, distributed, _arrays(1), _fedadam(distributed), _progress(1))
+    mark_round_started(run, 3)
+    arrays, progress = resume_state(
+        run, distributed, Observed(make_strategy(distributed, 3)), None, _arrays(0)
+    )
+    assert progress.round == 3 and progress.resumes[-1]["skipped_rounds"] == [2, 3]
+    np.testing.assert_array_equal(arrays["recall/emb"].numpy(), _arrays(1)["recall/emb"].numpy())
+    kept = load_checkpoint(run, distributed)  # the skip is on disk before any round runs
+    assert kept.progress.round == 3 and kept.progress.resumes == progress.resumes
+    _, again = resume_state(
+        run, distributed, Observed(make_strategy(distributed, 3)), None, _arrays(0)
+    )  # started.json (3) is not past the new checkpoint: nothing more to skip
+    assert again.round == 3 and "skipped_rounds" not in again.resumes[-1]

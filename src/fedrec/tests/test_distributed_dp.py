@@ -253,6 +253,8 @@ def test_a_round_the_server_died_in_is_skipped_on_resume_not_sent_again(tmp_path
     assert summary["resumes"] == [
         {"after_round": 1, "ledger_lines_past_checkpoint": 12, "skipped_rounds": [2]}
     ]
+    assert (summary["rounds"], summary["skipped_rounds"]) == (2, [2])  # 2 aggregated of 3
+    assert "Skipped on resume:** round(s) 2" in run.report.read_text()
     rows = [json.loads(x) for x in run.metrics.read_text().splitlines()]
     assert sorted({r["round"] for r in rows}) == [1, 3]  # round 2's sum never reached the model
     releases = Counter((e["client"], e["task"], e["round"]) for e in read_ledger(run.ledger))

@@ -54,3 +54,35 @@ def test_bad_inputs_are_named() -> None:
         choose(np.zeros((1, 1)), 3, cand)
     with pytest.raises(ValueError, match="normalization"):
         Candidates.make(["a"], normalizations=["softmax"])
+
+
+def test_a_dp_client_answers_fusion_queries_only_when_the_run_asks_for_the_federated_fit(
+    monkeypatch,
+) -> None:
+    """Under DP the NDCG sums are a release outside the ledger: a client sends them only when
+    the run's config names the federated fit (its summary and audit then say so)."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fedrec.client.app as client_app
+    from fedrec.config import load_config
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # a Message outside a running app
+    for attr in ("_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 0)
+    sent = []
+    monkeypatch.setattr(client_app, "fusion_reply", lambda msg, cfg, client: sent.append(cfg))
+
+    def query(settings):
+        cfg = load_config(None, {"dataset": "synthetic", "partition": "site", **settings})
+        msg = Message(RecordDict({"config": ConfigRecord({"fedrec": cfg.to_json()})}),
+                      dst_node_id=1, message_type="query.fusion")  # fmt: skip
+        ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})  # fmt: skip
+        return client_app.fusion(msg, ctx)
+
+    reply = query({"privacy.mode": "record"})  # auto: fixed weights under DP, no query wanted
+    assert reply.has_error() and "federated fusion fit" in reply.error.reason and not sent
+    query({"privacy.mode": "record", "fusion_fit": "federated"})  # asked for, and disclosed
+    query({})  # no DP
+    assert len(sent) == 2
