@@ -20,7 +20,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimme
 # strategies that need only the (weighted) sum of the updates, which secure aggregation gives
 SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 PRIVACY_MODES = ("none", "record", "user")
-FUSION_FITS = ("auto", "server", "federated", "fixed")
+FUSION_FITS = ("auto", "server", "federated", "fixed", "dp")
 NOISE_PLACES = ("local", "distributed")
 TEXT_MODES = ("off", "beside", "instead", "content")
 
@@ -70,6 +70,9 @@ class PrivacyConfig:
     # to it). 0 = a strict majority of the run's clients (set by `fedrec simulate`)
     min_contributors: int = 0
     sample_rate: float = 0.25  # distributed: Poisson rate of users per step, the same everywhere
+    # fusion_fit = "dp": noise multiplier of the one Gaussian release of the candidates'
+    # validation NDCG sums; every client's calibration sets its cost aside (server/dp_fusion.py)
+    fusion_noise: float = 8.0
 
     @property
     def distributed(self) -> bool:
@@ -127,9 +130,12 @@ class FedrecConfig:
     eval_full_ranking: bool = True  # also rank the whole catalogue in the final evaluation
     # how the fusion weights are chosen: "server" fits them on its validation users,
     # "federated" on the clients' (they return NDCG sums only), "fixed" takes equal weights
-    # over the task models and looks at no data. "auto": "server" without DP, "fixed" under
-    # DP, where a fit on users' data would be a release that no ledgered mechanism covers
-    # (set "server" or "federated" to fit anyway: the run then says so, and so does the audit)
+    # over the task models and looks at no data, "dp" chooses among the task models and their
+    # average by one Gaussian release of their validation NDCG sums, in every client's ledger
+    # (record-level DP, simulation: server/dp_fusion.py). "auto": "server" without DP, "dp"
+    # under record-level DP, "fixed" under user-level DP: a fit on users' data outside the
+    # ledger would be a release no DP mechanism covers (set "server" or "federated" to fit
+    # anyway: the run then says so, and so does the audit)
     fusion_fit: str = "auto"
     # content: fusion may also weigh an untrained content scorer over public item text (no
     # budget; fedrec.fusion.prior); none: the task models only
@@ -168,10 +174,19 @@ class FedrecConfig:
 
 
 def fusion_fit_mode(cfg: FedrecConfig) -> str:
-    """``cfg.fusion_fit`` with "auto" resolved: "fixed" under DP, else "server"."""
+    """``cfg.fusion_fit`` with "auto" resolved: "server" without DP, "dp" under record-level
+    DP, "fixed" under user-level DP."""
     if cfg.fusion_fit != "auto":
         return cfg.fusion_fit
-    return "server" if cfg.privacy.mode == "none" else "fixed"
+    return {"none": "server", "record": "dp"}.get(cfg.privacy.mode, "fixed")
+
+
+def fusion_reserve(cfg: FedrecConfig) -> list[tuple[float, float, int]]:
+    """The release a client's calibration sets aside for the DP fusion fit, as an accountant
+    history item (noise multiplier, sample rate 1, one step); empty unless it is on."""
+    if fusion_fit_mode(cfg) != "dp":
+        return []
+    return [(cfg.privacy.fusion_noise, 1.0, 1)]
 
 
 def releases_outside_ledger(cfg: FedrecConfig) -> list[str]:
@@ -208,6 +223,9 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.max_len >= 2, "max_len", "must be at least 2"),
         (cfg.fusion_fit in FUSION_FITS, "fusion_fit", f"must be one of {', '.join(FUSION_FITS)}"),
         (cfg.fusion_prior in ("content", "none"), "fusion_prior", "must be content or none"),
+        (cfg.fusion_fit != "dp" or cfg.privacy.mode == "record", "fusion_fit",
+         "'dp' needs record-level DP (--epsilon): each client's calibration sets its cost aside"),
+        (cfg.privacy.fusion_noise > 0, "privacy.fusion_noise", "must be positive, e.g. 8"),
         (not cfg.secure_aggregation or cfg.strategy in SUM_STRATEGIES, "secure_aggregation",
          f"needs strategy {', '.join(SUM_STRATEGIES)}: robust aggregators "
          "need individual updates, which secure aggregation hides"),

@@ -23,14 +23,14 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedrec.client.local import RoundResult
 from fedrec.client.replay import DIRNAME, ReleaseCache
-from fedrec.config import FedrecConfig
+from fedrec.config import FedrecConfig, fusion_reserve
 from fedrec.privacy import (
     ClientPrivacyState,
     HistoryItem,
@@ -225,9 +225,12 @@ def client_privacy(
             for t, c in cfg.tasks.items()
         }
     shares = dict(zip(cfg.tasks, cfg.privacy.task_shares, strict=False))
+    # a simulated run's DP fusion fit releases once more on these users after the last round
+    # (fedrec.fusion.dp); a deployed run's server cannot ledger it on the sites: no fit there
+    reserve = () if deployed else fusion_reserve(cfg)
     return privacy_controller(
         cfg, context, client, plan, shares, n_users=data.n_users, ledger_path=ledger_path,
-        run_id=run_id, site=site, site_budget=site_budget, deployed=deployed,
+        run_id=run_id, site=site, site_budget=site_budget, deployed=deployed, reserve=reserve,
     )  # fmt: skip
 
 
@@ -249,11 +252,15 @@ def privacy_controller(
     site: bool = False,
     site_budget: float | None = None,
     deployed: bool = False,
+    reserve: Sequence[HistoryItem] = (),
 ) -> ClientPrivacy:
     """A record-level DP controller for any set of releases per round: ``plan`` maps each task
     (a model trained under DP-SGD) to its (sample rate, steps per round), ``task_shares`` splits
     the budget over them. The task models use it through ``client_privacy``; the text adapter
     stage (fedrec.text.federated) with its single task.
+
+    ``reserve``: releases on the same users still to come after the last round (the DP
+    fusion fit); the calibration keeps the planned rounds plus them within the budget.
 
     ``deployed``: a partner site's client. Its DP noise always comes from OS entropy, whatever
     ``privacy.secure_rng`` says: seeded noise (the simulation default, so runs reproduce) is a
@@ -283,7 +290,7 @@ def privacy_controller(
     else:
         state = ClientPrivacyState(accountant=p.accountant)
         lifetime = p.epsilon if budget is None else budget
-        sigmas = _calibrate(cfg, plan, task_shares, name, prior, lifetime)
+        sigmas = _calibrate(cfg, plan, task_shares, name, prior, lifetime, reserve)
         log.info("%s: calibrated noise multipliers %s", name, sigmas)
     if ledger is not None:
         state = _state_from_ledger(own, state, name, p.accountant)
@@ -311,6 +318,7 @@ def _calibrate(
     client: str,
     prior: list[HistoryItem],
     budget: float,
+    reserve: Sequence[HistoryItem] = (),
 ) -> dict[str, float]:
     """Noise for this run's plan within the run's epsilon and, with the site's releases in other
     runs (``prior``), within the lifetime ``budget``. Epsilon decreases in every task's noise,
@@ -329,14 +337,14 @@ def _calibrate(
             spent=spent,
         )
 
-    sigmas = calibrate(p.epsilon, [])
+    sigmas = calibrate(p.epsilon, list(reserve))
     if not prior and budget >= p.epsilon:
         return sigmas
     if p.distributed:  # every client must add the same share: refusals guard the
         return sigmas  # site's lifetime budget (before_round), more noise here would not count
     spent = epsilon_opacus(prior, delta=p.delta, accountant=p.accountant)  # type: ignore[arg-type]
     try:
-        lifetime = calibrate(budget, prior)
+        lifetime = calibrate(budget, [*prior, *reserve])
     except PrivacyError as err:
         raise PrivacyRefusal(
             f"{client}: the site's earlier runs spent lifetime epsilon {spent:.3f} of its "

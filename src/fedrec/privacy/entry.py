@@ -16,7 +16,9 @@ from typing import Any
 from fedrec.privacy.errors import ACCOUNTANTS, PrivacyError
 from fedrec.privacy.state import ClientPrivacyState
 
-MECHANISMS: tuple[str, ...] = ("dp-sgd", "dp-fedavg", "dp-fedavg-adaptive", "dp-sgd-distributed")
+MECHANISMS: tuple[str, ...] = (
+    "dp-sgd", "dp-fedavg", "dp-fedavg-adaptive", "dp-sgd-distributed", "gaussian"
+)
 """``dp-fedavg-adaptive``: DP-FedAvg whose clipping norm adapts (Andrew et al. 2021); its
 ``noise_multiplier`` is the round's effective one, update and clipped-count noise together, and
 its ``clipping_norm`` the norm that round clipped to (strategies/user_dp.py).

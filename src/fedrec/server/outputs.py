@@ -10,6 +10,7 @@ from typing import Any
 
 from fedrec.baselines import evaluate_all, popularity_metrics, train_central
 from fedrec.config import FedrecConfig, fusion_fit_mode, releases_outside_ledger
+from fedrec.fusion.dp import DPFusion, dp_fusion_fit
 from fedrec.fusion.evaluate import fuse_and_evaluate
 from fedrec.fusion.fusers import fuser_from_dict
 from fedrec.fusion.pipeline import save_fuser
@@ -23,7 +24,9 @@ from fedrec.workload import build_workload
 log = logging.getLogger(__name__)
 
 
-def _fitted_on(cfg: FedrecConfig, result: FederationResult) -> str:
+def _fitted_on(cfg: FedrecConfig, result: FederationResult, dp: DPFusion | None) -> str:
+    if dp is not None:
+        return dp.reason + ("" if dp.fuser else "; equal weights over the task models instead")
     if fusion_fit_mode(cfg) == "fixed":
         why = " under DP" if cfg.fusion_fit == "auto" else ""
         return f"no data: equal weights over the task models (fusion_fit = {cfg.fusion_fit}{why})"
@@ -46,12 +49,19 @@ def write_outputs(
     eval_seconds = result.eval_seconds + time.perf_counter() - t0
     for task, model in result.models.items():
         save_model(model, run.models / task)
-    fixed = fusion_fit_mode(cfg) == "fixed"
-    stage("fusion (equal weights, measured on test)" if fixed else
-          "fusion (fitted on validation users, measured on test)")  # fmt: skip
+    mode = fusion_fit_mode(cfg)
+    stage({"fixed": "fusion (equal weights, measured on test)",
+           "dp": "fusion (one DP release of validation sums, measured on test)"}.get(
+        mode, "fusion (fitted on validation users, measured on test)"))  # fmt: skip
     for release in releases_outside_ledger(cfg):
         log.warning("this DP run releases %s", release)
     chosen = result.fusion.fuser if result.fusion else None
+    dp = dp_fusion_fit(cfg, run, work, result.models) if mode == "dp" else None
+    if dp is not None:
+        chosen = dp.fuser
+        if dp.fuser is None:
+            log.warning("%s; fusing with equal weights", dp.reason)
+    fixed = mode == "fixed" or (dp is not None and dp.fuser is None)
     scorers = dict(result.models)
     prior = content_prior(cfg, work)
     if prior is not None:  # public text, untrained: saved beside the task models for serving
@@ -80,7 +90,7 @@ def write_outputs(
         "fused": fusion["fused"],
         "fusion": {
             **{k: v for k, v in fusion["fusion"].items() if k != "state"},
-            "fitted_on": _fitted_on(cfg, result),
+            "fitted_on": _fitted_on(cfg, result, dp),
             "per_method": fusion["per_method"],
         },
         "timing": _timing(result, eval_seconds),

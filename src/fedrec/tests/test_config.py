@@ -59,11 +59,16 @@ def test_default_is_the_documented_ml100k_cross_silo_run():
 
 
 def test_fusion_under_dp_is_fitted_on_no_data_unless_asked_and_then_disclosed():
-    from fedrec.config import fusion_fit_mode, releases_outside_ledger
+    from fedrec.config import fusion_fit_mode, fusion_reserve, releases_outside_ledger
 
     plain, dp = load_config(None, {}), load_config(None, {"privacy.mode": "record"})
+    user = load_config(None, {"privacy.mode": "user"})
     assert (fusion_fit_mode(plain), releases_outside_ledger(plain)) == ("server", [])
-    assert (fusion_fit_mode(dp), releases_outside_ledger(dp)) == ("fixed", [])
+    assert (fusion_fit_mode(dp), releases_outside_ledger(dp)) == ("dp", [])
+    assert (fusion_fit_mode(user), releases_outside_ledger(user)) == ("fixed", [])
+    assert fusion_reserve(dp) == [(8.0, 1.0, 1)] and fusion_reserve(user) == []
+    with pytest.raises(ConfigError, match="record-level"):
+        load_config(None, {"privacy.mode": "user", "fusion_fit": "dp"})
     for fit in ("server", "federated"):
         asked = load_config(None, {"privacy.mode": "user", "fusion_fit": fit})
         assert fusion_fit_mode(asked) == fit

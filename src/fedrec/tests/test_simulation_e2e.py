@@ -81,20 +81,27 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path, ca
     run, summary = simulate(cfg, baselines=False)
     entries = read_ledger(run.ledger)
     assert summary["client_failures"] == []
-    assert len(entries) == 4 * 3 * 2  # clients x tasks x rounds
+    assert len(entries) == 4 * 3 * 2 + 4  # clients x tasks x rounds, then the DP fusion fit
+    fit = entries[-4:]  # one Gaussian release on every client's users, in every ledger
+    assert {e["client"] for e in fit} == {f"client-{i}" for i in range(4)}
+    assert {(e["task"], e["mechanism"], e["sample_rate"], e["steps"]) for e in fit} == {
+        ("fusion", "gaussian", 1.0, 1)
+    }
     for client in {e["client"] for e in entries}:
         composed = [e["epsilon_composed"] for e in entries if e["client"] == client]
         assert composed == sorted(composed) and composed[0] < composed[-1]  # cumulative
         assert composed[-1] <= 4.0
     priv = summary["privacy"]
     assert priv["mode"] == "record" and 0 < priv["max_epsilon"] <= priv["budget_epsilon"] == 4.0
-    # the released fused model is DP too: equal weights over the DP task models, fitted on no
-    # data, no content prior weighed by users' data; nothing released outside the ledger
+    # the released fused model is DP too: chosen by that release (a task alone or the average),
+    # no content prior weighed by users' data; nothing released outside the ledger
     fusion = summary["fusion"]
-    assert fusion["method"] == "average" and fusion["fitted_on"].startswith("no data")
-    assert fusion["weights"] == pytest.approx(dict.fromkeys(("recall", "ranking", "personal"), 1 / 3))
+    assert fusion["fitted_on"].startswith("DP: one Gaussian release of 4 candidates")
+    weights = sorted(fusion["weights"].values())
+    assert set(fusion["weights"]) == {"recall", "ranking", "personal"}
+    assert weights in ([0.0, 0.0, 1.0], pytest.approx([1 / 3] * 3))
     assert json.loads((run.path / "fusion.json").read_text())["weights"] == fusion["weights"]
-    assert priv["outside_ledger"] == []
+    assert priv["outside_ledger"] == [] and "fusion" in priv["per_client"]["client-0"]
     rows = [json.loads(x) for x in run.metrics.read_text().splitlines()]
     assert rows and all(r["train_loss"] is None for r in rows)  # no unnoised loss left a client
     audit = _cli("audit", str(run.path), "--final-only")  # recomputes every figure
@@ -150,6 +157,7 @@ def test_user_level_dp_fedavg_is_accounted_by_flower_and_the_ledger(tmp_path, si
     assert all(e["mechanism"] == "dp-fedavg" and e["sample_rate"] == 1.0 for e in entries)
     assert entries[0]["epsilon"] < entries[1]["epsilon"] <= 8.0
     assert summary["privacy"]["mode"] == "user"
+    assert summary["fusion"]["method"] == "average"  # no per-client accountant to reserve in
     assert audit_ledger(run.ledger, run_id=run.path.name).ok
 
 
@@ -215,5 +223,5 @@ def test_content_models_train_under_dp_and_serve_from_text(tmp_path):
         assert float(model.table.norm(dim=1).mean()) == pytest.approx(1.0, abs=1e-4)
         assert 0 < summary["tasks"][task]["hr@10"] <= 1
     assert {"hr@10", "ndcg@10"} <= set(summary["fused"])
-    assert len(read_ledger(run.ledger)) == 4 * 3 * 2
+    assert len(read_ledger(run.ledger)) == 4 * 3 * 2 + 4  # the last 4: the DP fusion fit
     assert audit_ledger(run.ledger, run_id=run.path.name).ok
