@@ -1,17 +1,17 @@
-"""What a DP fit of the fusion weights would give a DP run, and cost its clients: a yardstick.
+"""What the DP fit of the fusion weights gives a DP run, and costs its clients, per noise level.
 
     .venv/bin/python benchmarks/dp_fusion.py RUN_DIR [--sigmas 2 4 8 16] [--draws 4000]
 
-A DP run fuses its task models with equal weights, since a fit on users' held-out items is a
-release no ledgered mechanism covers (README, Privacy model). The fit this measures would be
-one Gaussian release: the validation NDCG@10 sums of G candidates (each task model alone, and
-the equal-weight average; z-scores), each user adding a vector in [0, 1]^G (L2 norm at most
-sqrt(G)), with noise sigma * sqrt(G) per sum; the server keeps the argmax. For each noise
-multiplier sigma it prints how often each candidate wins over ``--draws`` noise draws, the
-expected test HR@10 of the choice (against equal weights and the non-private choice), the
-release's epsilon alone, and what it would add to the run's worst-off client: composed epsilon
-of that client's ledger lines with and without the release (Opacus PRV, delta of the run), i.e.
-the budget a client's calibration would have to set aside. Nothing here is a fedrec mechanism.
+The fit is fedrec's (``fusion_fit = "dp"``, fedrec.fusion.dp: the same candidates and
+validation sums): one Gaussian release of the validation NDCG@10 sums of G candidates (each task
+model alone, and the equal-weight average; z-scores), each user adding a vector in [0, 1]^G (L2
+norm at most sqrt(G)), with noise sigma * sqrt(G) per sum; the server keeps the argmax. For
+each noise multiplier sigma this prints how often each candidate wins over ``--draws`` noise
+draws, the expected test HR@10 of the choice (against equal weights and the non-private
+choice), the release's epsilon alone, and what it adds to the run's worst-off client: composed
+epsilon of that client's ledger lines with and without the release (Opacus PRV, delta of the
+run), i.e. the budget a client's calibration sets aside. Give it a run made without the fit
+(e.g. ``fusion_fit = "fixed"``): a run's own fusion lines would be counted twice.
 """
 
 from __future__ import annotations
@@ -24,21 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.config import load_config
-from fedrec.fusion.evaluate import TARGET_COL, sampled_metrics, task_scores
-from fedrec.fusion.objective import per_user_ndcg, stack_normalized
+from fedrec.fusion.dp import NORMALIZATION, candidates, validation_sums
+from fedrec.fusion.evaluate import sampled_metrics, task_scores
+from fedrec.fusion.fusers import WeightedFuser
 from fedrec.models.registry import load_model
 from fedrec.privacy import read_ledger
 from fedrec.privacy.accounting import epsilon_opacus
 from fedrec.scoring import sampled_candidates
 from fedrec.workload import build_workload
-
-
-def candidate_weights(tasks: list[str]) -> dict[str, np.ndarray]:
-    """Each task alone, and the equal-weight average."""
-    eye = np.eye(len(tasks))
-    out = {t: eye[i] for i, t in enumerate(tasks)}
-    out["average"] = np.full(len(tasks), 1.0 / len(tasks))
-    return out
 
 
 def main() -> None:
@@ -51,17 +44,14 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # Opacus' PRV domain sizing
     cfg = load_config(args.run_dir / "config.toml")
     work = build_workload(cfg)
-    tasks = list(cfg.tasks)
-    models = {t: load_model(args.run_dir / "models" / t) for t in tasks}
-    cands = candidate_weights(tasks)
-    sums, test_hr = {}, {}
-    for split, ev in (("valid", work.valid), ("test", work.test)):
-        stacked = stack_normalized(task_scores(models, ev, sampled_candidates(ev)), tasks, "zscore")
-        for name, w in cands.items():
-            if split == "valid":
-                sums[name] = float(per_user_ndcg(stacked, w, np.full(len(ev.users), TARGET_COL)).sum())
-            else:
-                test_hr[name] = sampled_metrics(np.tensordot(w, stacked, axes=1))["hr@10"]
+    models = {t: load_model(args.run_dir / "models" / t) for t in cfg.tasks}
+    cands = candidates(list(models))  # the candidates fedrec's DP fit uses (fedrec.fusion.dp)
+    sums = validation_sums(models, work, cands)
+    test = task_scores(models, work.test, sampled_candidates(work.test))
+    test_hr = {
+        name: sampled_metrics(WeightedFuser.from_weights(w, NORMALIZATION).fuse(test))["hr@10"]
+        for name, w in cands.items()
+    }
     names = list(cands)
     g = len(names)
     print(f"{args.run_dir}: {len(work.valid.users)} validation users, G = {g} candidates")

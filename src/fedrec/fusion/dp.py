@@ -28,19 +28,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from fedrec.client.privacy import client_name
 from fedrec.config import FedrecConfig
 from fedrec.fusion.evaluate import TARGET_COL, task_scores
 from fedrec.fusion.fusers import WeightedFuser
-from fedrec.fusion.objective import per_user_ndcg, stack_normalized
+from fedrec.fusion.objective import cv_objective
 from fedrec.privacy import ClientPrivacyState, Ledger, LedgerEntry, read_ledger
-from fedrec.rundir import RunDir
+from fedrec.rundir import RunDir, write_json_atomic
 from fedrec.scoring import sampled_candidates
 from fedrec.workload import Workload
 
@@ -67,14 +67,12 @@ def candidates(tasks: list[str]) -> dict[str, dict[str, float]]:
 
 
 def validation_sums(models: Mapping, work: Workload, cands: Mapping[str, Mapping[str, float]]):
-    """Sum over the validation users of NDCG@10 under each candidate (the exact statistic)."""
-    tasks = list(models)
-    ev = work.valid
-    stacked = stack_normalized(task_scores(models, ev, sampled_candidates(ev)), tasks, NORMALIZATION)
-    cols = np.full(len(ev.users), TARGET_COL)
+    """Sum over the validation users of NDCG@10 under each candidate (the exact statistic; the
+    same objective the federated fit's clients sum)."""
+    scores = task_scores(models, work.valid, sampled_candidates(work.valid))
     return {
-        name: float(per_user_ndcg(stacked, np.array([w[t] for t in tasks]), cols).sum())
-        for name, w in cands.items()
+        name: cv_objective(weights, NORMALIZATION, scores, TARGET_COL)[0]
+        for name, weights in cands.items()
     }
 
 
@@ -85,7 +83,7 @@ def dp_fusion_fit(cfg: FedrecConfig, run: RunDir, work: Workload, models: Mappin
     entries = read_ledger(run.ledger) if run.ledger.exists() else []
     if not entries:
         return DPFusion(None, "no run ledger (a deployed run's sites keep theirs): no DP fit")
-    clients = [f"client-{i}" for i in range(work.partition.n_clients)]
+    clients = [client_name(i) for i in range(work.partition.n_clients)]
     cands = candidates(list(models))
     sensitivity = float(np.sqrt(len(cands)))
     released = {e["client"] for e in entries if e["task"] == FUSION_TASK}
@@ -140,8 +138,6 @@ def _noisy_sums(cfg, run, models, work, cands, sensitivity: float) -> dict[str, 
     rng = np.random.default_rng(seed)
     scale = cfg.privacy.fusion_noise * sensitivity
     noisy = {name: value + float(rng.normal(0.0, scale)) for name, value in exact.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"noise_multiplier": cfg.privacy.fusion_noise,
-                               "sensitivity": sensitivity, "noisy_sums": noisy}))  # fmt: skip
-    os.replace(tmp, path)
+    write_json_atomic(path, {"noise_multiplier": cfg.privacy.fusion_noise,
+                             "sensitivity": sensitivity, "noisy_sums": noisy})  # fmt: skip
     return noisy

@@ -88,8 +88,8 @@ def resume_state(
         past,
     )
     arrays = ckpt.arrays if ckpt else initial
-    skipped = rounds_to_skip(run, cfg, progress.round)
-    if skipped:
+    progress.resumes.append(entry)
+    if skipped := rounds_to_skip(run, cfg, progress.round):
         entry["skipped_rounds"] = skipped
         progress.round = skipped[-1]  # consumed: the next round is the one after them
         log.warning(
@@ -98,9 +98,7 @@ def resume_state(
             "clients that released them keep those releases in their epsilon",
             ", ".join(map(str, skipped)),
         )
-    progress.resumes.append(entry)
-    if skipped:  # kept at once: a crash before the next round's checkpoint must not lose it
-        save_checkpoint(run, cfg, arrays, strategy, progress)
+        save_checkpoint(run, cfg, arrays, strategy, progress)  # a second crash keeps the skip
     return arrays, progress
 
 
