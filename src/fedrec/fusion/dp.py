@@ -17,8 +17,10 @@ calibration set this release aside before its first round (``config.fusion_reser
 planned rounds plus the fit stay within its budget; if a client's ledger plus the release would
 not (it released more than planned), the fit is not made and the run fuses with equal weights.
 
-The noisy sums are kept in the run directory before the ledger lines are written, so a server
-that dies in between and runs its outputs again reuses them: the same release, never a second.
+The noisy sums are kept in the run directory (durably) before the ledger lines are written, so
+a server that dies in between and runs its outputs again reuses them: the same release, never a
+second. If the kept file is gone while the ledger holds the release, or is damaged, the run is
+not fitted again (equal weights): a new draw would be a second release, outside the ledger.
 A deployed run's clients keep their ledgers on their sites, where the server cannot write: no
 fit there (equal weights), and its clients set nothing aside. ``benchmarks/dp_fusion.py``
 measures what the fit gains and costs.
@@ -97,7 +99,15 @@ def dp_fusion_fit(cfg: FedrecConfig, run: RunDir, work: Workload, models: Mappin
                 return DPFusion(None, f"{client}: its releases plus the DP fusion fit would "
                                       f"reach epsilon {eps:.3f} > {p.epsilon:g}; no DP fit")
         states[client] = state
-    noisy = _noisy_sums(cfg, run, models, work, cands, sensitivity)
+    kept, problem = _kept_release(run, cands)
+    if problem:
+        return DPFusion(None, f"{problem}: no DP fit")
+    if kept is None and released:
+        # the ledger says the release was made: a fresh draw would be a second, unledgered one
+        return DPFusion(None, f"the ledger holds this run's DP fusion release but "
+                              f"{RELEASE_FILE} is gone; drawing its noise again would be a "
+                              f"second release: no DP fit")  # fmt: skip
+    noisy = kept if kept is not None else _draw_release(cfg, run, models, work, cands, sensitivity)
     ledger = Ledger(run.ledger, run.path.name)
     last_round = max(int(e["round"]) for e in entries)
     for client in clients:
@@ -125,19 +135,30 @@ def dp_fusion_fit(cfg: FedrecConfig, run: RunDir, work: Workload, models: Mappin
     )
 
 
-def _noisy_sums(cfg, run, models, work, cands, sensitivity: float) -> dict[str, float]:
-    """The released sums: kept from an earlier attempt of this run, or made and kept now."""
+def _kept_release(run: RunDir, cands: Mapping) -> tuple[dict[str, float] | None, str]:
+    """The noisy sums an earlier attempt of this run drew and kept (None: it drew none), or a
+    problem: a kept file that cannot be read or holds other candidates. Its noise was drawn and
+    maybe seen, so neither a second draw nor ignoring it is safe."""
     path = run.path / RELEASE_FILE
-    if path.exists():
-        kept = json.loads(path.read_text())
-        if sorted(kept["noisy_sums"]) == sorted(cands):
-            log.warning("DP fusion fit: reusing the release kept in %s", path)
-            return {str(k): float(v) for k, v in kept["noisy_sums"].items()}
+    if not path.exists():
+        return None, ""
+    try:
+        noisy = {str(k): float(v) for k, v in json.loads(path.read_text())["noisy_sums"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"{path} is unreadable ({exc!r})"
+    if sorted(noisy) != sorted(cands):
+        return None, f"{path} holds candidates {sorted(noisy)}, not this run's {sorted(cands)}"
+    log.warning("DP fusion fit: reusing the release kept in %s", path)
+    return noisy, ""
+
+
+def _draw_release(cfg, run, models, work, cands, sensitivity: float) -> dict[str, float]:
+    """Draw the noisy sums and keep them in the run directory (durably) before any use."""
     exact = validation_sums(models, work, cands)
     seed = secrets.randbits(128) if cfg.privacy.secure_rng else cfg.seed * 1_000_003 + 17
     rng = np.random.default_rng(seed)
     scale = cfg.privacy.fusion_noise * sensitivity
     noisy = {name: value + float(rng.normal(0.0, scale)) for name, value in exact.items()}
-    write_json_atomic(path, {"noise_multiplier": cfg.privacy.fusion_noise,
-                             "sensitivity": sensitivity, "noisy_sums": noisy})  # fmt: skip
+    write_json_atomic(run.path / RELEASE_FILE, {"noise_multiplier": cfg.privacy.fusion_noise,
+                                                "sensitivity": sensitivity, "noisy_sums": noisy})  # fmt: skip
     return noisy

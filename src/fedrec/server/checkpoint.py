@@ -33,7 +33,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedrec.config import ConfigError, FedrecConfig, load_config
 from fedrec.privacy.ledger import line_hash, read_locked, verify_chain
-from fedrec.rundir import RunDir
+from fedrec.rundir import RunDir, write_bytes_atomic
 from fedrec.strategies import RoundLog
 from fedrec.strategies.state import load_strategy_state, strategy_state
 
@@ -104,7 +104,7 @@ def save_checkpoint(
         "ledger": dataclasses.asdict(ledger_position(run.ledger)),
         "progress": _progress_to_json(progress),
     }
-    _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    write_bytes_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     keep = {MANIFEST, STARTED, *(f["name"] for f in files.values())}
     for stale in folder.iterdir():
         if stale.name not in keep:
@@ -244,25 +244,13 @@ def mark_round_started(run: RunDir, server_round: int) -> None:
     knows which rounds past its checkpoint the clients may already have released."""
     folder = checkpoint_dir(run)
     folder.mkdir(exist_ok=True)
-    _write_atomic(folder / STARTED, json.dumps({"round": server_round}).encode())
+    write_bytes_atomic(folder / STARTED, json.dumps({"round": server_round}).encode())
 
 
 def last_round_started(run: RunDir) -> int:
     """The last round ``mark_round_started`` recorded (0: none, or a run older than it)."""
     path = checkpoint_dir(run) / STARTED
     return int(json.loads(path.read_text())["round"]) if path.is_file() else 0
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync(path: Path) -> None:
