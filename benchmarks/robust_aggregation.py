@@ -1,17 +1,19 @@
 """Robust aggregation under model poisoning: FedAvg against FedMedian, FedTrimmedAvg and Krum.
 
     .venv/bin/python benchmarks/robust_aggregation.py [--rounds N] [--strategies S ...]
-        [--attacks clean scale10 signflip] [--screen] [--seeds N] [--dataset D --partition P]
-        [--out DIR]
+        [--attacks clean scale10 signflip] [--screen [--norm-outliers reject|rescale]
+        [--norm-reference size|median] [--norm-factor F]] [--seeds N] [--seed S]
+        [--dataset D --partition P] [--out DIR]
 
 The default federation (ML-100K, one client per occupation) runs clean and with 10% of its
 clients poisoning every update they send: ``scale10`` sends 10x the honest update, ``signflip``
 sends -1x (fedrec.simulation.faults; an attack simulation for benchmarks and tests, which no
-config or flag of ``fedrec`` can turn on). The update screen's median-norm and direction rules
-are off (``reject_norm_factor = 0``, ``reject_min_cosine = -1``) unless ``--screen``: the
-question is then what each aggregator withstands by itself; with ``--screen`` they are the
-defaults (10x the median norm, cosine 0 with the median update, and an update over the norm
-rule rescaled to the median norm; ``--norm-outliers reject`` drops it instead). Prints test
+config or flag of ``fedrec`` can turn on). The update screen's norm and direction rules are
+off (``reject_norm_factor = 0``, ``reject_min_cosine = -1``) unless ``--screen``: the question
+is then what each aggregator withstands by itself; with ``--screen`` they are the defaults (3x
+the norm predicted from the client's users, cosine 0 with the median update, and an update over
+the norm rule rescaled to its predicted norm; ``--norm-outliers reject`` drops it instead,
+``--norm-reference median --norm-factor 10`` is the rule before the size fit). Prints test
 HR@10 per task, the drop relative to the same strategy's clean run and to clean FedAvg, and
 writes DIR/robust_aggregation.json.
 
@@ -50,6 +52,7 @@ from fedrec.simulation import simulate
 from fedrec.simulation.faults import FaultPlan, with_faults
 from fedrec.workload import build_workload
 
+DEFAULTS = load_config(None)
 ATTACKS = {"clean": None, "scale10": 10.0, "signflip": -1.0}
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
 TASKS = ("recall", "ranking", "personal")
@@ -66,9 +69,10 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         "dataset": args.dataset,
         "partition": args.partition,
         "eval_full_ranking": False,
-        "reject_norm_factor": 10.0 if args.screen else 0.0,
+        "reject_norm_factor": args.norm_factor if args.screen else 0.0,
         "reject_min_cosine": 0.0 if args.screen else -1.0,
         "norm_outliers": args.norm_outliers,
+        "norm_reference": args.norm_reference,
     }
     done = Path(over["out"]) / "summary.json"
     if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
@@ -87,12 +91,14 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
 
 def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
     """Refuse a finished run made under other screen settings than this sweep's. A run made
-    before ``norm_outliers`` existed rejected norm outliers; a run in which nothing was over
-    the norm rule is the same run under either action."""
+    before ``norm_outliers`` existed rejected norm outliers, and one made before
+    ``norm_reference`` existed compared norms with the round's median; a run in which nothing
+    was over the norm rule is the same run under either action."""
     stored = tomllib.loads((run_dir / "config.toml").read_text())
     stored.setdefault("norm_outliers", "reject")
-    diff = [k for k in ("reject_norm_factor", "reject_min_cosine", "norm_outliers")
-            if stored[k] != over[k]]  # fmt: skip
+    stored.setdefault("norm_reference", "median")
+    diff = [k for k in ("reject_norm_factor", "reject_min_cosine", "norm_outliers",
+                        "norm_reference") if stored[k] != over[k]]  # fmt: skip
     norm_rule_hit = summary.get("rescaled_updates") or any(
         "update norm" in r["reason"] and "median" in r["reason"]
         for r in summary.get("rejected_updates", [])
@@ -141,10 +147,16 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     parser.add_argument("--attack-share", type=float, default=0.1, help="share of attackers")
-    parser.add_argument("--screen", action="store_true", help="keep the median-norm screen on")
+    parser.add_argument("--screen", action="store_true", help="keep the update screen on")
     parser.add_argument("--norm-outliers", choices=("rescale", "reject"), default="rescale",
-                        help="with --screen: rescale an update over 10x the median norm to the "
-                        "median norm (the default), or reject it")
+                        help="with --screen: rescale an update over the norm rule to its "
+                        "predicted norm (the default), or reject it")
+    parser.add_argument("--norm-reference", choices=("size", "median"), default="size",
+                        help="with --screen: the norm predicted for an update: fitted on its "
+                        "client's users (the default) or the round's median")
+    parser.add_argument("--norm-factor", type=float, default=DEFAULTS.reject_norm_factor,
+                        help="with --screen: the norm rule's factor (default: the config's, "
+                        "%(default)g)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed and the attackers'")
     parser.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds")
     parser.add_argument("--out", default="runs/robust_aggregation")

@@ -5,8 +5,9 @@
 Runs the default federation's clients in one process (no Flower: FedAvg weighted by users, as
 the server does) and prints, per round and task, the cosine of each honest client's update
 with the coordinate-wise median of all updates: minimum, 10th percentile, median, and the three
-smallest silos; and each update's norm over the round's median norm (the screen's norm rule
-rejects above ``reject_norm_factor``, default 10). ``--dp-noise Z`` trains under DP-SGD with
+smallest silos; each update's norm over the round's median norm; and over the norm the
+screen predicts for it from its client's users (``norm_reference = "size"``; the norm rule acts
+above ``reject_norm_factor`` times it, default 3). ``--dp-noise Z`` trains under DP-SGD with
 noise multiplier Z (clipping norm 1, fresh noise per client) to show how noise moves them; ``--text content`` uses the
 content models (the ones to use under DP). The screen rejects an update below
 ``reject_min_cosine`` (default 0): a sign-flipped update has about minus an honest one's cosine.
@@ -21,6 +22,7 @@ import torch
 
 from fedrec.client.local import build_task_models, train_round
 from fedrec.config import load_config
+from fedrec.strategies.screen import predicted_norms
 from fedrec.training import DPSGDParams
 from fedrec.workload import build_workload
 
@@ -72,6 +74,14 @@ def main() -> None:
                 f"round {r} {t:8} norm / median norm: min {ratio.min():.2f} max "
                 f"{ratio.max():.2f} (largest silo, {sizes[largest]} users: {ratio[largest]:.2f}; "
                 f"smallest: {ratio[smallest[0]]:.2f})",
+                flush=True,
+            )
+            predicted, slope = predicted_norms(norms, sizes)  # the screen's size reference
+            fit = norms / predicted
+            print(
+                f"round {r} {t:8} norm / norm predicted from users (log-log Theil-Sen slope "
+                f"{slope:.2f}): min {fit.min():.2f} max {fit.max():.2f} (largest silo "
+                f"{fit[largest]:.2f}; smallest {fit[smallest[0]]:.2f})",
                 flush=True,
             )
             new = start[t] + weights @ u  # FedAvg, weighted by users
