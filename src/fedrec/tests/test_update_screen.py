@@ -9,6 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedrec.config import load_config
 from fedrec.simulation.faults import FaultPlan, poison
 from fedrec.strategies import Observed, UpdateScreen, make_screen
+from fedrec.strategies.screen import predicted_norms
 from fedrec.strategies.records import ARRAYS_KEY
 
 
@@ -303,3 +304,89 @@ def test_observed_aggregates_the_rescaled_update_and_the_config_selects_the_acti
         load_config(None, {"norm_outliers": "clip"})
     with pytest.raises(ValueError, match="norm_action"):
         UpdateScreen(norm_action="clip")
+
+
+SIZES = (7, 9, 12, 20, 28, 33, 45, 67, 90, 196)
+
+
+def _sized(seed=2, slope=0.5):
+    """Honest updates of silos of very unequal size, each of norm ~ users ** slope (a large silo
+    takes more local steps), sharing a direction: the spread of the default federation."""
+    rng = np.random.default_rng(seed)
+    common = {k: rng.normal(size=v.shape) for k, v in GLOBAL.items()}
+    replies = []
+    for node, users in enumerate(SIZES, start=1):
+        own = {k: c + 0.8 * rng.normal(size=c.shape) for k, c in common.items()}
+        for task in ("recall", "ranking"):
+            keys = [k for k in GLOBAL if k.startswith(task)]
+            norm = np.sqrt(sum(float(np.sum(own[k] ** 2)) for k in keys))
+            for k in keys:  # each task's update at 0.01 * users ** slope, times 0.8-1.25
+                own[k] *= 0.01 * users**slope * rng.uniform(0.8, 1.25) / norm
+        arrays = {k: (GLOBAL[k] + own[k]).astype(np.float32) for k in GLOBAL}
+        replies.append(_reply(node, arrays, weight=users))
+    return replies
+
+
+def _scaled(reply, node, factor):
+    arrays = {k: (v + factor * (reply.content[ARRAYS_KEY][k].numpy() - v)).astype(np.float32)
+              for k, v in GLOBAL.items()}  # fmt: skip
+    weight = next(iter(reply.content.metric_records.values()))["num-examples"]
+    return _reply(node, arrays, weight=weight)
+
+
+def test_predicted_norms_fit_a_power_of_the_users_robustly():
+    sizes = np.array(SIZES, dtype=float)
+    norms = 0.3 * sizes**0.6
+    predicted, slope = predicted_norms(norms, sizes)
+    assert slope == pytest.approx(0.6) and predicted == pytest.approx(norms)
+    poisoned = norms.copy()
+    poisoned[[0, 9]] *= 10  # a 10% minority scaled x10 (the smallest and the largest silo)
+    predicted, slope = predicted_norms(poisoned, sizes)
+    assert 0.5 < slope < 0.7 and np.all(predicted / norms < 1.3) and np.all(predicted / norms > 0.77)
+    # no slope (one size for all, or norms falling with size: clamped at 0): the median
+    for flat_sizes in (np.full(10, 5.0), None):
+        predicted, slope = predicted_norms(norms, flat_sizes)
+        assert slope == 0 and np.all(predicted == np.median(norms))
+    predicted, slope = predicted_norms(norms[::-1], sizes)
+    assert slope == 0 and np.all(predicted == np.median(norms))
+
+
+def test_the_largest_silo_is_not_an_outlier_but_its_x10_update_is_rescaled_to_its_own_size():
+    honest = _sized()
+    big = honest[-1]  # 196 users, honest norm ~2.4x the median: inside the rule
+    attacker = _scaled(honest[2], 99, 10.0)  # a 12-user silo sending x10: under 10x the median
+    kept, rejected, rescaled = UpdateScreen().screen_all(_sent(), [*honest, attacker])
+    assert rejected == [] and [node for node, _ in rescaled] == [99]
+    assert "predicted for its 12 users" in rescaled[0][1]
+    assert all(r.content == h.content for r, h in zip(kept[:-1], honest, strict=True))
+    for task in ("recall", "ranking"):
+        honest_norm = _task_norm(honest[2].content[ARRAYS_KEY], task)
+        assert _task_norm(attacker.content[ARRAYS_KEY], task) / honest_norm < 1.6  # was 10x
+    # the largest silo sending x10: rescaled to about its own honest norm, not to the median
+    attacker = _scaled(big, 98, 10.0)
+    _, _, rescaled = UpdateScreen().screen_all(_sent(), [*honest, attacker])
+    assert [node for node, _ in rescaled] == [98]
+    median = float(np.median([_task_norm(r.content[ARRAYS_KEY], "recall") for r in honest]))
+    after = _task_norm(attacker.content[ARRAYS_KEY], "recall")
+    assert 0.6 < after / _task_norm(big.content[ARRAYS_KEY], "recall") < 1.6
+    assert after > 1.5 * median
+    # the median reference (the rule before the size fit) misses the small attacker at 10x
+    small = _scaled(honest[2], 99, 10.0)
+    old = UpdateScreen(median_factor=10.0, norm_reference="median")
+    assert old.screen_all(_sent(), [*honest, small])[2] == []
+
+
+def test_the_norm_reference_follows_the_config():
+    assert make_screen(load_config(None, {})).norm_reference == "size"
+    assert make_screen(load_config(None, {})).median_factor == 3.0
+    old = make_screen(load_config(None, {"norm_reference": "median", "reject_norm_factor": 10}))
+    assert (old.norm_reference, old.median_factor) == ("median", 10.0)
+    # user-level DP: a rejection skips the round, so the rule only catches absurd updates
+    user = make_screen(load_config(None, {"privacy.mode": "user"}))
+    assert user.median_factor == 10.0 and user.norm_action == "reject"
+    off = make_screen(load_config(None, {"privacy.mode": "user", "reject_norm_factor": 0}))
+    assert off.median_factor == 0
+    with pytest.raises(ValueError, match="norm_reference"):
+        load_config(None, {"norm_reference": "mean"})
+    with pytest.raises(ValueError, match="norm_reference"):
+        UpdateScreen(norm_reference="mean")
