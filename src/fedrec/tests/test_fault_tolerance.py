@@ -140,10 +140,10 @@ def test_thirty_percent_of_clients_failing_every_round_do_not_stop_the_run(tmp_p
     assert all(np.isfinite(m["hr@10"]) for m in summary["tasks"].values())
 
 
-def test_x1000_updates_are_rejected_or_rescaled_to_the_median_and_logged(tmp_path):
+def test_x1000_updates_are_rejected_or_rescaled_to_their_predicted_norm_and_logged(tmp_path):
     """One attacker in five sends 1000x its update. norm_outliers = "reject" drops it;
-    "rescale" (the default) keeps it at the round's median norm, so the final models end near
-    the rejecting run's, not hundreds of updates away from them."""
+    "rescale" (the default) keeps it at the norm the round predicts for its client's users, so
+    the final models end near the rejecting run's, not hundreds of updates away from them."""
     from fedrec.client.app import app
 
     plan = FaultPlan(attack_share=0.2, attack_factor=1000.0, seed=2)
@@ -156,7 +156,7 @@ def test_x1000_updates_are_rejected_or_rescaled_to_the_median_and_logged(tmp_pat
         runs[action] = simulate(cfg, baselines=False, client_app=with_faults(app, plan))
     _, rejected = runs["reject"]
     assert rejected["rounds"] == 2 and rejected["rejected_per_round"] == {"1": 1, "2": 1}
-    assert all("median" in r["reason"] for r in rejected["rejected_updates"])
+    assert all("predicted for its" in r["reason"] for r in rejected["rejected_updates"])
     assert len({r["node"] for r in rejected["rejected_updates"]}) == 1
     assert "rescaled_updates" not in rejected
     _, kept = runs["rescale"]
