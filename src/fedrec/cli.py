@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from rich.console import Console
 from rich.markup import escape
@@ -169,6 +170,36 @@ def _run_commitments(run_dir: Path) -> RunCommitments:
     return RunCommitments(budget, head, outside)
 
 
+def _claims_check(run_dir: Path, ledger: Path) -> dict[str, Any]:
+    """The ledger's mechanism inputs (sample rate, steps, clipping norm, delta, mechanism)
+    against the run's config.toml and each client's users, rebuilt from the run's data
+    (``fedrec.privacy.claims``): ``{"checked": lines, "problems": [...]}``, or ``{"skipped":
+    why}`` when the run cannot be rebuilt here."""
+    from fedrec.client.privacy import client_name, expected_releases
+    from fedrec.config import fusion_fit_mode
+    from fedrec.fusion.dp import FUSION_TASK, expected_release
+    from fedrec.privacy import read_ledger
+    from fedrec.privacy.claims import check_claims
+    from fedrec.workload import build_workload
+
+    if not (run_dir / "config.toml").is_file():
+        return {"skipped": "no config.toml in the run directory"}
+    cfg = load_config(run_dir / "config.toml")
+    if cfg.privacy.mode != "record":
+        return {"skipped": f"privacy.mode is '{cfg.privacy.mode}', checked for 'record' only"}
+    try:
+        work = build_workload(cfg)
+    except (OSError, ValueError) as err:  # a dataset path of the run's machine, not this one
+        return {"skipped": f"the run's data ({cfg.dataset}) cannot be loaded here: {err}"}
+    users = [work.client_data(c).n_users for c in range(work.partition.n_clients)]
+    expected = expected_releases(cfg, users)
+    if fusion_fit_mode(cfg) == "dp":
+        fit = expected_release(cfg, list(cfg.tasks))
+        expected |= {(client_name(c), FUSION_TASK): fit for c in range(len(users))}
+    checked, problems = check_claims(read_ledger(ledger), expected, delta=cfg.privacy.delta)
+    return {"checked": checked, "problems": problems}
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
@@ -192,6 +223,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         expected_head=head,
         every_entry=not args.final_only,
     )
+    claims = None if site else _claims_check(target, ledger)
+    if claims and claims.get("problems"):  # a failure of the audit like any other problem
+        result = dataclasses.replace(result, ok=False, problems=[
+            *result.problems, *(f"ledger input differs from the config: {p}"
+                                for p in claims["problems"])])  # fmt: skip
     table = Table(title=f"privacy audit of {args.run_dir}")
     for col in TABLE_COLUMNS:
         table.add_column(col)
@@ -200,13 +236,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
         table.add_row(*(escape(cell) for cell in row), style=style)  # "[run ...]" is not markup
     console.print(table)
     for problem in result.problems:
-        console.print(f"[red]problem:[/] {problem}")
+        console.print(f"[red]problem:[/] {escape(problem)}")
     for release in run.outside_ledger:  # not a failure of the ledger: a limit of its claim
         console.print(f"[yellow]not covered by the ledger:[/] this run also released {release}")
+    if claims is not None:
+        console.print(
+            f"[yellow]ledger inputs not checked against the config[/]: {claims['skipped']}"
+            if "skipped" in claims else
+            f"ledger inputs (sample rate, steps, clipping norm, delta) checked against "
+            f"config.toml and the clients' users: {claims['checked']} lines, "
+            f"{len(claims['problems'])} differ"
+        )  # fmt: skip
     json_path, png = write_audit(
         result,
         target.parent if site else target,
-        extra=None if site else {"outside_ledger": run.outside_ledger},  # a site: unknown here
+        # a site's ledger: what its runs released outside it, and their configs, unknown here
+        extra=None if site else {"outside_ledger": run.outside_ledger, "claims": claims},
     )
     if not site:
         console.print(
@@ -214,10 +259,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             "[yellow]ledger end not checked[/]: no ledger_head in summary.json (a ledger cut at "
             "its end would pass)"
         )  # fmt: skip
-    console.print(
-        f"{'[green]audit passed' if result.ok else '[red]audit FAILED'}[/]: {json_path}, {png}"
-    )
     ok = result.ok
+    console.print(f"{'[green]audit passed' if ok else '[red]audit FAILED'}[/]: {json_path}, {png}")
     if args.empirical:
         ok = _empirical_audit(args) and ok
     return 0 if ok else 1

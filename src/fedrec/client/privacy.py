@@ -43,6 +43,7 @@ from fedrec.privacy import (
     validate_budget,
     verify_chain,
 )
+from fedrec.privacy.claims import Expected
 from fedrec.privacy.entry import DISTRIBUTED
 from fedrec.privacy.errors import check_epsilon
 from fedrec.privacy.ledger import read_locked
@@ -217,13 +218,7 @@ def client_privacy(
     """
     if cfg.privacy.mode != "record":
         return None
-    if cfg.privacy.distributed:  # one step per round, one rate at every client
-        plan = dict.fromkeys(cfg.tasks, (cfg.privacy.sample_rate, 1))
-    else:
-        plan = {
-            t: (sample_rate_for(c, data.n_users), steps_per_round(c, data.n_users))
-            for t, c in cfg.tasks.items()
-        }
+    plan = release_plan(cfg, data.n_users)
     shares = dict(zip(cfg.tasks, cfg.privacy.task_shares, strict=False))
     # a simulated run's DP fusion fit releases once more on these users after the last round
     # (fedrec.fusion.dp); a deployed run's server cannot write a site's ledger: no fit there
@@ -232,6 +227,35 @@ def client_privacy(
         cfg, context, client, plan, shares, n_users=data.n_users, ledger_path=ledger_path,
         run_id=run_id, site=site, site_budget=site_budget, deployed=deployed, reserve=reserve,
     )  # fmt: skip
+
+
+def release_plan(cfg: FedrecConfig, n_users: int) -> dict[str, tuple[float, int]]:
+    """Each task's (sample rate, steps) per round for a record-level client of ``n_users``:
+    what its calibration assumes and its ledger lines must carry (``expected_releases``)."""
+    if cfg.privacy.distributed:  # one step per round, one rate at every client
+        return dict.fromkeys(cfg.tasks, (cfg.privacy.sample_rate, 1))
+    return {
+        t: (sample_rate_for(c, n_users), steps_per_round(c, n_users)) for t, c in cfg.tasks.items()
+    }
+
+
+def expected_releases(
+    cfg: FedrecConfig, client_users: Sequence[int]
+) -> dict[tuple[str, str], Expected]:
+    """What each (client, task) training release of a record-level run must carry, from the
+    config and each client's users (``fedrec.privacy.claims``; ``fedrec audit`` checks it)."""
+    p = cfg.privacy
+    return {
+        (client_name(c), task): Expected(
+            mechanism=DISTRIBUTED if p.distributed else "dp-sgd",
+            sample_rate=q,
+            steps=steps,
+            clipping_norm=p.clipping_norm,
+            noise_contributors=p.noise_contributors or None,
+        )
+        for c, n_users in enumerate(client_users)
+        for task, (q, steps) in release_plan(cfg, n_users).items()
+    }
 
 
 def client_name(client: int) -> str:

@@ -42,6 +42,7 @@ from fedrec.fusion.evaluate import TARGET_COL, task_scores
 from fedrec.fusion.fusers import WeightedFuser
 from fedrec.fusion.objective import cv_objective
 from fedrec.privacy import ClientPrivacyState, Ledger, LedgerEntry, read_ledger
+from fedrec.privacy.claims import Expected
 from fedrec.rundir import RunDir, write_json_atomic
 from fedrec.scoring import sampled_candidates
 from fedrec.workload import Workload
@@ -66,6 +67,17 @@ def candidates(tasks: list[str]) -> dict[str, dict[str, float]]:
     out = {t: {u: float(u == t) for u in tasks} for t in tasks}
     out[AVERAGE] = dict.fromkeys(tasks, 1.0 / len(tasks))
     return out
+
+
+def expected_release(cfg: FedrecConfig, tasks: list[str]) -> Expected:
+    """What every client's ledger line for the fit must carry (``fedrec.privacy.claims``)."""
+    return Expected(
+        mechanism=MECHANISM,
+        sample_rate=1.0,
+        steps=1,
+        clipping_norm=float(np.sqrt(len(candidates(tasks)))),
+        noise_multiplier=cfg.privacy.fusion_noise,
+    )
 
 
 def validation_sums(models: Mapping, work: Workload, cands: Mapping[str, Mapping[str, float]]):

@@ -184,6 +184,9 @@ def test_a_distributed_dp_federation_is_accounted_and_audited(distributed_run):
         mine = [e["epsilon_composed"] for e in entries if e["client"] == client]
         assert mine == sorted(mine) and mine[0] < mine[-1] <= 4.0
     assert audit_ledger(run.ledger, run_id=run.path.name).ok
+    from fedrec.cli import _claims_check  # what `fedrec audit` checks against config.toml
+
+    assert _claims_check(run.path, run.ledger) == {"checked": 2 * 4 * 3 + 4, "problems": []}
     assert summary["privacy"]["max_epsilon"] <= 4.0
     assert sorted(summary["secure_aggregation"]["rounds"]) == [1, 2]
     assert (summary["privacy"]["noise"], summary["privacy"]["min_contributors"]) == (

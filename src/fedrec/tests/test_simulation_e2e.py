@@ -107,6 +107,10 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path, ca
     audit = _cli("audit", str(run.path), "--final-only")  # recomputes every figure
     assert audit.returncode == 0, audit.stderr
     assert (run.path / "audit.json").exists() and (run.path / "epsilon.png").exists()
+    # every line's sample rate, steps, clipping norm and delta are what the config and each
+    # client's users call for (the fusion lines' too)
+    claims = json.loads((run.path / "audit.json").read_text())["claims"]
+    assert claims == {"checked": len(entries), "problems": []}
     # what the run fixed apart from its ledger: the budget (config.toml), the head (summary)
     from fedrec.cli import _run_commitments
     from fedrec.privacy import verify_chain

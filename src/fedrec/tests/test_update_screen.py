@@ -9,8 +9,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedrec.config import load_config
 from fedrec.simulation.faults import FaultPlan, poison
 from fedrec.strategies import Observed, UpdateScreen, make_screen
-from fedrec.strategies.screen import predicted_norms
 from fedrec.strategies.records import ARRAYS_KEY
+from fedrec.strategies.screen import predicted_norms
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,73 @@
+"""Check a run ledger's mechanism inputs against what the run's config says its clients did.
+
+The audit recomputes every epsilon from the ledger's own lines, so it trusts each line's
+``sample_rate``, ``steps``, ``clipping_norm`` and ``delta``: a client that took more steps than
+it ledgered, or sampled at a higher rate, would spend more than the ledger shows and still
+pass. Each of these inputs is fixed by the run's config and the client's number of users (the
+data the auditor can rebuild for a simulation): ``expect`` maps each (client, task) to the
+values its releases must carry, and ``check_claims`` lists every line that differs. What the
+client's training really did is what it ledgers (``TrainStats``), so this catches a trainer or
+an accounting path that strays from the plan the calibration assumed. The noise multiplier is
+calibrated from the budget, so it is not a config value: the epsilon check covers it. (The
+canary audit, ``--empirical``, tests the noise itself.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+REL_TOL = 1e-9  # floats written to JSON and read back are exact; this is only float slack
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What every release of one (client, task) must carry."""
+
+    mechanism: str
+    sample_rate: float
+    steps: int
+    clipping_norm: float
+    noise_multiplier: float | None = None  # None: calibrated from the budget, not checked here
+    noise_contributors: int | None = None  # None: the line must not name any (local noise)
+
+
+def check_claims(
+    entries: Iterable[Mapping[str, Any]],
+    expected: Mapping[tuple[str, str], Expected],
+    *,
+    delta: float,
+) -> tuple[int, list[str]]:
+    """(lines checked, one problem per line whose inputs differ from ``expected``)."""
+    checked, problems = 0, []
+    for number, entry in enumerate(entries, start=1):
+        checked += 1
+        key = (str(entry["client"]), str(entry["task"]))
+        want = expected.get(key)
+        where = f"line {number} ({key[0]}, {key[1]}, round {entry['round']})"
+        if want is None:
+            problems.append(f"{where}: no such client and task in this run's config and data")
+            continue
+        fields = {**vars(want), "delta": delta}
+        if want.noise_multiplier is None:
+            del fields["noise_multiplier"]
+        wrong = [
+            f"{name} {entry.get(name)!r}, expected {value!r}"
+            for name, value in fields.items()
+            if not _same(entry.get(name), value)
+        ]
+        if wrong:
+            problems.append(f"{where}: " + "; ".join(wrong))
+    return checked, problems
+
+
+def _same(got: Any, want: Any) -> bool:
+    if want is None or isinstance(want, str):
+        return got == want
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        return False
+    if isinstance(want, int) and not isinstance(want, bool):
+        return got == want
+    return math.isclose(float(got), float(want), rel_tol=REL_TOL, abs_tol=0.0)

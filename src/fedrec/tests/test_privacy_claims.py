@@ -1,0 +1,110 @@
+"""The audit checks each ledger line's mechanism inputs against the run's config and data.
+
+A client whose accounting strays from what it trained (more steps than it ledgers, a higher
+sample rate) writes a valid chain whose epsilons recompute exactly: only the config can tell.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedrec.client.privacy import client_name, expected_releases, release_plan
+from fedrec.config import load_config
+from fedrec.privacy import ClientPrivacyState, Ledger, LedgerEntry
+from fedrec.privacy.claims import Expected, check_claims
+from fedrec.training import sample_rate_for, steps_per_round
+from fedrec.workload import build_workload
+
+LOCAL = Expected("dp-sgd", 0.25, 8, 1.0)
+
+
+def _line(**over):
+    return {"client": "client-0", "task": "recall", "round": 1, "mechanism": "dp-sgd",
+            "sample_rate": 0.25, "steps": 8, "clipping_norm": 1.0, "delta": 1e-3,
+            "noise_multiplier": 2.0} | over  # fmt: skip
+
+
+def test_lines_that_match_pass_and_each_differing_input_is_named():
+    expected = {("client-0", "recall"): LOCAL}
+    assert check_claims([_line(), _line(round=2)], expected, delta=1e-3) == (2, [])
+    for over, name in [({"steps": 4}, "steps 4, expected 8"),
+                       ({"sample_rate": 0.5}, "sample_rate 0.5, expected 0.25"),
+                       ({"clipping_norm": 2.0}, "clipping_norm 2.0"),
+                       ({"delta": 1e-2}, "delta 0.01, expected 0.001"),
+                       ({"mechanism": "gaussian"}, "mechanism 'gaussian'"),
+                       ({"noise_contributors": 5}, "noise_contributors 5, expected None"),
+                       ({"steps": "8"}, "steps '8'")]:  # fmt: skip
+        checked, problems = check_claims([_line(), _line(round=2, **over)], expected, delta=1e-3)
+        assert checked == 2 and len(problems) == 1, over
+        assert problems[0].startswith("line 2 (client-0, recall, round 2)") and name in problems[0]
+    _, problems = check_claims([_line(client="client-9")], expected, delta=1e-3)
+    assert "no such client and task" in problems[0]
+    # a fixed noise multiplier (the fusion fit's) is checked; a calibrated one is not
+    fit = Expected("gaussian", 1.0, 1, 2.0, noise_multiplier=8.0)
+    line = _line(task="fusion", mechanism="gaussian", sample_rate=1.0, steps=1, clipping_norm=2.0)
+    _, problems = check_claims([line], {("client-0", "fusion"): fit}, delta=1e-3)
+    assert "noise_multiplier 2.0, expected 8.0" in problems[0]
+
+
+def test_the_expected_inputs_are_the_training_plan_of_each_clients_users():
+    cfg = load_config(None, {"privacy.mode": "record"})
+    expected = expected_releases(cfg, [7, 196])
+    for client, users in ((0, 7), (1, 196)):
+        for task, tcfg in cfg.tasks.items():
+            want = expected[(client_name(client), task)]
+            assert (want.sample_rate, want.steps) == (
+                sample_rate_for(tcfg, users), steps_per_round(tcfg, users))  # fmt: skip
+            assert want.mechanism == "dp-sgd" and want.noise_contributors is None
+    dist = load_config(None, {"privacy.mode": "record", "privacy.noise": "distributed",
+                              "secure_aggregation": True, "strategy": "fedadam",
+                              "privacy.min_contributors": 2})  # fmt: skip
+    want = expected_releases(dist, [7])[("client-0", "recall")]
+    assert (want.mechanism, want.sample_rate, want.steps, want.noise_contributors) == (
+        "dp-sgd-distributed", dist.privacy.sample_rate, 1, 2)  # fmt: skip
+
+
+def _run_dir(tmp_path, *, steps_off: int = 0):
+    """A run directory whose ledger a client wrote consistently (valid chain, epsilons that
+    recompute) from its own plan, client-1's recall steps off by ``steps_off``."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(None, {"dataset": "synthetic:merchants=3,users=90,items=300",
+                             "partition": "site", "rounds": 2, "privacy.mode": "record",
+                             "fusion_fit": "fixed", "out": str(run)})  # fmt: skip
+    (run / "config.toml").write_text(cfg.to_toml())
+    work = build_workload(cfg)
+    ledger = Ledger(run / "privacy_ledger.jsonl", run.name)
+    for c in range(work.partition.n_clients):
+        state = ClientPrivacyState(accountant=cfg.privacy.accountant)
+        for rnd in (1, 2):
+            for task, (q, steps) in release_plan(cfg, work.client_data(c).n_users).items():
+                off = steps_off if (c, task) == (1, "recall") else 0
+                state.record(task, noise_multiplier=3.0, sample_rate=q, steps=steps + off)
+                ledger.append(LedgerEntry.from_state(
+                    state, client=client_name(c), task=task, round=rnd,
+                    clipping_norm=cfg.privacy.clipping_norm, delta=cfg.privacy.delta,
+                    budget_epsilon=cfg.privacy.epsilon))  # fmt: skip
+    return run
+
+
+@pytest.mark.parametrize("steps_off", [0, -1])
+def test_fedrec_audit_fails_a_ledger_whose_steps_stray_from_the_config(tmp_path, steps_off):
+    run = _run_dir(tmp_path, steps_off=steps_off)
+    audit = subprocess.run([sys.executable, "-m", "fedrec.cli", "audit", str(run),
+                            "--final-only"], capture_output=True, text=True)  # fmt: skip
+    out = audit.stdout + audit.stderr
+    claims = json.loads((run / "audit.json").read_text())["claims"]
+    assert claims["checked"] == 3 * 3 * 2
+    if steps_off == 0:
+        assert audit.returncode == 0, out
+        assert claims["problems"] == [] and "18 lines, 0 differ" in " ".join(out.split())
+        return
+    assert audit.returncode == 1, out  # the chain and every epsilon are fine: only the steps
+    assert len(claims["problems"]) == 2 and all("client-1, recall" in p for p in
+                                                claims["problems"])  # fmt: skip
+    assert not json.loads((run / "audit.json").read_text())["ok"]
+    assert "ledger input differs from the config" in out
