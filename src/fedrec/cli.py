@@ -171,28 +171,32 @@ def _run_commitments(run_dir: Path) -> RunCommitments:
 
 
 def _claims_check(run_dir: Path, ledger: Path) -> dict[str, Any]:
-    """The ledger's mechanism inputs (sample rate, steps, clipping norm, delta, mechanism)
-    against the run's config.toml and each client's users, rebuilt from the run's data
-    (``fedrec.privacy.claims``): ``{"checked": lines, "problems": [...]}``, or ``{"skipped":
+    """The ledger's mechanism inputs (sample rate, steps, clipping norm, delta, mechanism; a
+    fixed noise multiplier) against the run's config.toml and each client's users, rebuilt from
+    the run's data (``fedrec.privacy.claims``): ``{"checked": lines, "problems": [...]}``, or ``{"skipped":
     why}`` when the run cannot be rebuilt here."""
     from fedrec.client.privacy import client_name, expected_releases
     from fedrec.config import fusion_fit_mode
     from fedrec.fusion.dp import FUSION_TASK, expected_release
     from fedrec.privacy import read_ledger
     from fedrec.privacy.claims import check_claims
+    from fedrec.strategies.user_dp import expected_releases as user_level_releases
     from fedrec.workload import build_workload
 
     if not (run_dir / "config.toml").is_file():
         return {"skipped": "no config.toml in the run directory"}
     cfg = load_config(run_dir / "config.toml")
-    if cfg.privacy.mode != "record":
-        return {"skipped": f"privacy.mode is '{cfg.privacy.mode}', checked for 'record' only"}
+    if cfg.privacy.mode == "user" and cfg.privacy.clipping == "adaptive":
+        return {"skipped": "adaptive clipping: each round's norm and noise are DP outputs"}
     try:
         work = build_workload(cfg)
     except (OSError, ValueError) as err:  # a dataset path of the run's machine, not this one
         return {"skipped": f"the run's data ({cfg.dataset}) cannot be loaded here: {err}"}
     users = [work.client_data(c).n_users for c in range(work.partition.n_clients)]
-    expected = expected_releases(cfg, users)
+    if cfg.privacy.mode == "user":
+        expected = user_level_releases(cfg, work.partition.n_clients)
+    else:
+        expected = expected_releases(cfg, users)
     if fusion_fit_mode(cfg) == "dp":
         fit = expected_release(cfg, list(cfg.tasks))
         expected |= {(client_name(c), FUSION_TASK): fit for c in range(len(users))}

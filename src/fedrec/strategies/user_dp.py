@@ -59,6 +59,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from fedrec.client.mods import ADAPTIVE_CLIPPING_KEY
 from fedrec.config import ConfigError, FedrecConfig
 from fedrec.privacy import calibrate_noise, validate_budget
+from fedrec.privacy.claims import Expected
 
 log = logging.getLogger(__name__)
 USER_LEVEL_ACCOUNTANT: Final = "rdp"  # Flower's RdpAccountant enforces the budget; ours must agree
@@ -84,6 +85,21 @@ def user_level_noise(cfg: FedrecConfig, n_clients: int) -> float:
         accountant=USER_LEVEL_ACCOUNTANT,
     )
     return sigmas["all"]
+
+
+def expected_releases(cfg: FedrecConfig, n_clients: int) -> dict[tuple[str, str], Expected]:
+    """What every ledger line of a user-level run with fixed clipping must carry (the server
+    writes one per round: ``fedrec.server.federation``); ``fedrec.privacy.claims`` checks it.
+    Adaptive clipping's norm is itself a DP output of each round: not a config value."""
+    return {
+        ("federation", "all"): Expected(
+            mechanism="dp-fedavg",
+            sample_rate=1.0,
+            steps=1,
+            clipping_norm=cfg.privacy.clipping_norm,
+            noise_multiplier=user_level_noise(cfg, n_clients),
+        )
+    }
 
 
 def effective_noise(update_noise: float, count_stddev: float) -> float:

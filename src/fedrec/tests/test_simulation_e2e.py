@@ -163,6 +163,9 @@ def test_user_level_dp_fedavg_is_accounted_by_flower_and_the_ledger(tmp_path, si
     assert summary["privacy"]["mode"] == "user"
     assert summary["fusion"]["method"] == "average"  # no per-client accountant to reserve in
     assert audit_ledger(run.ledger, run_id=run.path.name).ok
+    from fedrec.cli import _claims_check  # each release's noise and clipping as configured
+
+    assert _claims_check(run.path, run.ledger) == {"checked": 2, "problems": []}
 
 
 @pytest.mark.parametrize(
