@@ -1,6 +1,7 @@
 """How far honest updates agree in direction: the figures behind the screen's direction rule.
 
     .venv/bin/python benchmarks/update_cosines.py [--rounds 4] [--dp-noise Z] [--text content]
+        [--partition user]
 
 Runs the default federation's clients in one process (no Flower: FedAvg weighted by users, as
 the server does) and prints, per round and task, the cosine of each honest client's update
@@ -36,9 +37,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--dp-noise", type=float, default=0.0, help="DP-SGD noise multiplier")
     parser.add_argument("--text", default="off", help="off | content")
+    parser.add_argument("--partition", help="e.g. user (one client per user: cross-device)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(None, {"text.mode": args.text})
+    over = {"text.mode": args.text} | ({"partition": args.partition} if args.partition else {})
+    cfg = load_config(None, over)
     work = build_workload(cfg)
     models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
     clients = [work.client_data(c) for c in range(work.partition.n_clients)]

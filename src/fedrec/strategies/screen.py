@@ -8,7 +8,7 @@ A reply is rejected (and logged with the client's node id and the reason) when
 - any value is NaN or infinite;
 - a task's update norm ``||w_client - w_global||`` is far above what an honest client sends:
   above the clipping norm when every honest client clips its whole update to it (user-level DP
-  with client-side clipping), otherwise above ``median_factor`` times the norm the round's
+  with client-side clipping), otherwise above ``norm_factor`` times the norm the round's
   well-formed replies (at least 3 of them) predict for its client. Record-level DP-SGD clips
   per-example gradients and Adam rescales every step, so there the clipping norm does not bound
   a client's update and the relative rule applies. The prediction (``norm_reference``):
@@ -73,7 +73,7 @@ class UpdateScreen:
 
     weight_key: str = "num-examples"
     norm_bound: float | None = None  # the whole update's L2 norm may not exceed this
-    median_factor: float = 3.0  # over this x the predicted norm (0 turns the rule off)
+    norm_factor: float = 3.0  # over this x the predicted norm (0 turns the rule off)
     min_cosine: float = 0.0  # reject a task update less aligned with the median (-1: rule off)
     norm_action: str = "rescale"  # over the norm rule: rescale to the predicted norm, or reject
     norm_reference: str = "size"  # predicted norm: fitted on users (module doc), or the median
@@ -81,8 +81,8 @@ class UpdateScreen:
     def __post_init__(self) -> None:
         if self.norm_bound is not None and not self.norm_bound > 0:
             raise ValueError("norm_bound must be positive (or None for no absolute bound).")
-        if self.median_factor != 0 and not self.median_factor > 1:
-            raise ValueError("median_factor must be above 1, or 0 to turn the median rule off.")
+        if self.norm_factor != 0 and not self.norm_factor > 1:
+            raise ValueError("norm_factor must be above 1, or 0 to turn the norm rule off.")
         if not -1 <= self.min_cosine < 1:
             raise ValueError("min_cosine must be in [-1, 1) (-1 turns the direction rule off).")
         if self.norm_action not in NORM_ACTIONS:
@@ -186,7 +186,7 @@ class UpdateScreen:
         self, norms: dict[int, dict[str, float]], sizes: dict[int, float]
     ) -> dict[int, dict[str, tuple[str, float]]]:
         """{reply: {task over the norm rule: (reason, its predicted norm)}}."""
-        if self.median_factor == 0 or len(norms) < MIN_FOR_MEDIAN:
+        if self.norm_factor == 0 or len(norms) < MIN_FOR_MEDIAN:
             return {}
         ids = list(norms)
         by_size = self.norm_reference == "size"
@@ -197,11 +197,11 @@ class UpdateScreen:
                 task_norms, np.array([sizes[i] for i in ids]) if by_size else None
             )
             for msg_id, norm, pred in zip(ids, task_norms, predicted, strict=True):
-                if pred > 0 and norm > self.median_factor * pred:
+                if pred > 0 and norm > self.norm_factor * pred:
                     what = (f"the {pred:.4g} predicted for its {sizes[msg_id]:g} users (norm ~ "
                             f"users^{slope:.2f})" if slope else f"the round's median {pred:.4g}")
                     out.setdefault(msg_id, {})[task] = (
-                        f"'{task}' update norm {norm:.4g} is over {self.median_factor:g}x {what}",
+                        f"'{task}' update norm {norm:.4g} is over {self.norm_factor:g}x {what}",
                         float(pred),
                     )
         return out
@@ -322,7 +322,7 @@ def make_screen(cfg: FedrecConfig) -> UpdateScreen:
         # User-level DP: a rejected reply makes Flower's DP wrapper skip the round, and the
         # clipping bounds every user's influence anyway, so there the rule only catches absurd
         # updates (at least 10x, as before the size reference existed)
-        median_factor=max(cfg.reject_norm_factor, 10.0) if user and cfg.reject_norm_factor
+        norm_factor=max(cfg.reject_norm_factor, 10.0) if user and cfg.reject_norm_factor
         else cfg.reject_norm_factor,
         min_cosine=cfg.reject_min_cosine,
         # User-level DP bounds each user's influence on the release by the clipping norm; a

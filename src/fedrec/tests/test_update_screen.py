@@ -81,7 +81,7 @@ def _bad(kind):
     ],
 )
 def test_each_kind_of_malformed_update_is_rejected_with_node_and_reason(kind, match):
-    screen = UpdateScreen(median_factor=10.0, norm_action="reject")
+    screen = UpdateScreen(norm_factor=10.0, norm_action="reject")
     kept, rejected = screen.screen(_sent(), [*_honest(), _bad(kind)])
     assert len(kept) == 4 and [node for node, _ in rejected] == [99]
     assert match in rejected[0][1]
@@ -98,7 +98,7 @@ def test_replies_flower_would_choke_on_are_rejected(weight, extra):
 
 
 def test_clipping_bound_applies_when_clients_clip_their_whole_update():
-    screen = UpdateScreen(norm_bound=1.0, median_factor=0)
+    screen = UpdateScreen(norm_bound=1.0, norm_factor=0)
     small = _reply(1, step=0.01)  # norm ~0.05
     big = _reply(2, {k: v + 0.5 for k, v in GLOBAL.items()})  # norm ~2.2
     kept, rejected = screen.screen(_sent(), [small, big])
@@ -109,7 +109,7 @@ def test_median_rule_needs_three_replies_and_can_be_switched_off():
     pair = [_honest(1)[0], _bad("huge norm")]
     assert UpdateScreen().screen(_sent(), pair)[1] == []  # two replies: no reference
     many = [*_honest(), _bad("huge norm")]
-    assert UpdateScreen(median_factor=0).screen(_sent(), many)[1] == []
+    assert UpdateScreen(norm_factor=0).screen(_sent(), many)[1] == []
 
 
 def test_error_replies_pass_through_to_the_strategy():
@@ -134,13 +134,13 @@ def test_observed_aggregates_only_what_the_screen_kept():
 
 def test_screen_follows_the_config():
     plain = make_screen(load_config(None, {"reject_norm_factor": 5.0}))
-    assert plain.norm_bound is None and plain.median_factor == 5.0
+    assert plain.norm_bound is None and plain.norm_factor == 5.0
     user = make_screen(
         load_config(None, {"privacy.mode": "user", "privacy.clipping_side": "client"})
     )
     assert user.norm_bound == 1.0 and user.weight_key == "dp-weight"
-    with pytest.raises(ValueError, match="median_factor"):
-        UpdateScreen(median_factor=0.5)
+    with pytest.raises(ValueError, match="norm_factor"):
+        UpdateScreen(norm_factor=0.5)
 
 
 def test_poisoned_update_is_the_honest_one_scaled_or_flipped():
@@ -372,20 +372,20 @@ def test_the_largest_silo_is_not_an_outlier_but_its_x10_update_is_rescaled_to_it
     assert after > 1.5 * median
     # the median reference (the rule before the size fit) misses the small attacker at 10x
     small = _scaled(honest[2], 99, 10.0)
-    old = UpdateScreen(median_factor=10.0, norm_reference="median")
+    old = UpdateScreen(norm_factor=10.0, norm_reference="median")
     assert old.screen_all(_sent(), [*honest, small])[2] == []
 
 
 def test_the_norm_reference_follows_the_config():
     assert make_screen(load_config(None, {})).norm_reference == "size"
-    assert make_screen(load_config(None, {})).median_factor == 3.0
+    assert make_screen(load_config(None, {})).norm_factor == 3.0
     old = make_screen(load_config(None, {"norm_reference": "median", "reject_norm_factor": 10}))
-    assert (old.norm_reference, old.median_factor) == ("median", 10.0)
+    assert (old.norm_reference, old.norm_factor) == ("median", 10.0)
     # user-level DP: a rejection skips the round, so the rule only catches absurd updates
     user = make_screen(load_config(None, {"privacy.mode": "user"}))
-    assert user.median_factor == 10.0 and user.norm_action == "reject"
+    assert user.norm_factor == 10.0 and user.norm_action == "reject"
     off = make_screen(load_config(None, {"privacy.mode": "user", "reject_norm_factor": 0}))
-    assert off.median_factor == 0
+    assert off.norm_factor == 0
     with pytest.raises(ValueError, match="norm_reference"):
         load_config(None, {"norm_reference": "mean"})
     with pytest.raises(ValueError, match="norm_reference"):
