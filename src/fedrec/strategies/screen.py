@@ -23,7 +23,11 @@ A reply is rejected (and logged with the client's node id and the reason) when
   * ``"median"``: the round's median norm, the same for every client (also what ``"size"``
     gives when every reply reports the same number of users).
 
-  ``users`` is the reply's ``num-examples``, which FedAvg already trusts as the client's weight.
+  ``users`` is the reply's ``num-examples``, as the client reports it: a prediction is capped
+  at ``SIZE_CEILING`` (5) times the round's median norm, so a client that overstates its users
+  raises its bound to at most 15x the median (the rule before was 10x), and the fit needs at
+  least ``MIN_FOR_SLOPE`` (5) replies (fewer: the median). Under user-level DP the reference is
+  always the median (there ``num-examples`` is not even the client's weight).
   Over the rule, the default ``norm_action="rescale"`` does not drop the update but scales that
   task's update down to the predicted norm, keeping its direction (FLAME's bound, Nguyen et al.
   2022, with a per-client reference instead of one median): an over-scaled update (an attacker
@@ -60,6 +64,11 @@ from fedrec.strategies.user_dp import UNIFORM_WEIGHT_KEY
 
 BOUND_SLACK = 1e-3  # relative float error allowed over a clipping bound
 MIN_FOR_MEDIAN = 3  # fewer well-formed replies: the median is no reference
+MIN_FOR_SLOPE = 5  # fewer: one reply is in half the pairs of the fit; the median instead
+# a size-predicted norm is at most this x the round's median: a client that overstates its
+# users cannot buy a bound above norm_factor x this (15x the median at the default 3); the
+# largest honest silo's prediction stays under 3.5x the median (benchmarks/update_cosines.py)
+SIZE_CEILING = 5.0
 
 Rejection = tuple[int, str]  # (node id, reason)
 NORM_ACTIONS = ("reject", "rescale")
@@ -199,7 +208,8 @@ class UpdateScreen:
             for msg_id, norm, pred in zip(ids, task_norms, predicted, strict=True):
                 if pred > 0 and norm > self.norm_factor * pred:
                     what = (f"the {pred:.4g} predicted for its {sizes[msg_id]:g} users (norm ~ "
-                            f"users^{slope:.2f})" if slope else f"the round's median {pred:.4g}")
+                            f"users^{slope:.2f}, at most {SIZE_CEILING:g}x the round's median)"
+                            if slope else f"the round's median {pred:.4g}")  # fmt: skip
                     out.setdefault(msg_id, {})[task] = (
                         f"'{task}' update norm {norm:.4g} is over {self.norm_factor:g}x {what}",
                         float(pred),
@@ -246,11 +256,13 @@ def predicted_norms(
 ) -> tuple[np.ndarray, float]:
     """(the norm each update is expected to have, ``b``): ``scale * sizes ** b``, ``b`` the
     Theil-Sen slope of log norm on log size (pairs of different sizes and positive norms;
-    clamped to [0, 1]) and ``scale`` the median of ``norms / sizes ** b``; the plain median of
-    ``norms`` for every update when ``sizes`` is None or gives no slope (module doc)."""
+    clamped to [0, 1]) and ``scale`` the median of ``norms / sizes ** b``, each at most
+    ``SIZE_CEILING`` x the median norm; the plain median of ``norms`` for every update when
+    ``sizes`` is None, there are fewer than ``MIN_FOR_SLOPE`` updates, or no slope (module
+    doc)."""
     norms = np.asarray(norms, dtype=np.float64)
     slope = 0.0
-    if sizes is not None:
+    if sizes is not None and len(norms) >= MIN_FOR_SLOPE:
         sizes = np.asarray(sizes, dtype=np.float64)
         ok = norms > 0
         x, y = np.log(sizes[ok]), np.log(norms[ok])
@@ -258,10 +270,11 @@ def predicted_norms(
         pairs = x[i] != x[j]
         if pairs.any():
             slope = float(np.clip(np.median((y[j] - y[i])[pairs] / (x[j] - x[i])[pairs]), 0, 1))
+    median = float(np.median(norms))
     if slope == 0.0:
-        return np.full(norms.shape, float(np.median(norms))), 0.0
+        return np.full(norms.shape, median), 0.0
     scaled = sizes**slope
-    return float(np.median(norms / scaled)) * scaled, slope
+    return np.minimum(float(np.median(norms / scaled)) * scaled, SIZE_CEILING * median), slope
 
 
 def _size(content: RecordDict) -> float:
@@ -329,5 +342,5 @@ def make_screen(cfg: FedrecConfig) -> UpdateScreen:
         # rescale to a norm predicted from the other updates would let one user's update change
         # how much of *other* users' updates enters it, so there norm outliers are rejected.
         norm_action="reject" if user else cfg.norm_outliers,
-        norm_reference=cfg.norm_reference,
+        norm_reference="median" if user else cfg.norm_reference,  # sizes are not weights there
     )

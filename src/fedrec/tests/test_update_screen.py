@@ -10,7 +10,7 @@ from fedrec.config import load_config
 from fedrec.simulation.faults import FaultPlan, poison
 from fedrec.strategies import Observed, UpdateScreen, make_screen
 from fedrec.strategies.records import ARRAYS_KEY
-from fedrec.strategies.screen import predicted_norms
+from fedrec.strategies.screen import SIZE_CEILING, predicted_norms
 
 
 @pytest.fixture(autouse=True)
@@ -354,11 +354,14 @@ def test_predicted_norms_fit_a_power_of_the_users_robustly():
 def test_the_largest_silo_is_not_an_outlier_but_its_x10_update_is_rescaled_to_its_own_size():
     honest = _sized()
     big = honest[-1]  # 196 users, honest norm ~2.4x the median: inside the rule
+    before = [{t: _task_norm(r.content[ARRAYS_KEY], t) for t in ("recall", "ranking")}
+              for r in honest]  # fmt: skip
     attacker = _scaled(honest[2], 99, 10.0)  # a 12-user silo sending x10: under 10x the median
     kept, rejected, rescaled = UpdateScreen().screen_all(_sent(), [*honest, attacker])
     assert rejected == [] and [node for node, _ in rescaled] == [99]
     assert "predicted for its 12 users" in rescaled[0][1]
-    assert all(r.content == h.content for r, h in zip(kept[:-1], honest, strict=True))
+    assert kept == [*honest, attacker] and before == [  # every honest update left as sent
+        {t: _task_norm(r.content[ARRAYS_KEY], t) for t in ("recall", "ranking")} for r in honest]
     for task in ("recall", "ranking"):
         honest_norm = _task_norm(honest[2].content[ARRAYS_KEY], task)
         assert _task_norm(attacker.content[ARRAYS_KEY], task) / honest_norm < 1.6  # was 10x
@@ -390,3 +393,24 @@ def test_the_norm_reference_follows_the_config():
         load_config(None, {"norm_reference": "mean"})
     with pytest.raises(ValueError, match="norm_reference"):
         UpdateScreen(norm_reference="mean")
+
+
+def test_a_client_that_overstates_its_users_buys_at_most_the_ceiling():
+    honest = _sized()
+    liar = _scaled(honest[4], 99, 500.0)  # x500, claiming a million users
+    liar = _reply(99, {k: liar.content[ARRAYS_KEY][k].numpy() for k in GLOBAL}, weight=1_000_000)
+    median = float(np.median([_task_norm(r.content[ARRAYS_KEY], "recall")
+                              for r in [*honest, liar]]))  # fmt: skip
+    kept, rejected, rescaled = UpdateScreen().screen_all(_sent(), [*honest, liar])
+    assert [node for node, _ in rescaled] == [99] and "at most 5x" in rescaled[0][1]
+    after = _task_norm(liar.content[ARRAYS_KEY], "recall")
+    assert after == pytest.approx(SIZE_CEILING * median, rel=1e-5)  # not 500x anything
+
+
+def test_few_replies_or_user_level_dp_compare_with_the_median():
+    norms, sizes = np.array([1.0, 2.0, 4.0, 8.0]), np.array([1.0, 4.0, 16.0, 64.0])
+    predicted, slope = predicted_norms(norms, sizes)  # 4 replies: no fit, however clean
+    assert slope == 0 and np.all(predicted == 3.0)
+    assert predicted_norms(np.append(norms, 16.0), np.append(sizes, 256.0))[1] == pytest.approx(0.5)
+    user = make_screen(load_config(None, {"privacy.mode": "user"}))
+    assert user.norm_reference == "median"  # num-examples is not a user-level client's weight
