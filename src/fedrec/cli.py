@@ -227,7 +227,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         expected_head=head,
         every_entry=not args.final_only,
     )
-    claims = None if site else _claims_check(target, ledger)
+    claims = None
+    if not site:  # a broken chain is already a failure, and its lines cannot be trusted to parse
+        claims = (_claims_check(target, ledger) if result.chain.ok
+                  else {"skipped": "the hash chain is broken (see the problems above)"})  # fmt: skip
     if claims and claims.get("problems"):  # a failure of the audit like any other problem
         result = dataclasses.replace(result, ok=False, problems=[
             *result.problems, *(f"ledger input differs from the config: {p}"
@@ -247,8 +250,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         console.print(
             f"[yellow]ledger inputs not checked against the config[/]: {claims['skipped']}"
             if "skipped" in claims else
-            f"ledger inputs (sample rate, steps, clipping norm, delta) checked against "
-            f"config.toml and the clients' users: {claims['checked']} lines, "
+            f"ledger inputs (mechanism, sample rate, steps, clipping norm, delta, noise "
+            f"contributors, fixed noise multipliers) checked against config.toml and the "
+            f"clients' users: {claims['checked']} lines, "
             f"{len(claims['problems'])} differ"
         )  # fmt: skip
     json_path, png = write_audit(

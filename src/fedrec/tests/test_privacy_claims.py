@@ -108,3 +108,14 @@ def test_fedrec_audit_fails_a_ledger_whose_steps_stray_from_the_config(tmp_path,
                                                 claims["problems"])  # fmt: skip
     assert not json.loads((run / "audit.json").read_text())["ok"]
     assert "ledger input differs from the config" in out
+
+
+def test_a_damaged_ledger_fails_the_audit_without_a_traceback(tmp_path):
+    run = _run_dir(tmp_path)
+    with open(run / "privacy_ledger.jsonl", "a") as fh:
+        fh.write('{"client": "client-0", "task": \n')  # a half-written line
+    audit = subprocess.run([sys.executable, "-m", "fedrec.cli", "audit", str(run),
+                            "--final-only"], capture_output=True, text=True)  # fmt: skip
+    assert audit.returncode == 1 and "Traceback" not in audit.stderr, audit.stderr
+    saved = json.loads((run / "audit.json").read_text())
+    assert not saved["ok"] and "chain is broken" in saved["claims"]["skipped"]
