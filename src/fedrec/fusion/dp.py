@@ -19,8 +19,10 @@ not (it released more than planned), the fit is not made and the run fuses with 
 
 The noisy sums are kept in the run directory (durably) before the ledger lines are written, so
 a server that dies in between and runs its outputs again reuses them: the same release, never a
-second. If the kept file is gone while the ledger holds the release, or is damaged, the run is
-not fitted again (equal weights): a new draw would be a second release, outside the ledger.
+second. Whenever an earlier attempt drew the noise (some ledger holds the release, or the kept
+file exists, even damaged), every client's ledger is given its line first; then, if the kept
+file is gone or damaged, the run is not fitted again (equal weights): a new draw would be a
+second release.
 A deployed run's clients keep their ledgers on their sites, where the server cannot write: no
 fit there (equal weights), and its clients set nothing aside. ``benchmarks/dp_fusion.py``
 measures what the fit gains and costs.
@@ -101,25 +103,23 @@ def dp_fusion_fit(cfg: FedrecConfig, run: RunDir, work: Workload, models: Mappin
     cands = candidates(list(models))
     sensitivity = float(np.sqrt(len(cands)))
     released = {e["client"] for e in entries if e["task"] == FUSION_TASK}
-    states = {}
+    states, over = {}, ""
     for client in clients:
         own = [e for e in entries if e["client"] == client]
         state = ClientPrivacyState.from_entries(own, accountant=p.accountant)
         if client not in released:
             state.record(FUSION_TASK, noise_multiplier=p.fusion_noise, sample_rate=1.0, steps=1)
-            if (eps := state.composed_epsilon(delta=p.delta)) > p.epsilon:
-                return DPFusion(None, f"{client}: its releases plus the DP fusion fit would "
-                                      f"reach epsilon {eps:.3f} > {p.epsilon:g}; no DP fit")
+            if not over and (eps := state.composed_epsilon(delta=p.delta)) > p.epsilon:
+                over = (f"{client}: its releases plus the DP fusion fit would reach epsilon "
+                        f"{eps:.3f} > {p.epsilon:g}")  # fmt: skip
         states[client] = state
     kept, problem = _kept_release(run, cands)
-    if problem:
-        return DPFusion(None, f"{problem}: no DP fit")
-    if kept is None and released:
-        # the ledger says the release was made: a fresh draw would be a second, unledgered one
-        return DPFusion(None, f"the ledger holds this run's DP fusion release but "
-                              f"{RELEASE_FILE} is gone; drawing its noise again would be a "
-                              f"second release: no DP fit")  # fmt: skip
-    noisy = kept if kept is not None else _draw_release(cfg, run, models, work, cands, sensitivity)
+    if not (released or kept is not None or problem):  # no earlier attempt drew the noise
+        if over:
+            return DPFusion(None, f"{over}; no DP fit")
+        kept = _draw_release(cfg, run, models, work, cands, sensitivity)
+    # An earlier attempt's draw (or this one's) was computed from every client's users: each
+    # client's ledger gets its line, whether or not the sums can still be used
     ledger = Ledger(run.ledger, run.path.name)
     last_round = max(int(e["round"]) for e in entries)
     for client in clients:
@@ -137,6 +137,14 @@ def dp_fusion_fit(cfg: FedrecConfig, run: RunDir, work: Workload, models: Mappin
                 mechanism=MECHANISM,
             )
         )
+    if problem:
+        return DPFusion(None, f"{problem}: no DP fit")
+    if kept is None:
+        # the ledger says the release was made: a fresh draw would be a second, unledgered one
+        return DPFusion(None, f"the ledger holds this run's DP fusion release but "
+                              f"{RELEASE_FILE} is gone; drawing its noise again would be a "
+                              f"second release: no DP fit")  # fmt: skip
+    noisy = kept
     best = max(noisy, key=lambda name: noisy[name])
     fuser = WeightedFuser.from_weights(cands[best], NORMALIZATION)
     return DPFusion(

@@ -111,3 +111,27 @@ def test_a_run_without_a_ledger_is_not_fitted(tmp_path, models_work):
     cfg = load_config(None, {"privacy.mode": "record"})
     fit = dp_fusion_fit(cfg, run, work, models)
     assert fit.fuser is None and not (tmp_path / RELEASE_FILE).exists()
+
+
+@pytest.mark.parametrize("crash", ["mid-ledger, release file lost", "release file damaged"])
+def test_an_earlier_draw_is_ledgered_for_every_client_even_when_it_cannot_be_used(
+    tmp_path, models_work, crash
+):
+    models, work = models_work
+    run, cfg = _run(tmp_path, work)
+    path = run.path / RELEASE_FILE
+    if crash.startswith("mid-ledger"):
+        assert dp_fusion_fit(cfg, run, work, models).fuser is not None
+        lines = run.ledger.read_text().splitlines()
+        run.ledger.write_text("\n".join(lines[:-2]) + "\n")  # died after two clients' lines...
+        path.unlink()  # ...and the kept sums are lost
+        assert len(_fusion_lines(run)) == work.partition.n_clients - 2
+    else:
+        path.write_text('{"noisy_sums": ')  # drawn, then the file damaged, no line written
+        assert not _fusion_lines(run)
+    fit = dp_fusion_fit(cfg, run, work, models)
+    assert fit.fuser is None and "no DP fit" in fit.reason
+    lines = _fusion_lines(run)
+    assert sorted(e["client"] for e in lines) == sorted(
+        client_name(i) for i in range(work.partition.n_clients))  # fmt: skip
+    assert audit_ledger(run.ledger).ok
