@@ -170,11 +170,12 @@ def _run_commitments(run_dir: Path) -> RunCommitments:
     return RunCommitments(budget, head, outside)
 
 
-def _claims_check(run_dir: Path, ledger: Path) -> dict[str, Any]:
+def _claims_check(run_dir: Path, ledger: Path, *, noise: bool = False) -> dict[str, Any]:
     """The ledger's mechanism inputs (sample rate, steps, clipping norm, delta, mechanism; a
     fixed noise multiplier) against the run's config.toml and each client's users, rebuilt from
-    the run's data (``fedrec.privacy.claims``): ``{"checked": lines, "problems": [...]}``, or ``{"skipped":
-    why}`` when the run cannot be rebuilt here."""
+    the run's data (``fedrec.privacy.claims``): ``{"checked": lines, "problems": [...]}``, or
+    ``{"skipped": why}`` when the run cannot be rebuilt here. ``noise``: the record-level noise
+    multipliers too, calibrated again as the clients did (seconds per distinct client size)."""
     from fedrec.client.privacy import client_name, expected_releases
     from fedrec.config import fusion_fit_mode
     from fedrec.fusion.dp import FUSION_TASK, expected_release
@@ -196,7 +197,7 @@ def _claims_check(run_dir: Path, ledger: Path) -> dict[str, Any]:
     if cfg.privacy.mode == "user":
         expected = user_level_releases(cfg, work.partition.n_clients)
     else:
-        expected = expected_releases(cfg, users)
+        expected = expected_releases(cfg, users, noise=noise)
     if fusion_fit_mode(cfg) == "dp":
         fit = expected_release(cfg, list(cfg.tasks))
         expected |= {(client_name(c), FUSION_TASK): fit for c in range(len(users))}
@@ -229,7 +230,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     )
     claims = None
     if not site:  # a broken chain is already a failure, and its lines cannot be trusted to parse
-        claims = (_claims_check(target, ledger) if result.chain.ok
+        claims = (_claims_check(target, ledger, noise=not args.final_only) if result.chain.ok
                   else {"skipped": "the hash chain is broken (see the problems above)"})  # fmt: skip
     if claims and claims.get("problems"):  # a failure of the audit like any other problem
         result = dataclasses.replace(result, ok=False, problems=[
@@ -247,12 +248,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for release in run.outside_ledger:  # not a failure of the ledger: a limit of its claim
         console.print(f"[yellow]not covered by the ledger:[/] this run also released {release}")
     if claims is not None:
+        skipped_noise = " (not the calibrated ones: --final-only)" if args.final_only else ""
         console.print(
             f"[yellow]ledger inputs not checked against the config[/]: {claims['skipped']}"
             if "skipped" in claims else
             f"ledger inputs (mechanism, sample rate, steps, clipping norm, delta, noise "
-            f"contributors, fixed noise multipliers) checked against config.toml and the "
-            f"clients' users: {claims['checked']} lines, "
+            f"contributors, noise multipliers{skipped_noise}) checked against config.toml and "
+            f"the clients' users: {claims['checked']} lines, "
             f"{len(claims['problems'])} differ"
         )  # fmt: skip
     json_path, png = write_audit(

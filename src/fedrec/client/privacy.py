@@ -240,22 +240,32 @@ def release_plan(cfg: FedrecConfig, n_users: int) -> dict[str, tuple[float, int]
 
 
 def expected_releases(
-    cfg: FedrecConfig, client_users: Sequence[int]
+    cfg: FedrecConfig, client_users: Sequence[int], *, noise: bool = False
 ) -> dict[tuple[str, str], Expected]:
-    """What each (client, task) training release of a record-level run must carry, from the
-    config and each client's users (``fedrec.privacy.claims``; ``fedrec audit`` checks it)."""
+    """What each (client, task) training release of a simulated record-level run must carry,
+    from the config and each client's users (``fedrec.privacy.claims``; ``fedrec audit`` checks
+    it). ``noise``: also the noise multiplier, calibrated again as the client did (no other
+    runs, the DP fusion fit set aside: ``client_privacy``); a few seconds per distinct size."""
     p = cfg.privacy
-    return {
-        (client_name(c), task): Expected(
-            mechanism=DISTRIBUTED if p.distributed else "dp-sgd",
-            sample_rate=q,
-            steps=steps,
-            clipping_norm=p.clipping_norm,
-            noise_contributors=p.noise_contributors or None,
-        )
-        for c, n_users in enumerate(client_users)
-        for task, (q, steps) in release_plan(cfg, n_users).items()
-    }
+    shares = dict(zip(cfg.tasks, p.task_shares, strict=False))
+    sigmas: dict[int, dict[str, float]] = {}
+    out = {}
+    for c, n_users in enumerate(client_users):
+        plan = release_plan(cfg, n_users)
+        if noise and n_users not in sigmas:
+            sigmas[n_users] = _calibrate(
+                cfg, plan, shares, client_name(c), [], p.epsilon, fusion_reserve(cfg)
+            )
+        for task, (q, steps) in plan.items():
+            out[(client_name(c), task)] = Expected(
+                mechanism=DISTRIBUTED if p.distributed else "dp-sgd",
+                sample_rate=q,
+                steps=steps,
+                clipping_norm=p.clipping_norm,
+                noise_multiplier=sigmas[n_users][task] if noise else None,
+                noise_contributors=p.noise_contributors or None,
+            )
+    return out
 
 
 def client_name(client: int) -> str:

@@ -4,12 +4,14 @@ The audit recomputes every epsilon from the ledger's own lines, so it trusts eac
 ``sample_rate``, ``steps``, ``clipping_norm`` and ``delta``: a client that took more steps than
 it ledgered, or sampled at a higher rate, would spend more than the ledger shows and still
 pass. Each of these inputs is fixed by the run's config and the client's number of users (the
-data the auditor can rebuild for a simulation): ``expect`` maps each (client, task) to the
+data the auditor can rebuild for a simulation): ``expected`` maps each (client, task) to the
 values its releases must carry, and ``check_claims`` lists every line that differs. What the
 client's training really did is what it ledgers (``TrainStats``), so this catches a trainer or
 an accounting path that strays from the plan the calibration assumed. The noise multiplier is
-calibrated from the budget, so it is not a config value: the epsilon check covers it. (The
-canary audit, ``--empirical``, tests the noise itself.)
+calibrated from the budget; where that calibration is a function of the config and the users
+(a simulated run's clients), ``expected`` can hold it too, so a line claiming more noise than
+the calibration gives is found. No ledger check can find a client that ledgers the calibrated
+multiplier but trains with less noise: the canary audit (``--empirical``) tests the noise.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class Expected:
     sample_rate: float
     steps: int
     clipping_norm: float
-    noise_multiplier: float | None = None  # None: calibrated from the budget, not checked here
+    noise_multiplier: float | None = None  # None: not checked
     noise_contributors: int | None = None  # None: the line must not name any (local noise)
 
 

@@ -186,7 +186,9 @@ def test_a_distributed_dp_federation_is_accounted_and_audited(distributed_run):
     assert audit_ledger(run.ledger, run_id=run.path.name).ok
     from fedrec.cli import _claims_check  # what `fedrec audit` checks against config.toml
 
-    assert _claims_check(run.path, run.ledger) == {"checked": 2 * 4 * 3 + 4, "problems": []}
+    # every line's inputs, its noise multiplier too, as the config and the users give them
+    claims = _claims_check(run.path, run.ledger, noise=True)
+    assert claims == {"checked": 2 * 4 * 3 + 4, "problems": []}
     assert summary["privacy"]["max_epsilon"] <= 4.0
     assert sorted(summary["secure_aggregation"]["rounds"]) == [1, 2]
     assert (summary["privacy"]["noise"], summary["privacy"]["min_contributors"]) == (

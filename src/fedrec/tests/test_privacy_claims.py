@@ -67,23 +67,27 @@ def test_the_expected_inputs_are_the_training_plan_of_each_clients_users():
         "dp-sgd-distributed", dist.privacy.sample_rate, 1, 2)  # fmt: skip
 
 
-def _run_dir(tmp_path, *, steps_off: int = 0):
+def _run_dir(tmp_path, *, steps_off: int = 0, sigma: float = 3.0):
     """A run directory whose ledger a client wrote consistently (valid chain, epsilons that
-    recompute) from its own plan, client-1's recall steps off by ``steps_off``."""
+    recompute) from its own plan, client-1's recall steps off by ``steps_off``, every noise
+    multiplier ``sigma`` (0: the one the client's calibration gives)."""
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     cfg = load_config(None, {"dataset": "synthetic:merchants=3,users=90,items=300",
                              "partition": "site", "rounds": 2, "privacy.mode": "record",
                              "fusion_fit": "fixed", "out": str(run)})  # fmt: skip
     (run / "config.toml").write_text(cfg.to_toml())
     work = build_workload(cfg)
     ledger = Ledger(run / "privacy_ledger.jsonl", run.name)
+    users = [work.client_data(c).n_users for c in range(work.partition.n_clients)]
+    calibrated = expected_releases(cfg, users, noise=True)
     for c in range(work.partition.n_clients):
         state = ClientPrivacyState(accountant=cfg.privacy.accountant)
         for rnd in (1, 2):
-            for task, (q, steps) in release_plan(cfg, work.client_data(c).n_users).items():
+            for task, (q, steps) in release_plan(cfg, users[c]).items():
                 off = steps_off if (c, task) == (1, "recall") else 0
-                state.record(task, noise_multiplier=3.0, sample_rate=q, steps=steps + off)
+                z = sigma or calibrated[(client_name(c), task)].noise_multiplier
+                state.record(task, noise_multiplier=z, sample_rate=q, steps=steps + off)
                 ledger.append(LedgerEntry.from_state(
                     state, client=client_name(c), task=task, round=rnd,
                     clipping_norm=cfg.privacy.clipping_norm, delta=cfg.privacy.delta,
@@ -119,3 +123,17 @@ def test_a_damaged_ledger_fails_the_audit_without_a_traceback(tmp_path):
     assert audit.returncode == 1 and "Traceback" not in audit.stderr, audit.stderr
     saved = json.loads((run / "audit.json").read_text())
     assert not saved["ok"] and "chain is broken" in saved["claims"]["skipped"]
+
+
+def test_the_full_audit_checks_each_noise_multiplier_against_the_calibration(tmp_path):
+    from fedrec.cli import _claims_check
+
+    good = _run_dir(tmp_path / "good", sigma=0)
+    assert _claims_check(good, good / "privacy_ledger.jsonl", noise=True) == {
+        "checked": 18, "problems": []}  # fmt: skip
+    claimed = _run_dir(tmp_path / "claimed", sigma=3.0)  # more noise than calibrated
+    checked = _claims_check(claimed, claimed / "privacy_ledger.jsonl", noise=True)
+    assert len(checked["problems"]) == 18
+    assert all("noise_multiplier 3.0, expected" in p for p in checked["problems"])
+    # --final-only (and noise=False) leaves the calibration out
+    assert _claims_check(claimed, claimed / "privacy_ledger.jsonl")["problems"] == []
