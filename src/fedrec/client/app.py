@@ -39,6 +39,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _site_config(from_json(str(config["fedrec"])), context)
     server_round = int(config["server-round"])
     client = int(context.node_config["partition-id"])
+    if reason := _site_refusal(cfg, context):
+        log.error("client %d refused round %d: %s", client, server_round, reason)
+        return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     ledger_path = _ledger_path(config, context)
     locked = cfg.privacy.mode == "record" and ledger_path is not None
     try:
@@ -111,10 +114,12 @@ def fusion(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg = _site_config(from_json(str(msg.content["config"]["fedrec"])), context)
     client = int(context.node_config["partition-id"])
-    if cfg.privacy.mode != "none" and fusion_fit_mode(cfg) != "federated":
+    reason = _site_refusal(cfg, context, fusion=True)
+    if not reason and cfg.privacy.mode != "none" and fusion_fit_mode(cfg) != "federated":
         # under DP the sums are a release outside the ledger: answered only when the run's
         # config asks for the federated fit, which its summary and audit then disclose
         reason = "a DP run's config does not ask for the federated fusion fit; no sums sent"
+    if reason:
         log.error("client %d refused a fusion query: %s", client, reason)
         return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     try:
@@ -145,6 +150,25 @@ def _ledger_path(config: ConfigRecord, context: Context) -> str | None:
     if "ledger-path" in context.node_config:
         return str(context.node_config["ledger-path"])
     return str(config["ledger-path"]) if "ledger-path" in config else None
+
+
+def _site_refusal(cfg: FedrecConfig, context: Context, *, fusion: bool = False) -> str:
+    """Why a site with a lifetime budget (``fedrec client start --budget``) refuses this
+    message, or "". The run's config comes from the server; a site's budget is its own, and
+    only record-level DP releases are in its ledger, under it: a run without DP (an unbounded
+    epsilon) or with user-level DP (noise the server adds) is refused, and so is every fusion
+    query (sums no ledgered mechanism covers), whatever the run's config asks."""
+    budget = _site_budget(context)
+    if budget is None:
+        return ""
+    if fusion:
+        return (f"this site keeps a lifetime epsilon budget ({budget:g}) and sends nothing its "
+                f"ledger does not account, such as fusion sums")  # fmt: skip
+    if cfg.privacy.mode != "record":
+        return (f"this site keeps a lifetime epsilon budget ({budget:g}) and takes part only "
+                f"in record-level DP runs, whose releases its ledger accounts; this run asks "
+                f"for privacy.mode '{cfg.privacy.mode}'")  # fmt: skip
+    return ""
 
 
 def _site_budget(context: Context) -> float | None:

@@ -73,16 +73,21 @@ def test_a_dp_client_answers_fusion_queries_only_when_the_run_asks_for_the_feder
     sent = []
     monkeypatch.setattr(client_app, "fusion_reply", lambda msg, cfg, client: sent.append(cfg))
 
-    def query(settings):
+    def query(settings, **node):
         cfg = load_config(None, {"dataset": "synthetic", "partition": "site", **settings})
         msg = Message(RecordDict({"config": ConfigRecord({"fedrec": cfg.to_json()})}),
                       dst_node_id=1, message_type="query.fusion")  # fmt: skip
-        ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
-                      run_config={})  # fmt: skip
+        ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, **node},
+                      state=RecordDict(), run_config={})  # fmt: skip
         return client_app.fusion(msg, ctx)
 
     reply = query({"privacy.mode": "record"})  # auto: fixed weights under DP, no query wanted
     assert reply.has_error() and "federated fusion fit" in reply.error.reason and not sent
     query({"privacy.mode": "record", "fusion_fit": "federated"})  # asked for, and disclosed
     query({})  # no DP
+    assert len(sent) == 2
+    # a partner site with its own lifetime budget answers none, whatever the run's config says
+    for settings in ({"privacy.mode": "record", "fusion_fit": "federated"}, {}):
+        reply = query(settings, **{"budget-epsilon": "8.0"})
+        assert reply.has_error() and "lifetime epsilon budget" in reply.error.reason
     assert len(sent) == 2

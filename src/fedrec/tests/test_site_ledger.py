@@ -310,6 +310,38 @@ def test_budget_flag_reaches_the_client_app_as_node_config(tmp_path) -> None:
     assert _site_budget(_context()) is None
 
 
+@pytest.mark.parametrize("mode", ["none", "user"])
+def test_a_site_with_a_budget_refuses_runs_its_ledger_cannot_account(
+    tmp_path, monkeypatch, mode
+) -> None:
+    """The run's config comes from the server: a site's own budget makes it refuse a run
+    without DP (an unbounded epsilon) or with user-level DP (noise the server adds), before it
+    reads any data; a record-level run goes on to train."""
+    from flwr.app import ConfigRecord, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fedrec.client.app as client_app
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # a Message outside a running app
+    for attr in ("_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 0)
+    trained = []
+    monkeypatch.setattr(client_app, "_train", lambda *args: trained.append(args) or "trained")
+    node = {"partition-id": 0, "data-path": str(tmp_path / "shop"), "budget-epsilon": "8.0",
+            "ledger-path": str(tmp_path / "ledger.jsonl")}  # fmt: skip
+
+    def train(settings):
+        cfg = load_config(None, {"dataset": "synthetic", "partition": "site", **settings})
+        content = {"config": ConfigRecord({"fedrec": cfg.to_json(), "server-round": 1})}
+        msg = Message(RecordDict(content), dst_node_id=1, message_type="train")
+        ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+        return client_app.train(msg, ctx)
+
+    reply = train({"privacy.mode": mode})
+    assert reply.has_error() and f"privacy.mode '{mode}'" in reply.error.reason and not trained
+    assert train({"privacy.mode": "record"}) == "trained" and len(trained) == 1
+
+
 def test_a_site_budget_needs_a_site_ledger(tmp_path, data) -> None:
     with pytest.raises(PrivacyError, match="site"):
         client_privacy(_cfg(), _context(), 0, data, ledger_path=None, run_id="r", site_budget=1.0)
