@@ -23,6 +23,7 @@ from fedrec.client.privacy import client_name, client_privacy
 from fedrec.client.replay import release_lock
 from fedrec.client.secure import contributors_needed, secure_update
 from fedrec.config import FedrecConfig, from_json, fusion_fit_mode
+from fedrec.secagg.flower import MESSAGE_TYPE as SECAGG_MESSAGE_TYPE
 from fedrec.secagg.flower import handle_secagg
 from fedrec.strategies.records import ARRAYS_KEY, pack, unpack_into
 from fedrec.training import LocalData
@@ -39,7 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _site_config(from_json(str(config["fedrec"])), context)
     server_round = int(config["server-round"])
     client = int(context.node_config["partition-id"])
-    if reason := _site_refusal(cfg, context):
+    if reason := _site_refusal(cfg, context) or _unmasked_share(cfg, msg):
         log.error("client %d refused round %d: %s", client, server_round, reason)
         return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     ledger_path = _ledger_path(config, context)
@@ -168,6 +169,16 @@ def _site_refusal(cfg: FedrecConfig, context: Context, *, fusion: bool = False) 
         return (f"this site keeps a lifetime epsilon budget ({budget:g}) and takes part only "
                 f"in record-level DP runs, whose releases its ledger accounts; this run asks "
                 f"for privacy.mode '{cfg.privacy.mode}'")  # fmt: skip
+    return ""
+
+
+def _unmasked_share(cfg: FedrecConfig, msg: Message) -> str:
+    """Why this round must not train: a distributed-noise update carries only a share of the
+    noise its ledger line claims, so it may leave only masked, inside a secure sum (message
+    type ``train.secagg``), whatever a server sends; "" otherwise."""
+    if cfg.privacy.distributed and msg.metadata.message_type != SECAGG_MESSAGE_TYPE:
+        return ("the run asks for distributed DP noise, whose update may leave only inside a "
+                "secure sum, but this round's message is not secure aggregation")  # fmt: skip
     return ""
 
 

@@ -249,21 +249,27 @@ def expected_releases(
     p = cfg.privacy
     shares = dict(zip(cfg.tasks, p.task_shares, strict=False))
     sigmas: dict[int, dict[str, float]] = {}
+    problems: dict[int, str] = {}
     out = {}
     for c, n_users in enumerate(client_users):
         plan = release_plan(cfg, n_users)
         if noise and n_users not in sigmas:
-            sigmas[n_users] = _calibrate(
-                cfg, plan, shares, client_name(c), [], p.epsilon, fusion_reserve(cfg)
-            )
+            sigmas[n_users], problems[n_users] = {}, ""
+            try:
+                sigmas[n_users] = _calibrate(
+                    cfg, plan, shares, client_name(c), [], p.epsilon, fusion_reserve(cfg)
+                )
+            except PrivacyError as err:  # such a client refused every round: no line is right
+                problems[n_users] = f"its calibration fails, so it cannot have trained ({err})"
         for task, (q, steps) in plan.items():
             out[(client_name(c), task)] = Expected(
                 mechanism=DISTRIBUTED if p.distributed else "dp-sgd",
                 sample_rate=q,
                 steps=steps,
                 clipping_norm=p.clipping_norm,
-                noise_multiplier=sigmas[n_users][task] if noise else None,
+                noise_multiplier=sigmas[n_users].get(task) if noise else None,
                 noise_contributors=p.noise_contributors or None,
+                problem=problems.get(n_users, ""),
             )
     return out
 

@@ -313,3 +313,29 @@ def test_a_client_asks_for_as_many_contributors_as_the_run_config_names(monkeypa
     bare = Message(RecordDict({"config": ConfigRecord({"lr": 0.1})}), dst_node_id=1,
                    message_type="train")  # fmt: skip
     assert contributors_needed(bare) == 0
+
+
+@pytest.mark.parametrize("message_type", ["train", "train.secagg"])
+def test_a_distributed_noise_update_leaves_only_inside_a_secure_sum(monkeypatch, message_type):
+    """Its update carries a share of the noise its ledger line claims: a server that asks for
+    it in a plain round (not secure aggregation) is refused before any training."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fedrec.client.app as client_app
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # a Message outside a running app
+    for attr in ("_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 0)
+    trained = []
+    monkeypatch.setattr(client_app, "_train", lambda *args: trained.append(args) or "trained")
+    cfg = load_config(None, {**DISTRIBUTED, "privacy.min_contributors": 2})
+    content = RecordDict({"config": ConfigRecord({"fedrec": cfg.to_json(), "server-round": 1})})
+    msg = Message(content, dst_node_id=1, message_type=message_type)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config={})  # fmt: skip
+    reply = client_app.train(msg, ctx)
+    if message_type == "train":
+        assert reply.has_error() and "secure sum" in reply.error.reason and not trained
+    else:
+        assert reply == "trained"

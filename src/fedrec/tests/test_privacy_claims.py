@@ -43,11 +43,20 @@ def test_lines_that_match_pass_and_each_differing_input_is_named():
         assert problems[0].startswith("line 2 (client-0, recall, round 2)") and name in problems[0]
     _, problems = check_claims([_line(client="client-9")], expected, delta=1e-3)
     assert "no such client and task" in problems[0]
-    # a fixed noise multiplier (the fusion fit's) is checked; a calibrated one is not
+    # an expected noise multiplier bounds the claimed one from above (claiming more noise is
+    # what hides spending), with slack for the calibration's own 1e-3 precision
     fit = Expected("gaussian", 1.0, 1, 2.0, noise_multiplier=8.0)
     line = _line(task="fusion", mechanism="gaussian", sample_rate=1.0, steps=1, clipping_norm=2.0)
-    _, problems = check_claims([line], {("client-0", "fusion"): fit}, delta=1e-3)
-    assert "noise_multiplier 2.0, expected 8.0" in problems[0]
+    for claimed, flagged in ((9.0, True), (8.0 * 1.001, False), (7.0, False)):
+        _, problems = check_claims([line | {"noise_multiplier": claimed}],
+                                   {("client-0", "fusion"): fit}, delta=1e-3)  # fmt: skip
+        assert bool(problems) == flagged, claimed
+    assert "noise_multiplier 9.0, more than the 8.0 calibrated" in check_claims(
+        [line | {"noise_multiplier": 9.0}], {("client-0", "fusion"): fit}, delta=1e-3)[1][0]
+    # a client whose calibration fails cannot have trained: any line of it is wrong
+    broken = Expected("dp-sgd", 0.25, 8, 1.0, problem="its calibration fails")
+    _, problems = check_claims([_line()], {("client-0", "recall"): broken}, delta=1e-3)
+    assert "its calibration fails" in problems[0]
 
 
 def test_the_expected_inputs_are_the_training_plan_of_each_clients_users():
@@ -131,9 +140,15 @@ def test_the_full_audit_checks_each_noise_multiplier_against_the_calibration(tmp
     good = _run_dir(tmp_path / "good", sigma=0)
     assert _claims_check(good, good / "privacy_ledger.jsonl", noise=True) == {
         "checked": 18, "problems": []}  # fmt: skip
-    claimed = _run_dir(tmp_path / "claimed", sigma=3.0)  # more noise than calibrated
+    claimed = _run_dir(tmp_path / "claimed", sigma=40.0)  # far more noise than calibrated
     checked = _claims_check(claimed, claimed / "privacy_ledger.jsonl", noise=True)
     assert len(checked["problems"]) == 18
-    assert all("noise_multiplier 3.0, expected" in p for p in checked["problems"])
+    assert all("noise_multiplier 40.0, more than the" in p for p in checked["problems"])
     # --final-only (and noise=False) leaves the calibration out
     assert _claims_check(claimed, claimed / "privacy_ledger.jsonl")["problems"] == []
+
+
+def test_a_config_no_client_can_calibrate_for_is_a_problem_not_a_crash():
+    cfg = load_config(None, {"privacy.mode": "record", "privacy.epsilon": 1e-3})
+    want = expected_releases(cfg, [7, 7], noise=True)
+    assert all("calibration fails" in w.problem for w in want.values())

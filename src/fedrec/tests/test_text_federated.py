@@ -187,3 +187,21 @@ def test_bad_adapter_files_are_refused(tmp_path):
         AdaptedTextEncoder(None, other, max_tokens=16)
     with pytest.raises(ValueError, match="invalid rank"):
         AdaptConfig(rank=0)
+
+
+def test_a_partner_site_does_not_run_the_adapter_stage(monkeypatch):
+    """There is no deployed adapter stage: a server naming this app cannot make a site train on
+    its data outside its own ledger and budget."""
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.text.federated import train
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # a Message outside a running app
+    for attr in ("_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 0)
+    msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+    site = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "data-path": "/srv/shop"},
+                   state=RecordDict(), run_config={})  # fmt: skip
+    reply = train(msg, site)
+    assert reply.has_error() and "partner sites" in reply.error.reason

@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedrec.client.errors import CLIENT_FAILURES, error_reply
+from fedrec.client.errors import CLIENT_FAILURES, ERROR_CODE_FAILED, error_reply
 from fedrec.client.local import RoundResult
 from fedrec.client.privacy import (
     ClientPrivacy,
@@ -56,6 +56,10 @@ client_app = ClientApp()
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local adapter training; an error reply on refusal or unusable data."""
+    if "data-path" in context.node_config:  # a partner site: there is no deployed adapter
+        # stage, so this app neither reads its data nor bypasses its site ledger and budget
+        reason = "the adapter stage does not run on partner sites"
+        return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     torch.set_num_threads(1)  # one simulated client per core
     config = msg.content["config"]
     cfg, acfg = from_json(str(config["fedrec"])), AdaptConfig.from_json(str(config["adapter"]))
