@@ -72,7 +72,9 @@ def candidates(tasks: list[str]) -> dict[str, dict[str, float]]:
 
 
 def expected_release(cfg: FedrecConfig, tasks: list[str]) -> Expected:
-    """What every client's ledger line for the fit must carry (``fedrec.privacy.claims``)."""
+    """The release the fit makes, as every client's ledger line for it must carry it
+    (``fedrec.privacy.claims``): the fit itself draws and ledgers from this; its clipping norm
+    is the sums' L2 sensitivity, sqrt(G)."""
     return Expected(
         mechanism=MECHANISM,
         sample_rate=1.0,
@@ -101,14 +103,15 @@ def dp_fusion_fit(cfg: FedrecConfig, run: RunDir, work: Workload, models: Mappin
         return DPFusion(None, "no run ledger (a deployed run's sites keep theirs): no DP fit")
     clients = [client_name(i) for i in range(work.partition.n_clients)]
     cands = candidates(list(models))
-    sensitivity = float(np.sqrt(len(cands)))
+    fit = expected_release(cfg, list(models))  # the one definition of the release
     released = {e["client"] for e in entries if e["task"] == FUSION_TASK}
     states, over = {}, ""
     for client in clients:
         own = [e for e in entries if e["client"] == client]
         state = ClientPrivacyState.from_entries(own, accountant=p.accountant)
         if client not in released:
-            state.record(FUSION_TASK, noise_multiplier=p.fusion_noise, sample_rate=1.0, steps=1)
+            state.record(FUSION_TASK, noise_multiplier=fit.noise_multiplier,
+                         sample_rate=fit.sample_rate, steps=fit.steps)  # fmt: skip
             if not over and (eps := state.composed_epsilon(delta=p.delta)) > p.epsilon:
                 over = (f"{client}: its releases plus the DP fusion fit would reach epsilon "
                         f"{eps:.3f} > {p.epsilon:g}")  # fmt: skip
@@ -117,7 +120,7 @@ def dp_fusion_fit(cfg: FedrecConfig, run: RunDir, work: Workload, models: Mappin
     if not (released or kept is not None or problem):  # no earlier attempt drew the noise
         if over:
             return DPFusion(None, f"{over}; no DP fit")
-        kept = _draw_release(cfg, run, models, work, cands, sensitivity)
+        kept = _draw_release(cfg, run, models, work, cands, fit)
     # An earlier attempt's draw (or this one's) was computed from every client's users: each
     # client's ledger gets its line, whether or not the sums can still be used
     ledger = Ledger(run.ledger, run.path.name)
@@ -131,10 +134,10 @@ def dp_fusion_fit(cfg: FedrecConfig, run: RunDir, work: Workload, models: Mappin
                 client=client,
                 task=FUSION_TASK,
                 round=last_round,
-                clipping_norm=sensitivity,
+                clipping_norm=fit.clipping_norm,
                 delta=p.delta,
                 budget_epsilon=p.epsilon,
-                mechanism=MECHANISM,
+                mechanism=fit.mechanism,
             )
         )
     if problem:
@@ -172,13 +175,17 @@ def _kept_release(run: RunDir, cands: Mapping) -> tuple[dict[str, float] | None,
     return noisy, ""
 
 
-def _draw_release(cfg, run, models, work, cands, sensitivity: float) -> dict[str, float]:
+def _draw_release(cfg, run, models, work, cands, fit: Expected) -> dict[str, float]:
     """Draw the noisy sums and keep them in the run directory (durably) before any use."""
     exact = validation_sums(models, work, cands)
     seed = secrets.randbits(128) if cfg.privacy.secure_rng else cfg.seed * 1_000_003 + 17
     rng = np.random.default_rng(seed)
-    scale = cfg.privacy.fusion_noise * sensitivity
+    scale = fit.noise_multiplier * fit.clipping_norm  # sigma x the L2 sensitivity
     noisy = {name: value + float(rng.normal(0.0, scale)) for name, value in exact.items()}
-    write_json_atomic(run.path / RELEASE_FILE, {"noise_multiplier": cfg.privacy.fusion_noise,
-                                                "sensitivity": sensitivity, "noisy_sums": noisy})  # fmt: skip
+    kept = {
+        "noise_multiplier": fit.noise_multiplier,
+        "sensitivity": fit.clipping_norm,
+        "noisy_sums": noisy,
+    }
+    write_json_atomic(run.path / RELEASE_FILE, kept)
     return noisy
