@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -170,16 +170,18 @@ def _run_commitments(run_dir: Path) -> RunCommitments:
     return RunCommitments(budget, head, outside)
 
 
-def _claims_check(run_dir: Path, ledger: Path, *, noise: bool = False) -> dict[str, Any]:
-    """The ledger's mechanism inputs (sample rate, steps, clipping norm, delta, mechanism; a
-    fixed noise multiplier) against the run's config.toml and each client's users, rebuilt from
-    the run's data (``fedrec.privacy.claims``): ``{"checked": lines, "problems": [...]}``, or
-    ``{"skipped": why}`` when the run cannot be rebuilt here. ``noise``: the record-level noise
-    multipliers too, calibrated again as the clients did (seconds per distinct client size)."""
+def _claims_check(
+    run_dir: Path, entries: Sequence[Mapping[str, Any]], *, noise: bool = False
+) -> dict[str, Any]:
+    """The mechanism inputs of the ledger ``entries`` (sample rate, steps, clipping norm, delta,
+    mechanism; a fixed noise multiplier; the verified chain's, not read again) against the
+    run's config.toml and each client's users, rebuilt from the run's data
+    (``fedrec.privacy.claims``): ``{"checked": lines, "problems": [...]}``, or ``{"skipped":
+    why}`` when the run cannot be rebuilt here. ``noise``: the record-level noise multipliers
+    too, calibrated again as the clients did (seconds per distinct client size)."""
     from fedrec.client.privacy import client_name, expected_releases
     from fedrec.config import fusion_fit_mode
     from fedrec.fusion.dp import FUSION_TASK, expected_release
-    from fedrec.privacy import read_ledger
     from fedrec.privacy.claims import check_claims
     from fedrec.strategies.user_dp import expected_releases as user_level_releases
     from fedrec.workload import build_workload
@@ -201,7 +203,7 @@ def _claims_check(run_dir: Path, ledger: Path, *, noise: bool = False) -> dict[s
     if fusion_fit_mode(cfg) == "dp":
         fit = expected_release(cfg, list(cfg.tasks))
         expected |= {(client_name(c), FUSION_TASK): fit for c in range(len(users))}
-    checked, problems = check_claims(read_ledger(ledger), expected, delta=cfg.privacy.delta)
+    checked, problems = check_claims(entries, expected, delta=cfg.privacy.delta)
     return {"checked": checked, "problems": problems}
 
 
@@ -230,8 +232,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     )
     claims = None
     if not site:  # a broken chain is already a failure, and its lines cannot be trusted to parse
-        claims = (_claims_check(target, ledger, noise=not args.final_only) if result.chain.ok
-                  else {"skipped": "the hash chain is broken (see the problems above)"})  # fmt: skip
+        claims = (
+            _claims_check(target, result.chain.entries, noise=not args.final_only)
+            if result.chain.ok
+            else {"skipped": "the hash chain is broken (see the problems above)"}
+        )
     if claims and claims.get("problems"):  # a failure of the audit like any other problem
         result = dataclasses.replace(result, ok=False, problems=[
             *result.problems, *(f"ledger input differs from the config: {p}"

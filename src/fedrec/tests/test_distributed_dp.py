@@ -187,7 +187,7 @@ def test_a_distributed_dp_federation_is_accounted_and_audited(distributed_run):
     from fedrec.cli import _claims_check  # what `fedrec audit` checks against config.toml
 
     # every line's inputs, its noise multiplier too, as the config and the users give them
-    claims = _claims_check(run.path, run.ledger, noise=True)
+    claims = _claims_check(run.path, read_ledger(run.ledger), noise=True)
     assert claims == {"checked": 2 * 4 * 3 + 4, "problems": []}
     assert summary["privacy"]["max_epsilon"] <= 4.0
     assert sorted(summary["secure_aggregation"]["rounds"]) == [1, 2]

@@ -14,7 +14,7 @@ import pytest
 
 from fedrec.client.privacy import client_name, expected_releases, release_plan
 from fedrec.config import load_config
-from fedrec.privacy import ClientPrivacyState, Ledger, LedgerEntry
+from fedrec.privacy import ClientPrivacyState, Ledger, LedgerEntry, read_ledger
 from fedrec.privacy.claims import Expected, check_claims
 from fedrec.training import sample_rate_for, steps_per_round
 from fedrec.workload import build_workload
@@ -138,14 +138,14 @@ def test_the_full_audit_checks_each_noise_multiplier_against_the_calibration(tmp
     from fedrec.cli import _claims_check
 
     good = _run_dir(tmp_path / "good", sigma=0)
-    assert _claims_check(good, good / "privacy_ledger.jsonl", noise=True) == {
+    assert _claims_check(good, read_ledger(good / "privacy_ledger.jsonl"), noise=True) == {
         "checked": 18, "problems": []}  # fmt: skip
     claimed = _run_dir(tmp_path / "claimed", sigma=40.0)  # far more noise than calibrated
-    checked = _claims_check(claimed, claimed / "privacy_ledger.jsonl", noise=True)
+    checked = _claims_check(claimed, read_ledger(claimed / "privacy_ledger.jsonl"), noise=True)
     assert len(checked["problems"]) == 18
     assert all("noise_multiplier 40.0, more than the" in p for p in checked["problems"])
     # --final-only (and noise=False) leaves the calibration out
-    assert _claims_check(claimed, claimed / "privacy_ledger.jsonl")["problems"] == []
+    assert _claims_check(claimed, read_ledger(claimed / "privacy_ledger.jsonl"))["problems"] == []
 
 
 def test_a_config_no_client_can_calibrate_for_is_a_problem_not_a_crash():

@@ -165,7 +165,7 @@ def test_user_level_dp_fedavg_is_accounted_by_flower_and_the_ledger(tmp_path, si
     assert audit_ledger(run.ledger, run_id=run.path.name).ok
     from fedrec.cli import _claims_check  # each release's noise and clipping as configured
 
-    assert _claims_check(run.path, run.ledger) == {"checked": 2, "problems": []}
+    assert _claims_check(run.path, read_ledger(run.ledger)) == {"checked": 2, "problems": []}
 
 
 @pytest.mark.parametrize(
