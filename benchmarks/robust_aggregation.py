@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/robust_aggregation.py [--rounds N] [--strategies S ...]
         [--attacks clean scale10 signflip] [--screen [--norm-outliers reject|rescale]
         [--norm-reference size|median] [--norm-factor F]] [--seeds N] [--seed S]
-        [--dataset D --partition P] [--out DIR]
+        [--dataset D] [--partition P [--clients N]] [--out DIR]
 
 The default federation (ML-100K, one client per occupation) runs clean and with 10% of its
 clients poisoning every update they send: ``scale10`` sends 10x the honest update, ``signflip``
@@ -68,6 +68,7 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         "rounds": args.rounds,
         "dataset": args.dataset,
         "partition": args.partition,
+        "clients": args.clients,
         "eval_full_ranking": False,
         "reject_norm_factor": args.norm_factor if args.screen else 0.0,
         "reject_min_cosine": 0.0 if args.screen else -1.0,
@@ -128,7 +129,8 @@ def honest_users_hr(run_dir: Path, seed: int, args: argparse.Namespace) -> dict[
 
 
 def _data_over(seed: int, args: argparse.Namespace) -> dict:
-    over = {"seed": seed, "dataset": args.dataset, "partition": args.partition}
+    over = {"seed": seed, "dataset": args.dataset, "partition": args.partition,
+            "clients": args.clients}
     return {k: v for k, v in over.items() if v is not None}
 
 
@@ -143,7 +145,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, help="federated rounds (default: the config's)")
     parser.add_argument("--dataset", help="a reduced federation, e.g. synthetic:merchants=10")
-    parser.add_argument("--partition", help="with --dataset, e.g. site")
+    parser.add_argument("--partition", help="e.g. site, or dirichlet:1000 (near-equal silos: "
+                        "10%% of the clients then hold about 10%% of the users)")
+    parser.add_argument("--clients", type=int, help="with a dirichlet partition: how many")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     parser.add_argument("--attack-share", type=float, default=0.1, help="share of attackers")
