@@ -2,18 +2,21 @@
 
     .venv/bin/python benchmarks/robust_aggregation.py [--rounds N] [--strategies S ...]
         [--attacks clean scale10 signflip] [--screen [--norm-outliers reject|rescale]
-        [--norm-reference size|median] [--norm-factor F]] [--seeds N] [--seed S]
+        [--norm-reference size|median] [--norm-factor F] [--max-weight-factor W]]
+        [--seeds N] [--seed S]
         [--dataset D] [--partition P [--clients N]] [--out DIR]
 
 The default federation (ML-100K, one client per occupation) runs clean and with 10% of its
 clients poisoning every update they send: ``scale10`` sends 10x the honest update, ``signflip``
-sends -1x (fedrec.simulation.faults; an attack simulation for benchmarks and tests, which no
+sends -1x, ``inflate`` sends 10x and states 1000x its users as its FedAvg weight
+(fedrec.simulation.faults; an attack simulation for benchmarks and tests, which no
 config or flag of ``fedrec`` can turn on). The update screen's norm and direction rules are
 off (``reject_norm_factor = 0``, ``reject_min_cosine = -1``) unless ``--screen``: the question
 is then what each aggregator withstands by itself; with ``--screen`` they are the defaults (3x
 the norm predicted from the client's users, cosine 0 with the median update, and an update over
 the norm rule rescaled to its predicted norm; ``--norm-outliers reject`` drops it instead,
-``--norm-reference median --norm-factor 10`` is the rule before the size fit). Prints test
+``--norm-reference median --norm-factor 10`` is the rule before the size fit; a reply's weight
+is capped at 10x the round's median, ``--max-weight-factor 0`` leaves it as stated). Prints test
 HR@10 per task, the drop relative to the same strategy's clean run and to clean FedAvg, and
 writes DIR/robust_aggregation.json.
 
@@ -53,7 +56,8 @@ from fedrec.simulation.faults import FaultPlan, with_faults
 from fedrec.workload import build_workload
 
 DEFAULTS = load_config(None)
-ATTACKS = {"clean": None, "scale10": 10.0, "signflip": -1.0}
+# (update factor, stated-users factor)
+ATTACKS = {"clean": None, "scale10": (10.0, 1), "signflip": (-1.0, 1), "inflate": (10.0, 1000)}
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
 TASKS = ("recall", "ranking", "personal")
 
@@ -74,16 +78,18 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         "reject_min_cosine": 0.0 if args.screen else -1.0,
         "norm_outliers": args.norm_outliers,
         "norm_reference": args.norm_reference,
+        "max_weight_factor": args.max_weight_factor if args.screen else 0.0,
     }
     done = Path(over["out"]) / "summary.json"
     if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
         summary = json.loads(done.read_text())
         _check_cached(Path(over["out"]), over, summary)
     else:
-        factor = ATTACKS[attack]
         client_app = None
-        if factor is not None:
-            plan = FaultPlan(attack_share=args.attack_share, attack_factor=factor, seed=seed)
+        if (attack_spec := ATTACKS[attack]) is not None:
+            factor, weight_factor = attack_spec
+            plan = FaultPlan(attack_share=args.attack_share, attack_factor=factor,
+                             weight_factor=weight_factor, seed=seed)
             client_app = with_faults(app, plan)
         cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
         _, summary = simulate(cfg, baselines=False, client_app=client_app)
@@ -98,8 +104,11 @@ def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
     stored = tomllib.loads((run_dir / "config.toml").read_text())
     stored.setdefault("norm_outliers", "reject")
     stored.setdefault("norm_reference", "median")
+    # runs made before the weight cap existed: no attack then overstated its users, and no
+    # honest silo of these partitions is 10x the median, so the cap would not have acted
+    stored.setdefault("max_weight_factor", over["max_weight_factor"])
     diff = [k for k in ("reject_norm_factor", "reject_min_cosine", "norm_outliers",
-                        "norm_reference") if stored[k] != over[k]]  # fmt: skip
+                        "norm_reference", "max_weight_factor") if stored[k] != over[k]]  # fmt: skip
     norm_rule_hit = summary.get("rescaled_updates") or any(
         "update norm" in r["reason"] and "median" in r["reason"]
         for r in summary.get("rejected_updates", [])
@@ -161,6 +170,9 @@ def main() -> None:
     parser.add_argument("--norm-factor", type=float, default=DEFAULTS.reject_norm_factor,
                         help="with --screen: the norm rule's factor (default: the config's, "
                         "%(default)g)")
+    parser.add_argument("--max-weight-factor", type=float, default=DEFAULTS.max_weight_factor,
+                        help="with --screen: cap of a reply's FedAvg weight, x the round's median "
+                        "(default: the config's, %(default)g; 0: weights as stated)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed and the attackers'")
     parser.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds")
     parser.add_argument("--out", default="runs/robust_aggregation")

@@ -3,7 +3,8 @@
 ``with_faults(app, plan)`` wraps a ClientApp so that, in a simulation, some clients fail or
 straggle in some rounds, and some send a poisoned update: their honest update ``u`` replaced by
 ``factor * u`` (model poisoning; ``factor=10`` scales it, ``factor=-1`` flips its sign; Blanchard
-et al. 2017, Fang et al. 2020). No config field or flag turns this on: only code that builds the
+et al. 2017, Fang et al. 2020), and may overstate its users (``weight_factor``: FedAvg weighs a
+reply by the ``num-examples`` it states). No config field or flag turns this on: only code that builds the
 wrapped app and passes it to ``fedrec.simulation.simulate(client_app=...)``.
 """
 
@@ -29,6 +30,7 @@ class FaultPlan:
     stall_seconds: float = 0.0  # failing clients stall this long, then answer (0: they raise)
     attack_share: float = 0.0  # share of clients that poison every update (fixed for the run)
     attack_factor: float = 1.0  # attackers send factor x their honest update
+    weight_factor: int = 1  # attackers state this x their users as their FedAvg weight
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -36,6 +38,8 @@ class FaultPlan:
             raise ValueError("fail_share and attack_share must be in [0, 1)")
         if self.stall_seconds < 0:
             raise ValueError("stall_seconds must be >= 0")
+        if self.weight_factor < 1:
+            raise ValueError("weight_factor must be at least 1")
 
     def failing(self, n_clients: int, server_round: int) -> set[int]:
         k = round(self.fail_share * n_clients)
@@ -74,6 +78,8 @@ def with_faults(app: ClientApp, plan: FaultPlan) -> ClientApp:
         if client in plan.attackers(n) and reply.has_content():
             sent, honest = msg.content.array_records[ARRAYS_KEY], reply.content.array_records
             reply.content[ARRAYS_KEY] = poison(sent, honest[ARRAYS_KEY], plan.attack_factor)
+            metrics = reply.content.metric_records["metrics"]
+            metrics["num-examples"] = plan.weight_factor * cast(int, metrics["num-examples"])
         return reply
 
     @faulty.evaluate()

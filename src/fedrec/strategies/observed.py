@@ -37,7 +37,8 @@ class RoundLog:
     replies: int = 0
     failures: list[tuple[int, int, str]] = field(default_factory=list)  # (node, code, reason)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): screened out
-    rescaled: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): to median
+    # (node, reason): rescaled to its predicted norm, or its weight lowered (strategies/screen.py)
+    rescaled: list[tuple[int, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     ledger_entries: list[str] = field(default_factory=list)
 
@@ -73,7 +74,7 @@ class Observed(Strategy):
                 )
             for node, reason in rlog.rescaled:
                 log.warning(
-                    "round %d: rescaled the update of node %d to the median norm: %s",
+                    "round %d: kept the update of node %d, adjusted: %s",
                     server_round, node, reason,
                 )
         for msg in replies:

@@ -1,6 +1,7 @@
 """Issue 5, fault tolerance on Flower's simulation engine (Ray): dropouts, kill and resume."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -171,3 +172,21 @@ def test_x1000_updates_are_rejected_or_rescaled_to_their_predicted_norm_and_logg
         # measured: 0.013-0.015 of the rejecting run's weight norm; with the x1000 updates
         # aggregated unscaled, 4.8-5.7
         assert 0 < (apart / size) ** 0.5 < 0.5, task  # > 0: the attacker's data is in it
+
+
+def test_a_client_overstating_its_users_is_weighed_at_10x_the_median_in_a_real_run(tmp_path):
+    """An attacker states 1000x its users (FedAvg's weight) in every round of a real simulated
+    federation: the screen lowers its weight to 10x the round's median and names it."""
+    from fedrec.client.app import app
+
+    plan = FaultPlan(attack_share=0.2, weight_factor=1000, seed=2)  # an honest update, a lie
+    cfg = _cfg(tmp_path, dataset="synthetic:merchants=5,users=200,items=300", rounds=2)
+    _, summary = simulate(cfg, baselines=False, client_app=with_faults(app, plan))
+    adjusted = summary["rescaled_updates"]
+    assert [r["round"] for r in adjusted] == [1, 2] and len({r["node"] for r in adjusted}) == 1
+    for r in adjusted:
+        stated, lowered, median = map(float, re.search(
+            r"weight 'num-examples' (\S+) lowered to (\S+) \(10x the round's median weight "
+            r"(\S+)\)", r["reason"]).groups())  # fmt: skip
+        assert stated % 1000 == 0 and lowered == int(10 * median) < stated
+    assert summary["rejected_per_round"] == {"1": 0, "2": 0}

@@ -6,7 +6,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrec.config import load_config
+from fedrec.config import ConfigError, load_config
 from fedrec.simulation.faults import FaultPlan, poison
 from fedrec.strategies import Observed, UpdateScreen, make_screen
 from fedrec.strategies.records import ARRAYS_KEY
@@ -395,16 +395,78 @@ def test_the_norm_reference_follows_the_config():
         UpdateScreen(norm_reference="mean")
 
 
+def _liar(honest, weight=1_000_000):
+    """An x500 update from a client claiming ``weight`` users."""
+    liar = _scaled(honest[4], 99, 500.0)
+    return _reply(99, {k: liar.content[ARRAYS_KEY][k].numpy() for k in GLOBAL}, weight=weight)
+
+
 def test_a_client_that_overstates_its_users_buys_at_most_the_ceiling():
     honest = _sized()
-    liar = _scaled(honest[4], 99, 500.0)  # x500, claiming a million users
-    liar = _reply(99, {k: liar.content[ARRAYS_KEY][k].numpy() for k in GLOBAL}, weight=1_000_000)
+    liar = _liar(honest)  # x500, claiming a million users
     median = float(np.median([_task_norm(r.content[ARRAYS_KEY], "recall")
                               for r in [*honest, liar]]))  # fmt: skip
-    kept, rejected, rescaled = UpdateScreen().screen_all(_sent(), [*honest, liar])
+    screen = UpdateScreen(max_weight_factor=0)  # the norm rule's own ceiling, weights as stated
+    kept, rejected, rescaled = screen.screen_all(_sent(), [*honest, liar])
     assert [node for node, _ in rescaled] == [99] and "at most 5x" in rescaled[0][1]
     after = _task_norm(liar.content[ARRAYS_KEY], "recall")
     assert after == pytest.approx(SIZE_CEILING * median, rel=1e-5)  # not 500x anything
+
+
+def test_an_overstated_weight_is_lowered_to_10x_the_median_before_fedavg_averages():
+    honest = _sized()
+    inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
+    strategy = Observed(inner, screen=make_screen(load_config(None, {})))
+    strategy._sent = _sent()
+    liar = _liar(honest)
+    arrays, _ = strategy.aggregate_train(1, [*honest, liar])
+    median = float(np.median([*SIZES, 1_000_000]))  # 33 users: 10x is 330
+    assert median == 33
+    (node, why), = strategy.rounds[1].rescaled
+    assert node == 99 and "weight 'num-examples' 1e+06 lowered to 330" in why
+    assert "predicted for its 330 users" in why  # the norm rule predicts from the lowered weight
+    # FedAvg's result is the weighted mean with the liar at 390, its update as rescaled
+    weights = [*SIZES, int(10 * median)]
+    everyone = [*honest, liar]
+    for k in GLOBAL:
+        expected = sum(w * r.content[ARRAYS_KEY][k].numpy().astype(np.float64)
+                       for w, r in zip(weights, everyone, strict=True)) / sum(weights)
+        np.testing.assert_allclose(arrays[k].numpy(), expected, rtol=1e-5)
+    # without the cap, the same liar holds 99.96% of FedAvg's weight
+    uncapped = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
+                               min_train_nodes=1), screen=UpdateScreen(max_weight_factor=0))
+    uncapped._sent = _sent()
+    far, _ = uncapped.aggregate_train(1, [*_sized(), _liar(_sized())])
+    liar_share = 1_000_000 / (1_000_000 + sum(SIZES))
+    assert liar_share > 0.999
+    moved = {k: float(np.linalg.norm(far[k].numpy() - GLOBAL[k])) for k in GLOBAL}
+    capped = {k: float(np.linalg.norm(arrays[k].numpy() - GLOBAL[k])) for k in GLOBAL}
+    assert all(moved[k] > 2 * capped[k] for k in GLOBAL)
+
+
+def test_honest_weights_and_few_replies_are_left_as_stated():
+    honest = _sized()  # 196 users is 6.4x this round's median (30.5): under 10x
+    kept, rejected, rescaled = UpdateScreen().screen_all(_sent(), honest)
+    assert rejected == [] and rescaled == []
+    assert [next(iter(r.content.metric_records.values()))["num-examples"] for r in kept] == \
+        list(SIZES)
+    two = [_reply(1, weight=10), _reply(2, weight=10_000)]  # no median of fewer than 3
+    assert UpdateScreen().screen_all(_sent(), two)[2] == []
+    with pytest.raises(ValueError, match="max_weight_factor"):
+        UpdateScreen(max_weight_factor=1.0)
+    with pytest.raises(ConfigError, match="max_weight_factor"):
+        load_config(None, {"max_weight_factor": 0.5})
+
+
+def test_user_level_dp_rejects_any_weight_but_one():
+    screen = make_screen(load_config(None, {"privacy.mode": "user"}))
+    replies = [_reply(n) for n in range(1, 5)]
+    for r in replies:  # the uniform weight every fedrec client sends under user-level DP
+        next(iter(r.content.metric_records.values()))["dp-weight"] = 1.0
+    next(iter(replies[3].content.metric_records.values()))["dp-weight"] = 100.0
+    kept, rejected = screen.screen(_sent(), replies)
+    assert kept == replies[:3] and [n for n, _ in rejected] == [4]
+    assert "not 1" in rejected[0][1]
 
 
 def test_few_replies_or_user_level_dp_compare_with_the_median():
