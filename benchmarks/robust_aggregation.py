@@ -100,7 +100,8 @@ def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
     """Refuse a finished run made under other screen settings than this sweep's. A run made
     before ``norm_outliers`` existed rejected norm outliers, and one made before
     ``norm_reference`` existed compared norms with the round's median; a run in which nothing
-    was over the norm rule is the same run under either action."""
+    was over the norm rule is the same run under either action, and one in which no weight was
+    lowered the same under any weight cap."""
     stored = tomllib.loads((run_dir / "config.toml").read_text())
     stored.setdefault("norm_outliers", "reject")
     stored.setdefault("norm_reference", "median")
@@ -109,12 +110,16 @@ def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
     stored.setdefault("max_weight_factor", over["max_weight_factor"])
     diff = [k for k in ("reject_norm_factor", "reject_min_cosine", "norm_outliers",
                         "norm_reference", "max_weight_factor") if stored[k] != over[k]]  # fmt: skip
-    norm_rule_hit = summary.get("rescaled_updates") or any(
-        "update norm" in r["reason"] and "median" in r["reason"]
-        for r in summary.get("rejected_updates", [])
-    )
-    if diff == ["norm_outliers"] and not norm_rule_hit:
-        return
+    adjusted = [r["reason"] for r in summary.get("rescaled_updates", [])]
+    # settings whose rule never acted in the run are moot: the same run under either value
+    moot = {
+        "norm_outliers": not any("update norm" in r for r in adjusted) and not any(
+            "update norm" in r["reason"] and "median" in r["reason"]
+            for r in summary.get("rejected_updates", [])
+        ),
+        "max_weight_factor": not any("lowered to" in r for r in adjusted),
+    }
+    diff = [k for k in diff if not moot.get(k, False)]
     if diff:
         raise SystemExit(
             f"{run_dir}: made with {', '.join(f'{k} = {stored[k]!r}' for k in diff)}, not this "
