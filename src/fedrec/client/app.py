@@ -169,6 +169,12 @@ def _site_refusal(cfg: FedrecConfig, context: Context, *, fusion: bool = False) 
         return (f"this site keeps a lifetime epsilon budget ({budget:g}) and takes part only "
                 f"in record-level DP runs, whose releases its ledger accounts; this run asks "
                 f"for privacy.mode '{cfg.privacy.mode}'")  # fmt: skip
+    site_delta = _site_delta(context)
+    if site_delta is not None and cfg.privacy.delta > site_delta:
+        # at a delta at most the site's, every epsilon the client checks is at least the one at
+        # the site's delta: the lifetime (budget, site delta) holds whatever the runs' deltas
+        return (f"this site's lifetime budget is epsilon {budget:g} at delta {site_delta:g}; "
+                f"this run asks for privacy.delta {cfg.privacy.delta:g}, above it")
     return ""
 
 
@@ -186,6 +192,13 @@ def _site_budget(context: Context) -> float | None:
     """The site's lifetime epsilon over all its runs (node config 'budget-epsilon', from
     ``fedrec client start --budget``); None: each run's ``privacy.epsilon`` bounds it."""
     value = context.node_config.get("budget-epsilon")
+    return None if value is None else float(str(value))
+
+
+def _site_delta(context: Context) -> float | None:
+    """The largest delta the site accepts (node config 'budget-delta', from ``fedrec client
+    start --budget-delta``); None: the run's ``privacy.delta``."""
+    value = context.node_config.get("budget-delta")
     return None if value is None else float(str(value))
 
 

@@ -129,6 +129,12 @@ def _client(subparsers: Any) -> Any:
         help="this site's lifetime epsilon over all runs in its ledger (default: each run's)",
     )
     s.add_argument(
+        "--budget-delta",
+        type=float,
+        help="with --budget: its delta; a run asking for a larger privacy.delta is refused "
+        "(default: each run's delta, which the server sets)",
+    )
+    s.add_argument(
         "--runtime-port",
         type=int,
         default=launch.DEFAULT_RUNTIME_PORT,
@@ -293,6 +299,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
         runtime_port=args.runtime_port,
         flwr_home=flwr_home(args.flwr_home) if args.flwr_home else None,
         budget=args.budget,
+        budget_delta=args.budget_delta,
     )
     _exit_on_sigterm()
     child = start_supernode(partner)

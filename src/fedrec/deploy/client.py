@@ -36,6 +36,7 @@ class Partner:
     runtime_port: int = launch.DEFAULT_RUNTIME_PORT
     flwr_home: Path | None = None
     budget: float | None = None  # lifetime epsilon over all runs; None: each run's epsilon
+    budget_delta: float | None = None  # the largest delta a run may ask; None: the run's delta
 
 
 def preflight(partner: Partner) -> Path:
@@ -47,9 +48,14 @@ def preflight(partner: Partner) -> Path:
         check_partner_files(partner.certs, partner.name)
     if partner.client_id is not None and partner.client_id < 0:
         raise DeployError(f"--client-id {partner.client_id}: must be 0 or more")
-    data = check_data(partner.data)
     if partner.budget is not None and not (0 < partner.budget < math.inf):
         raise DeployError(f"--budget {partner.budget}: must be a finite epsilon > 0")
+    if partner.budget_delta is not None:
+        if partner.budget is None:
+            raise DeployError("--budget-delta needs --budget: it is the delta of that budget")
+        if not 0 < partner.budget_delta < 1:
+            raise DeployError(f"--budget-delta {partner.budget_delta}: must be in (0, 1)")
+    data = check_data(partner.data)
     if partner.ledger is not None and not os.access(partner.ledger.parent, os.W_OK):
         raise DeployError(f"--ledger {partner.ledger}: its folder is missing or not writable")
     probe_superlink(host, port, ca_cert=partner.certs.ca_cert if partner.certs else None)
@@ -64,6 +70,8 @@ def supernode_command(partner: Partner, data: Path) -> list[str]:
     )
     if partner.budget is not None:  # text: node config passes only text and integers
         config["budget-epsilon"] = repr(float(partner.budget))
+    if partner.budget_delta is not None:
+        config["budget-delta"] = repr(float(partner.budget_delta))
     return launch.supernode_command(
         launch.bin_dir(),
         superlink=partner.superlink,

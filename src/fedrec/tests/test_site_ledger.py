@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import dp_accounting
@@ -15,11 +16,12 @@ from dp_accounting.pld import PLDAccountant
 from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 
-from fedrec.client.app import _site_budget
+from fedrec.client.app import _site_budget, _site_delta
 from fedrec.client.local import RoundResult
 from fedrec.client.privacy import PrivacyRefusal, client_privacy
 from fedrec.config import load_config
-from fedrec.deploy.client import Partner, supernode_command
+from fedrec.deploy import DeployError
+from fedrec.deploy.client import Partner, preflight, supernode_command
 from fedrec.privacy import (
     COMPOSED,
     ClientPrivacyState,
@@ -301,13 +303,30 @@ def test_lifetime_over_budget_is_flagged(tmp_path) -> None:
 
 def test_budget_flag_reaches_the_client_app_as_node_config(tmp_path) -> None:
     data = tmp_path / "shop"
-    partner = Partner("fl.example.com:9092", data, None, None, 2, tmp_path / "l.jsonl", budget=2.5)
+    partner = Partner("fl.example.com:9092", data, None, None, 2, tmp_path / "l.jsonl", budget=2.5,
+                      budget_delta=1e-5)  # fmt: skip
     cmd = supernode_command(partner, data)
     node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])
-    assert node_config["budget-epsilon"] == "2.5"
+    assert node_config["budget-epsilon"] == "2.5" and node_config["budget-delta"] == "1e-05"
     ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
-    assert _site_budget(ctx) == 2.5
-    assert _site_budget(_context()) is None
+    assert _site_budget(ctx) == 2.5 and _site_delta(ctx) == 1e-5
+    assert _site_budget(_context()) is None and _site_delta(_context()) is None
+    no_delta = supernode_command(replace(partner, budget_delta=None), data)
+    assert "budget-delta" not in parse_config_args([no_delta[no_delta.index("--node-config") + 1]])
+
+
+@pytest.mark.parametrize(
+    ("budget", "delta", "problem"),
+    [(None, 1e-5, "needs --budget"), (8.0, 0.0, r"must be in \(0, 1\)"),
+     (8.0, 1.0, r"must be in \(0, 1\)"), (8.0, float("nan"), r"must be in \(0, 1\)")],
+)  # fmt: skip
+def test_a_bad_budget_delta_stops_the_site_at_start(tmp_path, budget, delta, problem) -> None:
+    data = tmp_path / "shop.csv"
+    data.write_text("user,item\n1,2\n")
+    partner = Partner("127.0.0.1:1", data, None, None, 0, tmp_path / "l.jsonl", budget=budget,
+                      budget_delta=delta)  # fmt: skip
+    with pytest.raises(DeployError, match=problem):
+        preflight(partner)  # before the (closed) server address is probed
 
 
 @pytest.mark.parametrize("mode", ["none", "user"])
@@ -340,6 +359,14 @@ def test_a_site_with_a_budget_refuses_runs_its_ledger_cannot_account(
     reply = train({"privacy.mode": mode})
     assert reply.has_error() and f"privacy.mode '{mode}'" in reply.error.reason and not trained
     assert train({"privacy.mode": "record"}) == "trained" and len(trained) == 1
+    # a site that fixed its budget's delta refuses a run asking for a larger one, no other
+    node["budget-delta"] = "1e-05"
+    reply = train({"privacy.mode": "record", "privacy.delta": 1e-3})
+    assert reply.has_error() and "delta 1e-05" in reply.error.reason and len(trained) == 1
+    assert "privacy.delta 0.001, above it" in reply.error.reason
+    for delta in (1e-5, 1e-6):
+        assert train({"privacy.mode": "record", "privacy.delta": delta}) == "trained"
+    assert len(trained) == 3
 
 
 def test_a_site_budget_needs_a_site_ledger(tmp_path, data) -> None:
