@@ -105,19 +105,19 @@ def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
     stored = tomllib.loads((run_dir / "config.toml").read_text())
     stored.setdefault("norm_outliers", "reject")
     stored.setdefault("norm_reference", "median")
-    # runs made before the weight cap existed: no attack then overstated its users, and no
-    # honest silo of these partitions is 10x the median, so the cap would not have acted
-    stored.setdefault("max_weight_factor", over["max_weight_factor"])
+    stored.setdefault("max_weight_factor", 0.0)  # made before the weight cap existed
     diff = [k for k in ("reject_norm_factor", "reject_min_cosine", "norm_outliers",
                         "norm_reference", "max_weight_factor") if stored[k] != over[k]]  # fmt: skip
     adjusted = [r["reason"] for r in summary.get("rescaled_updates", [])]
-    # settings whose rule never acted in the run are moot: the same run under either value
+    rejected = [r["reason"] for r in summary.get("rejected_updates", [])]
+    # a setting whose rule never acted in the run is moot: the same run under either value. A
+    # weight cap that lowered nothing would lower nothing under a looser cap or none either
+    stored_cap, cap = stored["max_weight_factor"], over["max_weight_factor"]
     moot = {
-        "norm_outliers": not any("update norm" in r for r in adjusted) and not any(
-            "update norm" in r["reason"] and "median" in r["reason"]
-            for r in summary.get("rejected_updates", [])
-        ),
-        "max_weight_factor": not any("lowered to" in r for r in adjusted),
+        "norm_outliers": not any("update norm" in r for r in adjusted)
+        and not any("update norm" in r and "median" in r for r in rejected),
+        "max_weight_factor": not any("lowered to" in r for r in [*adjusted, *rejected])
+        and stored_cap > 0 and (cap == 0 or cap >= stored_cap),
     }
     diff = [k for k in diff if not moot.get(k, False)]
     if diff:

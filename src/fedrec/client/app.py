@@ -159,7 +159,12 @@ def _site_refusal(cfg: FedrecConfig, context: Context, *, fusion: bool = False) 
     only record-level DP releases are in its ledger, under it: a run without DP (an unbounded
     epsilon) or with user-level DP (noise the server adds) is refused, and so is every fusion
     query (sums no ledgered mechanism covers), whatever the run's config asks."""
-    budget = _site_budget(context)
+    budget, site_delta = _site_budget(context), _site_delta(context)
+    if site_delta is not None and cfg.privacy.delta > site_delta:
+        # at a delta at most the site's, every epsilon the client checks is at least the one at
+        # the site's delta: the lifetime (budget, site delta) holds whatever the runs' deltas
+        return (f"this site's privacy budget is at delta {site_delta:g}; this run asks for "
+                f"privacy.delta {cfg.privacy.delta:g}, above it")
     if budget is None:
         return ""
     if fusion:
@@ -169,12 +174,6 @@ def _site_refusal(cfg: FedrecConfig, context: Context, *, fusion: bool = False) 
         return (f"this site keeps a lifetime epsilon budget ({budget:g}) and takes part only "
                 f"in record-level DP runs, whose releases its ledger accounts; this run asks "
                 f"for privacy.mode '{cfg.privacy.mode}'")  # fmt: skip
-    site_delta = _site_delta(context)
-    if site_delta is not None and cfg.privacy.delta > site_delta:
-        # at a delta at most the site's, every epsilon the client checks is at least the one at
-        # the site's delta: the lifetime (budget, site delta) holds whatever the runs' deltas
-        return (f"this site's lifetime budget is epsilon {budget:g} at delta {site_delta:g}; "
-                f"this run asks for privacy.delta {cfg.privacy.delta:g}, above it")
     return ""
 
 

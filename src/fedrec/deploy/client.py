@@ -3,7 +3,8 @@
 The data path reaches the ClientApp through the SuperNode's node config; it never enters the
 app bundle or any message. So does ``--budget``, the site's lifetime epsilon over every run its
 ledger records (client/privacy.py). A refused key or an untrusted server ends start-up with one
-line.
+line. The SuperNode runs fedrec's own ClientApp as installed at the site, never code a run ships
+(fedrec.deploy.guard).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fedrec.deploy import launch
 from fedrec.deploy.certdir import CertDir, read_manifest
 from fedrec.deploy.checks import check_data, check_partner_files, probe_superlink
 from fedrec.deploy.errors import DeployError
+from fedrec.deploy.guard import write_shims
 from fedrec.deploy.process import Child
 
 CONNECTED = "SuperNode ID:"  # what flower-supernode prints once the SuperLink accepted it
@@ -92,10 +94,19 @@ def client_id(partner: Partner) -> int:
     return int(entry.get("id", 0))
 
 
+def guard_dir(partner: Partner) -> Path:
+    """The folder of scripts that put fedrec.deploy.guard in front of every task the SuperNode
+    starts (in its Flower home, written afresh at each start)."""
+    home = partner.flwr_home or Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
+    return write_shims(home / "fedrec-guard")
+
+
 def start_supernode(partner: Partner, *, echo: bool = True) -> Child:
     """Check, launch, and wait until the SuperLink has accepted this node."""
     data = preflight(partner)
-    env = launch.child_env(os.environ, flwr_home=partner.flwr_home, bins=launch.bin_dir())
+    env = launch.child_env(
+        os.environ, flwr_home=partner.flwr_home, bins=launch.bin_dir(), guard=guard_dir(partner)
+    )
     child = Child(supernode_command(partner, data), env, echo=echo)
     try:
         child.wait_until(

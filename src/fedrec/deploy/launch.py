@@ -54,10 +54,14 @@ def local_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if _is_v6(host) else f"{host}:{port}"
 
 
-def child_env(base: Mapping[str, str], *, flwr_home: Path | None, bins: Path) -> dict[str, str]:
-    """``base`` plus Flower's switches, ``FLWR_HOME`` and ``bins`` first on ``PATH``."""
+def child_env(
+    base: Mapping[str, str], *, flwr_home: Path | None, bins: Path, guard: Path | None = None
+) -> dict[str, str]:
+    """``base`` plus Flower's switches, ``FLWR_HOME`` and ``bins`` first on ``PATH``; with
+    ``guard`` (a folder of fedrec.deploy.guard's scripts), that folder before ``bins``."""
     env = dict(base) | CHILD_ENV
-    env["PATH"] = f"{bins}:{base['PATH']}" if base.get("PATH") else str(bins)
+    first = f"{guard}:{bins}" if guard is not None else str(bins)
+    env["PATH"] = f"{first}:{base['PATH']}" if base.get("PATH") else first
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env

@@ -151,15 +151,16 @@ class UpdateScreen:
                 rescaled[id(msg)] = "; ".join(filter(None, (rescaled.get(id(msg)), why)))
                 continue
             kept.remove(msg)
+            # a lowered weight stays in the reason: it set the norm this update was held to
+            why = "; ".join(filter(None, (rescaled.pop(id(msg), None), why)))
             rejected.append((msg.metadata.src_node_id, why))
-            rescaled.pop(id(msg), None)
             del norms[id(msg)]
         contrary = self._contrary(reference, [m for m in kept if id(m) in norms], norms)
         for msg in [m for m in kept if id(m) in contrary]:
             kept.remove(msg)
             why = contrary[id(msg)]
-            if id(msg) in rescaled:  # keep the norm finding in the one reason logged
-                why += f" (after rescaling: {rescaled.pop(id(msg))})"
+            if id(msg) in rescaled:  # keep the norm and weight findings in the one reason logged
+                why += f" (after the screen adjusted it: {rescaled.pop(id(msg))})"
             rejected.append((msg.metadata.src_node_id, why))
         return kept, rejected, [
             (m.metadata.src_node_id, rescaled[id(m)]) for m in kept if id(m) in rescaled
@@ -177,7 +178,7 @@ class UpdateScreen:
         out: dict[int, str] = {}
         for msg, record, weight in zip(sound, records, weights, strict=True):
             if weight > bound:
-                # an int stays an int (floor: still above the median, as factor > 1)
+                # an int stays an int (rounded down)
                 record[self.weight_key] = int(bound) if isinstance(record[self.weight_key], int) \
                     else bound
                 out[id(msg)] = (
@@ -315,7 +316,7 @@ def _size(content: RecordDict) -> float:
     """The users the reply says it trained on (its FedAvg weight); 1 if it does not say."""
     value = next(iter(content.metric_records.values())).get(SIZE_KEY, 1)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return float(value) if ok and math.isfinite(value) and value > 0 else 1.0
+    return float(value) if ok and _finite(value) and value > 0 else 1.0
 
 
 def _rescale(
@@ -352,7 +353,7 @@ def _records_problem(content: RecordDict, weight_key: str) -> str | None:
     if (
         isinstance(weight, bool)
         or not isinstance(weight, (int, float))
-        or not math.isfinite(weight)
+        or not _finite(weight)
         or weight <= 0
     ):
         return f"weight '{weight_key}' is {weight!r}, not a finite positive number"
@@ -360,6 +361,14 @@ def _records_problem(content: RecordDict, weight_key: str) -> str | None:
         return (f"weight '{weight_key}' is {weight!r}, not 1: under user-level DP the noise is "
                 "calibrated for an unweighted mean of the clipped updates")
     return None
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite``, False for an int too large for a float (which it raises on)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def make_screen(cfg: FedrecConfig) -> UpdateScreen:

@@ -2,7 +2,8 @@
 
 The fast tests check command construction against Flower's own parsers. The slow test starts a
 real SuperLink with TLS and SuperNode authentication on 127.0.0.1 and real SuperNodes, checks who
-is let in, and runs fedrec for two rounds on three sites while one of them is killed.
+is let in, runs fedrec for two rounds on three sites while one of them is killed, and ships an
+app bundle with code of its own, which every site refuses.
 """
 
 from __future__ import annotations
@@ -463,6 +464,41 @@ def test_two_rounds_on_three_sites_survive_a_site_killed_mid_run(federation):
     assert 0 < summary["privacy"]["max_epsilon"] <= 8.0
     assert set(summary["privacy"]["per_client"]) == {"client-0", "client-1", "client-2"}
     assert not (out / "INCOMPLETE").exists()
+
+
+@pytest.mark.slow
+def test_a_site_runs_no_code_the_run_ships(federation, tmp_path):
+    """A server ships its own ClientApp in the app bundle (Flower would unzip it, put it first on
+    sys.path and import it): every site refuses the task before anything of the bundle is
+    unpacked or imported (fedrec.deploy.guard), the code never runs, and the run still ends."""
+    import tomli_w
+
+    from fedrec.deploy.server import _flwr, wait_for_run, write_connection
+
+    sites = [federation.start(n, i) for i, n in enumerate(("acme", "globex", "initech"))]
+    marker = tmp_path / "the-shipped-code-ran"
+    app = tmp_path / "app"
+    app.mkdir()
+    cfg = load_config(None, {"dataset": str(federation.data), "partition": "site", "rounds": 1,
+                             "out": str(tmp_path / "run")})  # fmt: skip
+    pyproject = launch.app_pyproject(cfg)
+    pyproject["tool"]["flwr"]["app"]["components"]["clientapp"] = "shipped:app"
+    (app / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    (app / "shipped.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from flwr.clientapp import ClientApp\napp = ClientApp()\n"
+    )
+    write_connection(federation.site)
+    out = _flwr(launch.run_command(launch.bin_dir(), app), federation.site)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_id = launch.parse_run_id(out.stdout)
+    assert wait_for_run(federation.site, run_id, timeout=300).startswith("finished")
+    assert not marker.exists()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all("refused run" in c.output for c in sites):
+        time.sleep(0.25)
+    for child in sites:
+        assert f"refused run {run_id}" in child.output and "files besides" in child.output
 
 
 def _kill(pid: int) -> None:

@@ -270,7 +270,7 @@ def test_a_rescaled_update_that_points_away_is_still_rejected():
         _sent(), [*honest, _reply(98, flipped_x20)]
     )
     assert kept == honest and [node for node, _ in rejected] == [98] and rescaled == []
-    assert "cosine" in rejected[0][1] and "after rescaling" in rejected[0][1]  # both findings
+    assert "cosine" in rejected[0][1] and "after the screen adjusted it" in rejected[0][1]
 
 
 def test_observed_aggregates_the_rescaled_update_and_the_config_selects_the_action():
@@ -444,6 +444,16 @@ def test_an_overstated_weight_is_lowered_to_10x_the_median_before_fedavg_average
     assert all(moved[k] > 2 * capped[k] for k in GLOBAL)
 
 
+def test_a_rejected_liar_is_reported_with_its_weight_too():
+    honest = _sized()
+    kept, rejected, rescaled = UpdateScreen(norm_action="reject").screen_all(
+        _sent(), [*honest, _liar(honest)]
+    )
+    assert kept == honest and rescaled == [] and [n for n, _ in rejected] == [99]
+    assert "weight 'num-examples' 1e+06 lowered to 330" in rejected[0][1]
+    assert "predicted for its 330 users" in rejected[0][1]
+
+
 def test_honest_weights_and_few_replies_are_left_as_stated():
     honest = _sized()  # 196 users is 6.4x this round's median (30.5): under 10x
     kept, rejected, rescaled = UpdateScreen().screen_all(_sent(), honest)
@@ -451,7 +461,12 @@ def test_honest_weights_and_few_replies_are_left_as_stated():
     assert [next(iter(r.content.metric_records.values()))["num-examples"] for r in kept] == \
         list(SIZES)
     two = [_reply(1, weight=10), _reply(2, weight=10_000)]  # no median of fewer than 3
-    assert UpdateScreen().screen_all(_sent(), two)[2] == []
+    assert UpdateScreen(max_weight_factor=1.5, norm_factor=0).screen_all(_sent(), two)[2] == []
+    three = [*two, _reply(3, weight=10)]  # the same factor acts from 3 replies on
+    assert [n for n, _ in UpdateScreen(max_weight_factor=1.5, norm_factor=0).screen_all(
+        _sent(), three)[2]] == [2]  # fmt: skip
+    huge = _reply(5, weight=10**400)  # no float holds it: rejected, not a crash
+    assert [n for n, _ in UpdateScreen().screen(_sent(), [*_honest(), huge])[1]] == [5]
     with pytest.raises(ValueError, match="max_weight_factor"):
         UpdateScreen(max_weight_factor=1.0)
     with pytest.raises(ConfigError, match="max_weight_factor"):

@@ -1,0 +1,173 @@
+"""A partner site runs fedrec's own ClientApp, never code a run ships.
+
+A Flower app bundle (FAB) may carry Python files, and Flower 1.42's ``flwr-clientapp`` unzips a
+run's FAB, puts it first on ``sys.path`` and imports the module its ``pyproject.toml`` names
+(``flwr/supernode/runtime/run_clientapp.py``; ``flwr/supercore/object_ref.py`` load_app). So
+whoever controls the SuperLink could make every site run code that reads the site's data (its
+path is in the node config). Flower's own answer, ``flower-supernode --trusted-entities``,
+verifies signatures that only Flower Hub attaches to a FAB: with a local ``flwr run`` the FAB
+carries none and the SuperNode refuses every run (``start_client_internal.py``), so it cannot be
+used offline.
+
+``fedrec client start`` therefore puts this module in front of Flower's task processes: the
+SuperNode's SuperExec starts its task processes by name (``flwr-clientapp``,
+``flwr-agentapp``, ...: ``flwr/supercore/constant.py`` TASK_TYPE_TO_COMMAND), and the
+SuperNode is given a ``PATH`` whose first folder holds scripts of those names that run
+``python -I -m fedrec.deploy.guard KIND`` (``-I``: nothing from the working folder or the
+environment on ``sys.path``). The guard pulls the task like ``flwr-clientapp`` (Flower's own
+``pull_task_input``, ``push_message`` and ``push_task_output``, with its task heartbeat) and
+
+- refuses, with an error reply the server records, any task that is not a ClientApp, and any
+  FAB that is not fedrec's: exactly one file, ``pyproject.toml`` (beside Flower's
+  ``.info/CONTENT`` manifest), naming ``fedrec.server.app:app`` and ``fedrec.client.app:app``
+  and no dependencies (``check_fab``);
+- otherwise runs the ClientApp of the fedrec installed at the site, imported as any package,
+  never from the FAB, which it does not unzip.
+
+A run's config still comes from the server; what a site refuses whatever it says is in
+``fedrec.client.app`` (``_site_refusal``) and docs/partner-site.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+APP_COMPONENTS = {"serverapp": "fedrec.server.app:app", "clientapp": "fedrec.client.app:app"}
+MANIFEST = ".info/CONTENT"  # Flower's list of the FAB's files and their hashes
+CLIENT_KIND = "clientapp"
+# the task processes a SuperNode's SuperExec may start, by the name it starts them with
+KINDS = {
+    "clientapp": "flwr-clientapp",
+    "agentapp": "flwr-agentapp",
+    "connector": "flwr-connector",
+    "model": "flwr-model",
+    "serverapp": "flwr-serverapp",
+    "simulation": "flwr-simulation",
+}
+
+log = logging.getLogger("fedrec.guard")
+
+
+def check_fab(content: bytes) -> str:
+    """Why a site must not run this FAB, or "" if it is fedrec's: one ``pyproject.toml`` naming
+    fedrec's apps, no dependencies, nothing else (so no code of the run's own)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as fab:
+            names = set(fab.namelist())
+            others = sorted(names - {"pyproject.toml", MANIFEST})
+            if others:
+                return f"the app bundle carries files besides its pyproject.toml: {others[:5]}"
+            if "pyproject.toml" not in names:
+                return "the app bundle has no pyproject.toml"
+            project = tomllib.loads(fab.read("pyproject.toml").decode("utf-8"))
+    except (zipfile.BadZipFile, UnicodeDecodeError, tomllib.TOMLDecodeError, OSError) as err:
+        return f"the app bundle cannot be read ({type(err).__name__}: {err})"
+    app = project.get("tool", {}).get("flwr", {}).get("app", {})
+    components = app.get("components") if isinstance(app, dict) else None
+    if components != APP_COMPONENTS:
+        return f"the app bundle names the apps {components!r}, not fedrec's {APP_COMPONENTS!r}"
+    deps = project.get("project", {}).get("dependencies", [])
+    if deps:
+        return f"the app bundle asks for dependencies {deps!r}; fedrec's asks for none"
+    return ""
+
+
+def run(kind: str, runtime_api_address: str, token: str, *, insecure: bool,
+        certificates: bytes | None, parent_pid: int | None) -> int:
+    """One task, as Flower's ``run_clientapp`` runs it, but the app is fedrec's (module doc).
+    Returns the process's exit code."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)
+    retry = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=insecure,
+        root_certificates=certificates,
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name=KINDS.get(kind, "flwr-clientapp")),
+            RuntimeTokenHttpInterceptor(token),
+        ],
+        retry_invoker=retry,
+    )
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    context, status, details, code = None, SubStatus.FAILED, "", 1
+    try:
+        message, context, run_info, fab = pull_task_input(client)
+        refusal = (f"this site runs only fedrec's ClientApp, not a {kind} task"
+                   if kind != CLIENT_KIND else check_fab(fab.content))  # fmt: skip
+        if refusal:
+            log.error("refused run %d (%s): %s", run_info.run_id, run_info.fab_id, refusal)
+            reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=refusal), reply_to=message)
+            details = refusal
+        else:
+            from fedrec.client.app import app  # the site's installed fedrec, not the FAB's
+
+            reply = app(message=message, context=context)
+            status, code = SubStatus.COMPLETED, 0
+        push_message(client, reply, context)
+    except Exception as err:  # noqa: BLE001 - reported to the SuperNode, as flwr-clientapp does
+        log.exception("the task failed")
+        details = f"{type(err).__name__}: {err}"
+    finally:
+        retry.max_tries = 1
+        push_task_output(client=client, context=context, sub_status=status, details=details)
+        heartbeat.stop()
+        client.close()
+    return code
+
+
+def write_shims(folder: Path, python: str = sys.executable) -> Path:
+    """Scripts named as Flower's task processes that start this guard instead (module doc)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, name in KINDS.items():
+        script = folder / name
+        script.write_text(f"#!/bin/sh\nexec '{python}' -I -m fedrec.deploy.guard {kind} \"$@\"\n")
+        script.chmod(0o755)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    parser = argparse.ArgumentParser(description="fedrec's guard in front of a Flower task")
+    parser.add_argument("kind", choices=sorted(KINDS))
+    parser.add_argument("--runtime-api-address", required=True)
+    add_args_flwr_app_common(parser)
+    args, _ = parser.parse_known_args(argv)  # flags a later Flower adds are not ours to refuse
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(
+        args.kind,
+        args.runtime_api_address,
+        try_obtain_flwr_app_token(args),
+        insecure=args.insecure,
+        certificates=validate_and_resolve_root_certificates(args.root_certificates, args.insecure),
+        parent_pid=args.parent_pid,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
