@@ -44,6 +44,11 @@ def train(msg: Message, context: Context) -> Message:
         log.error("client %d refused round %d: %s", client, server_round, reason)
         return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     ledger_path = _ledger_path(config, context)
+    if ledger_path is None and cfg.privacy.mode == "record" and "data-path" in context.node_config:
+        reason = ("this site keeps no privacy ledger of its own (node config 'ledger-path'; "
+                  "fedrec client start --ledger) and takes part in no DP run without one")
+        log.error("client %d refused round %d: %s", client, server_round, reason)
+        return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     locked = cfg.privacy.mode == "record" and ledger_path is not None
     try:
         # one release at a time per client, from reading its ledger to keeping its reply
@@ -146,10 +151,12 @@ def _local_data(work: Workload, client: int, context: Context) -> LocalData:
 
 
 def _ledger_path(config: ConfigRecord, context: Context) -> str | None:
-    """A deployed client keeps its own site ledger of all its runs (node config); in
-    simulation, the run's ledger."""
+    """A deployed client keeps its own site ledger of all its runs (node config), never a path
+    the server names; in simulation, the run's ledger."""
     if "ledger-path" in context.node_config:
         return str(context.node_config["ledger-path"])
+    if "data-path" in context.node_config:  # deployed: the message's path is the server's choice
+        return None
     return str(config["ledger-path"]) if "ledger-path" in config else None
 
 

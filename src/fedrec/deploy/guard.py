@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import shlex
 import sys
 import tomllib
 import zipfile
@@ -41,6 +42,7 @@ from pathlib import Path
 APP_COMPONENTS = {"serverapp": "fedrec.server.app:app", "clientapp": "fedrec.client.app:app"}
 MANIFEST = ".info/CONTENT"  # Flower's list of the FAB's files and their hashes
 CLIENT_KIND = "clientapp"
+MAX_PYPROJECT_BYTES = 1 << 20  # fedrec's is a few kB (its config inline); nothing to inflate
 # the task processes a SuperNode's SuperExec may start, by the name it starts them with
 KINDS = {
     "clientapp": "flwr-clientapp",
@@ -56,24 +58,35 @@ log = logging.getLogger("fedrec.guard")
 
 def check_fab(content: bytes) -> str:
     """Why a site must not run this FAB, or "" if it is fedrec's: one ``pyproject.toml`` naming
-    fedrec's apps, no dependencies, nothing else (so no code of the run's own)."""
+    fedrec's apps, no dependencies, nothing else (so no code of the run's own). Anything it
+    cannot read is a refusal, never an exception."""
     try:
-        with zipfile.ZipFile(io.BytesIO(content)) as fab:
-            names = set(fab.namelist())
-            others = sorted(names - {"pyproject.toml", MANIFEST})
-            if others:
-                return f"the app bundle carries files besides its pyproject.toml: {others[:5]}"
-            if "pyproject.toml" not in names:
-                return "the app bundle has no pyproject.toml"
-            project = tomllib.loads(fab.read("pyproject.toml").decode("utf-8"))
-    except (zipfile.BadZipFile, UnicodeDecodeError, tomllib.TOMLDecodeError, OSError) as err:
+        return _fab_problem(content)
+    except Exception as err:  # noqa: BLE001 - a hostile zip or TOML is refused, whatever it raises
         return f"the app bundle cannot be read ({type(err).__name__}: {err})"
-    app = project.get("tool", {}).get("flwr", {}).get("app", {})
+
+
+def _fab_problem(content: bytes) -> str:
+    with zipfile.ZipFile(io.BytesIO(content)) as fab:
+        names = set(fab.namelist())
+        others = sorted(names - {"pyproject.toml", MANIFEST})
+        if others:
+            return f"the app bundle carries files besides its pyproject.toml: {others[:5]}"
+        if "pyproject.toml" not in names:
+            return "the app bundle has no pyproject.toml"
+        size = fab.getinfo("pyproject.toml").file_size
+        if size > MAX_PYPROJECT_BYTES:
+            return f"the app bundle's pyproject.toml is {size} bytes (at most {MAX_PYPROJECT_BYTES})"
+        project = tomllib.loads(fab.read("pyproject.toml").decode("utf-8"))
+    tool = project.get("tool")
+    flwr = tool.get("flwr") if isinstance(tool, dict) else None
+    app = flwr.get("app") if isinstance(flwr, dict) else None
     components = app.get("components") if isinstance(app, dict) else None
     if components != APP_COMPONENTS:
         return f"the app bundle names the apps {components!r}, not fedrec's {APP_COMPONENTS!r}"
-    deps = project.get("project", {}).get("dependencies", [])
-    if deps:
+    meta = project.get("project")
+    deps = meta.get("dependencies", []) if isinstance(meta, dict) else None
+    if deps != []:
         return f"the app bundle asks for dependencies {deps!r}; fedrec's asks for none"
     return ""
 
@@ -113,13 +126,14 @@ def run(kind: str, runtime_api_address: str, token: str, *, insecure: bool,
     )
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    context, status, details, code = None, SubStatus.FAILED, "", 1
+    message, context, replied = None, None, False
+    status, details, code = SubStatus.FAILED, "", 1
     try:
         message, context, run_info, fab = pull_task_input(client)
         refusal = (f"this site runs only fedrec's ClientApp, not a {kind} task"
                    if kind != CLIENT_KIND else check_fab(fab.content))  # fmt: skip
         if refusal:
-            log.error("refused run %d (%s): %s", run_info.run_id, run_info.fab_id, refusal)
+            log.error("refused run %d (%r): %s", run_info.run_id, run_info.fab_id, refusal)
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=refusal), reply_to=message)
             details = refusal
         else:
@@ -128,9 +142,18 @@ def run(kind: str, runtime_api_address: str, token: str, *, insecure: bool,
             reply = app(message=message, context=context)
             status, code = SubStatus.COMPLETED, 0
         push_message(client, reply, context)
+        replied = True
     except Exception as err:  # noqa: BLE001 - reported to the SuperNode, as flwr-clientapp does
         log.exception("the task failed")
-        details = f"{type(err).__name__}: {err}"
+        details, status, code = f"{type(err).__name__}: {err}", SubStatus.FAILED, 1
+        if message is not None and context is not None and not replied:
+            # without a reply the SuperNode waits for one forever (Flower's run_clientapp also
+            # answers an exception with an error reply)
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details)
+            try:
+                push_message(client, Message(error, reply_to=message), context)
+            except Exception:  # noqa: BLE001 - the SuperNode is gone; nothing more to tell it
+                log.exception("could not send the error reply")
     finally:
         retry.max_tries = 1
         push_task_output(client=client, context=context, sub_status=status, details=details)
@@ -144,7 +167,9 @@ def write_shims(folder: Path, python: str = sys.executable) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for kind, name in KINDS.items():
         script = folder / name
-        script.write_text(f"#!/bin/sh\nexec '{python}' -I -m fedrec.deploy.guard {kind} \"$@\"\n")
+        script.write_text(
+            f"#!/bin/sh\nexec {shlex.quote(python)} -I -m fedrec.deploy.guard {kind} \"$@\"\n"
+        )
         script.chmod(0o755)
     return folder
 

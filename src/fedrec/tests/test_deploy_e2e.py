@@ -357,6 +357,7 @@ class Federation:
             name=name,
             runtime_port=_free_port(),
             flwr_home=self.root / f"home-{name}",
+            ledger=self.root / f"site-{name}" / "privacy_ledger.jsonl",  # its own, as the CLI's
         )
 
     def start(self, name: str, merchant: int = 0):
@@ -432,6 +433,7 @@ def test_two_rounds_on_three_sites_survive_a_site_killed_mid_run(federation):
     """TLS, node authentication and secure aggregation with record-level DP: the server sees
     only sums; a site killed during round 2 drops out of the protocol and the run finishes."""
     from fedrec.deploy.server import submit_run, wait_for_run
+    from fedrec.privacy import read_ledger, verify_chain
 
     sites = [federation.start(n, i) for i, n in enumerate(("acme", "globex", "initech"))]
     out = federation.root / "run"
@@ -463,6 +465,12 @@ def test_two_rounds_on_three_sites_survive_a_site_killed_mid_run(federation):
     # the sites keep the ledgers; the server's summary reports what their replies carried
     assert 0 < summary["privacy"]["max_epsilon"] <= 8.0
     assert set(summary["privacy"]["per_client"]) == {"client-0", "client-1", "client-2"}
+    # each site wrote its own ledger, never the file the server's messages name
+    server_ledger = out / "privacy_ledger.jsonl"
+    assert not server_ledger.exists() or server_ledger.read_text() == ""
+    for name in ("acme", "globex", "initech"):
+        site_ledger = federation.root / f"site-{name}" / "privacy_ledger.jsonl"
+        assert verify_chain(site_ledger, site=True).ok and read_ledger(site_ledger)
     assert not (out / "INCOMPLETE").exists()
 
 

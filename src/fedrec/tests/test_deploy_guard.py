@@ -10,6 +10,7 @@ import os
 import subprocess
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import tomli_w
@@ -23,7 +24,7 @@ from fedrec.deploy.guard import KINDS, check_fab, write_shims
 
 def _fab(tmp_path: Path, pyproject: dict, files: dict[str, str] | None = None) -> bytes:
     app = tmp_path / "app"
-    app.mkdir()
+    app.mkdir(parents=True)
     (app / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
     for name, text in (files or {}).items():
         (app / name).parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,105 @@ def test_the_supernode_finds_the_guard_before_flowers_task_processes(tmp_path):
 
 
 def test_shims_are_rewritten_for_this_python(tmp_path):
-    folder = write_shims(tmp_path / "g", python="/opt/py/bin/python3")
+    folder = write_shims(tmp_path / "g", python="/opt/my py/bin/python3")  # quoted for sh
     text = (folder / "flwr-agentapp").read_text()
-    assert text.startswith("#!/bin/sh\n") and "'/opt/py/bin/python3' -I -m fedrec.deploy.guard " \
+    assert text.startswith("#!/bin/sh\n") and "'/opt/my py/bin/python3' -I -m fedrec.deploy.guard " \
         "agentapp" in text
+
+
+def test_the_guard_covers_every_task_process_flower_starts():
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+    assert set(KINDS.values()) == set(TASK_TYPE_TO_COMMAND.values())
+
+
+class _Runtime:
+    """Stands in for the SuperNode's Runtime API (a real one is in test_deploy_e2e.py): what the
+    guard pulls, and what it pushes back."""
+
+    def __init__(self, monkeypatch, message, fab: bytes, *, pull_fails=False):
+        import flwr.supercore.heartbeat as heartbeat
+        import flwr.supernode.runtime.run_clientapp as rc
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        self.replies, self.outputs = [], []
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0},
+                          state=RecordDict(), run_config={})  # fmt: skip
+        run_info = SimpleNamespace(run_id=7, fab_id="evil\nINFO forged line")
+
+        def pull(_client):
+            if pull_fails:
+                raise ConnectionError("the SuperNode went away")
+            return message, context, run_info, SimpleNamespace(content=fab)
+
+        monkeypatch.setattr(rc, "pull_task_input", pull)
+        monkeypatch.setattr(rc, "push_message", lambda _c, m, _ctx: self.replies.append(m))
+        monkeypatch.setattr(rc, "push_task_output", lambda **kw: self.outputs.append(kw))
+        monkeypatch.setattr(RuntimeHttpClient, "from_server_address",
+                            classmethod(lambda cls, **kw: SimpleNamespace(close=lambda: None)))
+        monkeypatch.setattr(heartbeat, "HeartbeatSender",
+                            lambda fn: SimpleNamespace(start=lambda: None, stop=lambda: None))
+
+
+def _message(message_type: str):
+    from flwr.app import Message, RecordDict
+
+    return Message(RecordDict(), dst_node_id=1, message_type=message_type)
+
+
+@pytest.fixture
+def _task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # Message() outside a running app needs them
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def _run(kind="clientapp") -> int:
+    from fedrec.deploy.guard import run
+
+    return run(kind, "127.0.0.1:1", "token", insecure=True, certificates=None, parent_pid=None)
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_the_guard_answers_every_task_it_pulls(monkeypatch, tmp_path, caplog):
+    from flwr.common.constant import ErrorCode, SubStatus
+
+    fedrecs = _fab(tmp_path / "a", _fedrecs())
+    # fedrec's bundle, but a message fedrec's ClientApp has no function for: it raises, and the
+    # guard answers with an error reply (without one the SuperNode would wait forever)
+    runtime = _Runtime(monkeypatch, _message("query.other"), fedrecs)
+    assert _run() == 1
+    (reply,) = runtime.replies
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert runtime.outputs[-1]["sub_status"] == SubStatus.FAILED
+    # a bundle of the run's own, or another kind of task: refused with INVALID_FAB
+    evil = _fab(tmp_path / "b", _fedrecs(), {"evil.py": "app = None\n"})
+    for kind, fab in (("clientapp", evil), ("agentapp", fedrecs)):
+        runtime = _Runtime(monkeypatch, _message("train"), fab)
+        assert _run(kind) == 1
+        (reply,) = runtime.replies
+        assert reply.error.code == ErrorCode.INVALID_FAB and runtime.outputs[-1]["details"]
+    assert "'evil\\nINFO forged line'" in caplog.text  # the server's text, quoted in the log
+    # nothing pulled: nothing to answer, the SuperNode is told the task failed
+    runtime = _Runtime(monkeypatch, None, fedrecs, pull_fails=True)
+    assert _run() == 1 and runtime.replies == []
+    assert "ConnectionError" in runtime.outputs[-1]["details"]
+
+
+def test_a_deployed_site_ignores_a_ledger_path_the_server_names(tmp_path):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedrec.client.app import _ledger_path
+
+    config = ConfigRecord({"ledger-path": str(tmp_path / ".bash_profile")})
+    site = Context(run_id=1, node_id=1, node_config={"data-path": "d", "partition-id": 0},
+                   state=RecordDict(), run_config={})  # fmt: skip
+    assert _ledger_path(config, site) is None
+    own = Context(run_id=1, node_id=1, node_config={"data-path": "d", "ledger-path": "mine"},
+                  state=RecordDict(), run_config={})  # fmt: skip
+    assert _ledger_path(config, own) == "mine"
+    simulated = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                        run_config={})  # fmt: skip
+    assert _ledger_path(config, simulated) == str(tmp_path / ".bash_profile")

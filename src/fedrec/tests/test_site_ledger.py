@@ -367,6 +367,13 @@ def test_a_site_with_a_budget_refuses_runs_its_ledger_cannot_account(
     for delta in (1e-5, 1e-6):
         assert train({"privacy.mode": "record", "privacy.delta": delta}) == "trained"
     assert len(trained) == 3
+    # a site without a ledger of its own takes part in no DP run (the message's ledger path is
+    # the server's choice of a file on the site's machine)
+    for key in ("ledger-path", "budget-epsilon", "budget-delta"):
+        del node[key]
+    reply = train({"privacy.mode": "record"})
+    assert reply.has_error() and "no privacy ledger" in reply.error.reason and len(trained) == 3
+    assert train({"privacy.mode": "none"}) == "trained"
 
 
 def test_a_site_budget_needs_a_site_ledger(tmp_path, data) -> None:
