@@ -106,6 +106,10 @@ def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
     stored.setdefault("norm_outliers", "reject")
     stored.setdefault("norm_reference", "median")
     stored.setdefault("max_weight_factor", 0.0)  # made before the weight cap existed
+    data = [k for k in ("dataset", "partition", "clients", "rounds")
+            if over[k] is not None and stored.get(k) != over[k]]  # fmt: skip
+    if data:
+        raise SystemExit(f"{run_dir}: made with other {', '.join(data)}; use another --out")
     diff = [k for k in ("reject_norm_factor", "reject_min_cosine", "norm_outliers",
                         "norm_reference", "max_weight_factor") if stored[k] != over[k]]  # fmt: skip
     adjusted = [r["reason"] for r in summary.get("rescaled_updates", [])]

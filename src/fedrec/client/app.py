@@ -46,7 +46,8 @@ def train(msg: Message, context: Context) -> Message:
     ledger_path = _ledger_path(config, context)
     if ledger_path is None and cfg.privacy.mode == "record" and "data-path" in context.node_config:
         reason = ("this site keeps no privacy ledger of its own (node config 'ledger-path'; "
-                  "fedrec client start --ledger) and takes part in no DP run without one")
+                  "fedrec client start --ledger) and takes part in no record-level DP run "
+                  "without one")
         log.error("client %d refused round %d: %s", client, server_round, reason)
         return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     locked = cfg.privacy.mode == "record" and ledger_path is not None

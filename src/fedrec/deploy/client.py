@@ -9,8 +9,10 @@ line. The SuperNode runs fedrec's own ClientApp as installed at the site, never 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from fedrec.deploy import launch
 from fedrec.deploy.certdir import CertDir, read_manifest
 from fedrec.deploy.checks import check_data, check_partner_files, probe_superlink
 from fedrec.deploy.errors import DeployError
-from fedrec.deploy.guard import write_shims
+from fedrec.deploy.guard import check_importable, write_shims
 from fedrec.deploy.process import Child
 
 CONNECTED = "SuperNode ID:"  # what flower-supernode prints once the SuperLink accepted it
@@ -96,14 +98,18 @@ def client_id(partner: Partner) -> int:
 
 def guard_dir(partner: Partner) -> Path:
     """The folder of scripts that put fedrec.deploy.guard in front of every task the SuperNode
-    starts (in its Flower home, written afresh at each start)."""
+    starts: in its Flower home, one per Python (two venvs' sites on one machine do not share
+    it), written afresh at each start."""
     home = partner.flwr_home or Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
-    return write_shims(home / "fedrec-guard")
+    tag = hashlib.sha256(sys.executable.encode()).hexdigest()[:12]
+    return write_shims(home / f"fedrec-guard-{tag}")
 
 
 def start_supernode(partner: Partner, *, echo: bool = True) -> Child:
     """Check, launch, and wait until the SuperLink has accepted this node."""
     data = preflight(partner)
+    if problem := check_importable():  # else every task would die before it could answer
+        raise DeployError(problem)
     env = launch.child_env(
         os.environ, flwr_home=partner.flwr_home, bins=launch.bin_dir(), guard=guard_dir(partner)
     )

@@ -33,8 +33,11 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import shlex
+import subprocess
 import sys
+import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -163,15 +166,32 @@ def run(kind: str, runtime_api_address: str, token: str, *, insecure: bool,
 
 
 def write_shims(folder: Path, python: str = sys.executable) -> Path:
-    """Scripts named as Flower's task processes that start this guard instead (module doc)."""
+    """Scripts named as Flower's task processes that start this guard instead (module doc),
+    each replaced whole (a task starting meanwhile sees the old script or the new one)."""
     folder.mkdir(parents=True, exist_ok=True)
     for kind, name in KINDS.items():
-        script = folder / name
-        script.write_text(
-            f"#!/bin/sh\nexec {shlex.quote(python)} -I -m fedrec.deploy.guard {kind} \"$@\"\n"
-        )
-        script.chmod(0o755)
+        text = f"#!/bin/sh\nexec {shlex.quote(python)} -I -m fedrec.deploy.guard {kind} \"$@\"\n"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, folder / name)
     return folder
+
+
+def check_importable(python: str = sys.executable) -> str:
+    """Why the shims' ``python -I`` cannot run the guard and fedrec's ClientApp, or "" (``-I``
+    ignores ``PYTHONPATH`` and the user's site-packages: fedrec must be installed in ``python``'s
+    environment)."""
+    out = subprocess.run(
+        [python, "-I", "-c", "import importlib.util as u, fedrec.deploy.guard; "
+         "assert u.find_spec('fedrec.client.app'), 'no fedrec.client.app'"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    if out.returncode == 0:
+        return ""
+    last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"{python} -I cannot import fedrec's ClientApp ({last}); install fedrec in its environment"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from flwr.cli.build import build_fab_from_disk
 from fedrec.config import load_config
 from fedrec.deploy import launch
 from fedrec.deploy.client import Partner, guard_dir
-from fedrec.deploy.guard import KINDS, check_fab, write_shims
+from fedrec.deploy.guard import KINDS, check_fab, check_importable, write_shims
 
 
 def _fab(tmp_path: Path, pyproject: dict, files: dict[str, str] | None = None) -> bytes:
@@ -76,7 +76,7 @@ def test_a_bundle_asking_for_dependencies_or_not_a_zip_is_refused(tmp_path):
 def test_the_supernode_finds_the_guard_before_flowers_task_processes(tmp_path):
     partner = Partner("127.0.0.1:9092", tmp_path / "d", None, None, 0, flwr_home=tmp_path / "h")
     shims = guard_dir(partner)
-    assert shims == tmp_path / "h" / "fedrec-guard"
+    assert shims.parent == tmp_path / "h" and shims.name.startswith("fedrec-guard-")
     env = launch.child_env(os.environ, flwr_home=partner.flwr_home, bins=launch.bin_dir(),
                            guard=shims)  # fmt: skip
     for name in KINDS.values():  # what Flower's SuperExec starts, resolved as it resolves it
@@ -194,3 +194,11 @@ def test_a_deployed_site_ignores_a_ledger_path_the_server_names(tmp_path):
     simulated = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
                         run_config={})  # fmt: skip
     assert _ledger_path(config, simulated) == str(tmp_path / ".bash_profile")
+
+
+def test_a_python_that_cannot_import_fedrec_is_named_at_start(tmp_path):
+    assert check_importable() == ""  # this environment's, in isolated mode
+    bare = tmp_path / "python"
+    bare.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'fedrec'\" >&2\nexit 1\n")
+    bare.chmod(0o755)
+    assert "No module named 'fedrec'" in check_importable(str(bare))
