@@ -35,6 +35,7 @@ import io
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,9 @@ def run(kind: str, runtime_api_address: str, token: str, *, insecure: bool,
 
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
+    # stopped (a run stopped, the SuperNode shutting down): tell the SuperNode the task ended,
+    # as flwr-clientapp's exit handler does, through the ``finally`` below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     retry = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,

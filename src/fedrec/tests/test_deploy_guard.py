@@ -141,10 +141,16 @@ def _message(message_type: str):
 
 @pytest.fixture
 def _task_identity(monkeypatch):
+    import signal
+
     from flwr.supercore.task_identity import TaskIdentity
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # Message() outside a running app needs them
         monkeypatch.setattr(TaskIdentity, attr, 1)
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    assert signal.getsignal(signal.SIGTERM) is not handler  # the guard's: a stop is reported
+    signal.signal(signal.SIGTERM, handler)  # this test process's own again
 
 
 def _run(kind="clientapp") -> int:

@@ -348,8 +348,9 @@ def _wait_until_idle(supernode_pids: list[int], *, timeout: float) -> None:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        apps = [
-            p for s in supernode_pids for p in descendants(s) if "flwr-clientapp" in _cmdline(p)
+        apps = [  # Flower's ClientApp, or fedrec's guard running one (fedrec.deploy.guard)
+            p for s in supernode_pids for p in descendants(s)
+            if "flwr-clientapp" in (cmd := _cmdline(p)) or "fedrec.deploy.guard" in cmd
         ]
         before = {p: _cpu_seconds(p) for p in apps}
         time.sleep(2.0)
