@@ -129,6 +129,12 @@ def _client(subparsers: Any) -> Any:
         help="this site's lifetime epsilon over all runs in its ledger (default: each run's)",
     )
     s.add_argument(
+        "--guard",
+        action="store_true",
+        help="run only the fedrec installed here, never code a run ships (fedrec.deploy.guard; "
+        "experimental: a run resumed after a stopped one can hang)",
+    )
+    s.add_argument(
         "--budget-delta",
         type=float,
         help="with --budget: its delta; a run asking for a larger privacy.delta is refused "
@@ -300,6 +306,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
         flwr_home=flwr_home(args.flwr_home) if args.flwr_home else None,
         budget=args.budget,
         budget_delta=args.budget_delta,
+        guard=args.guard,
     )
     _exit_on_sigterm()
     child = start_supernode(partner)
