@@ -40,16 +40,12 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _site_config(from_json(str(config["fedrec"])), context)
     server_round = int(config["server-round"])
     client = int(context.node_config["partition-id"])
-    if reason := _site_refusal(cfg, context) or _unmasked_share(cfg, msg):
+    if reason := _site_refusal(cfg, context) or _no_site_ledger(cfg, context) or _unmasked_share(
+        cfg, msg
+    ):
         log.error("client %d refused round %d: %s", client, server_round, reason)
         return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     ledger_path = _ledger_path(config, context)
-    if ledger_path is None and cfg.privacy.mode == "record" and "data-path" in context.node_config:
-        reason = ("this site keeps no privacy ledger of its own (node config 'ledger-path'; "
-                  "fedrec client start --ledger) and takes part in no record-level DP run "
-                  "without one")
-        log.error("client %d refused round %d: %s", client, server_round, reason)
-        return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     locked = cfg.privacy.mode == "record" and ledger_path is not None
     try:
         # one release at a time per client, from reading its ledger to keeping its reply
@@ -185,6 +181,17 @@ def _site_refusal(cfg: FedrecConfig, context: Context, *, fusion: bool = False) 
     return ""
 
 
+def _no_site_ledger(cfg: FedrecConfig, context: Context) -> str:
+    """Why a deployed site without a ledger of its own must not train this record-level DP run
+    (it never writes at a path the server names: ``_ledger_path``), or ""."""
+    node = context.node_config
+    if cfg.privacy.mode == "record" and "data-path" in node and "ledger-path" not in node:
+        return ("this site keeps no privacy ledger of its own (node config 'ledger-path'; "
+                "fedrec client start --ledger) and takes part in no record-level DP run "
+                "without one")
+    return ""
+
+
 def _unmasked_share(cfg: FedrecConfig, msg: Message) -> str:
     """Why this round must not train: a distributed-noise update carries only a share of the
     noise its ledger line claims, so it may leave only masked, inside a secure sum (message
@@ -198,14 +205,18 @@ def _unmasked_share(cfg: FedrecConfig, msg: Message) -> str:
 def _site_budget(context: Context) -> float | None:
     """The site's lifetime epsilon over all its runs (node config 'budget-epsilon', from
     ``fedrec client start --budget``); None: each run's ``privacy.epsilon`` bounds it."""
-    value = context.node_config.get("budget-epsilon")
-    return None if value is None else float(str(value))
+    return _node_float(context, "budget-epsilon")
 
 
 def _site_delta(context: Context) -> float | None:
     """The largest delta the site accepts (node config 'budget-delta', from ``fedrec client
     start --budget-delta``); None: the run's ``privacy.delta``."""
-    value = context.node_config.get("budget-delta")
+    return _node_float(context, "budget-delta")
+
+
+def _node_float(context: Context, key: str) -> float | None:
+    """A number the site's launcher passed as text in the node config (None if absent)."""
+    value = context.node_config.get(key)
     return None if value is None else float(str(value))
 
 

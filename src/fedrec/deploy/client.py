@@ -3,8 +3,8 @@
 The data path reaches the ClientApp through the SuperNode's node config; it never enters the
 app bundle or any message. So does ``--budget``, the site's lifetime epsilon over every run its
 ledger records (client/privacy.py). A refused key or an untrusted server ends start-up with one
-line. The SuperNode runs fedrec's own ClientApp as installed at the site, never code a run ships
-(fedrec.deploy.guard).
+line. With ``guard`` (``--guard``, opt-in for now) the SuperNode runs fedrec's own ClientApp as
+installed at the site, never code a run ships (fedrec.deploy.guard).
 """
 
 from __future__ import annotations

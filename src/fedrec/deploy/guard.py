@@ -9,7 +9,8 @@ verifies signatures that only Flower Hub attaches to a FAB: with a local ``flwr 
 carries none and the SuperNode refuses every run (``start_client_internal.py``), so it cannot be
 used offline.
 
-``fedrec client start`` therefore puts this module in front of Flower's task processes: the
+``fedrec client start --guard`` (opt-in until a hang of resumed runs at guarded sites is
+diagnosed: fedrec.deploy.client) therefore puts this module in front of Flower's task processes: the
 SuperNode's SuperExec starts its task processes by name (``flwr-clientapp``,
 ``flwr-agentapp``, ...: ``flwr/supercore/constant.py`` TASK_TYPE_TO_COMMAND), and the
 SuperNode is given a ``PATH`` whose first folder holds scripts of those names that run
