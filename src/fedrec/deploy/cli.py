@@ -130,9 +130,10 @@ def _client(subparsers: Any) -> Any:
     )
     s.add_argument(
         "--guard",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="run only the fedrec installed here, never code a run ships (fedrec.deploy.guard; "
-        "experimental: a run resumed after a stopped one can hang)",
+        "the default); --no-guard runs whatever app a run ships, as plain Flower does",
     )
     s.add_argument(
         "--budget-delta",

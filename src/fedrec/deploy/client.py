@@ -3,8 +3,8 @@
 The data path reaches the ClientApp through the SuperNode's node config; it never enters the
 app bundle or any message. So does ``--budget``, the site's lifetime epsilon over every run its
 ledger records (client/privacy.py). A refused key or an untrusted server ends start-up with one
-line. With ``guard`` (``--guard``, opt-in for now) the SuperNode runs fedrec's own ClientApp as
-installed at the site, never code a run ships (fedrec.deploy.guard).
+line. With ``guard`` (the default; ``--no-guard`` turns it off) the SuperNode runs fedrec's own
+ClientApp as installed at the site, never code a run ships (fedrec.deploy.guard).
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ class Partner:
     flwr_home: Path | None = None
     budget: float | None = None  # lifetime epsilon over all runs; None: each run's epsilon
     budget_delta: float | None = None  # the largest delta a run may ask; None: the run's delta
-    # run every task through fedrec.deploy.guard (opt-in for now: a run resumed after a stopped
-    # one hung at guarded sites in a clean-clone CI run; not yet diagnosed)
-    guard: bool = False
+    # run every task through fedrec.deploy.guard: the site runs only the fedrec installed on it
+    guard: bool = True
 
 
 def preflight(partner: Partner) -> Path:

@@ -9,9 +9,8 @@ verifies signatures that only Flower Hub attaches to a FAB: with a local ``flwr 
 carries none and the SuperNode refuses every run (``start_client_internal.py``), so it cannot be
 used offline.
 
-``fedrec client start --guard`` (opt-in until a hang of resumed runs at guarded sites is
-diagnosed: fedrec.deploy.client) therefore puts this module in front of Flower's task processes: the
-SuperNode's SuperExec starts its task processes by name (``flwr-clientapp``,
+``fedrec client start`` (unless ``--no-guard``) therefore puts this module in front of Flower's
+task processes: the SuperNode's SuperExec starts its task processes by name (``flwr-clientapp``,
 ``flwr-agentapp``, ...: ``flwr/supercore/constant.py`` TASK_TYPE_TO_COMMAND), and the
 SuperNode is given a ``PATH`` whose first folder holds scripts of those names that run
 ``python -I -m fedrec.deploy.guard KIND`` (``-I``: nothing from the working folder or the
@@ -134,34 +133,38 @@ def run(kind: str, runtime_api_address: str, token: str, *, insecure: bool,
     )
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    message, context, replied = None, None, False
+    message, context, reply = None, None, None
     status, details, code = SubStatus.FAILED, "", 1
     try:
-        message, context, run_info, fab = pull_task_input(client)
-        refusal = (f"this site runs only fedrec's ClientApp, not a {kind} task"
-                   if kind != CLIENT_KIND else check_fab(fab.content))  # fmt: skip
-        if refusal:
-            log.error("refused run %d (%r): %s", run_info.run_id, run_info.fab_id, refusal)
-            reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=refusal), reply_to=message)
-            details = refusal
-        else:
-            from fedrec.client.app import app  # the site's installed fedrec, not the FAB's
+        try:
+            message, context, run_info, fab = pull_task_input(client)
+            refusal = (f"this site runs only fedrec's ClientApp, not a {kind} task"
+                       if kind != CLIENT_KIND else check_fab(fab.content))  # fmt: skip
+            if refusal:
+                log.error("refused run %d (%r): %s", run_info.run_id, run_info.fab_id, refusal)
+                reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=refusal), reply_to=message)
+                details = refusal
+            else:
+                from fedrec.client.app import app  # the site's installed fedrec, not the FAB's
 
-            reply = app(message=message, context=context)
-            status, code = SubStatus.COMPLETED, 0
-        push_message(client, reply, context)
-        replied = True
-    except Exception as err:  # noqa: BLE001 - reported to the SuperNode, as flwr-clientapp does
-        log.exception("the task failed")
-        details, status, code = f"{type(err).__name__}: {err}", SubStatus.FAILED, 1
-        if message is not None and context is not None and not replied:
-            # without a reply the SuperNode waits for one forever (Flower's run_clientapp also
-            # answers an exception with an error reply)
-            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details)
+                reply = app(message=message, context=context)
+                status, code = SubStatus.COMPLETED, 0
+        except Exception as err:  # noqa: BLE001 - reported to the SuperNode, as flwr-clientapp does
+            log.exception("the task failed")
+            details, status, code = f"{type(err).__name__}: {err}", SubStatus.FAILED, 1
+            if message is not None:  # without a reply the SuperNode waits for one forever
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details)
+                reply = Message(error, reply_to=message)
+        # One push per task, never a second after a failed one (as flwr-clientapp): the push
+        # stores the reply at the SuperNode before its objects follow, and the SuperNode sends
+        # one reply per message it pulled, so a second reply to a message of a stopped run would
+        # be sent in place of the next run's, which then would never leave the site.
+        if reply is not None and context is not None:
             try:
-                push_message(client, Message(error, reply_to=message), context)
-            except Exception:  # noqa: BLE001 - the SuperNode is gone; nothing more to tell it
-                log.exception("could not send the error reply")
+                push_message(client, reply, context)
+            except Exception as err:  # noqa: BLE001 - the SuperNode or the run is gone
+                log.exception("could not push the reply")
+                details, status, code = f"{type(err).__name__}: {err}", SubStatus.FAILED, 1
     finally:
         retry.max_tries = 1
         push_task_output(client=client, context=context, sub_status=status, details=details)
@@ -209,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     add_args_flwr_app_common(parser)
     args, _ = parser.parse_known_args(argv)  # flags a later Flower adds are not ours to refuse
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Runtime API request
     return run(
         args.kind,
         args.runtime_api_address,

@@ -358,7 +358,6 @@ class Federation:
             runtime_port=_free_port(),
             flwr_home=self.root / f"home-{name}",
             ledger=self.root / f"site-{name}" / "privacy_ledger.jsonl",  # its own, as the CLI's
-            guard=True,
         )
 
     def start(self, name: str, merchant: int = 0):

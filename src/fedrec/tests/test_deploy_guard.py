@@ -108,7 +108,7 @@ class _Runtime:
     """Stands in for the SuperNode's Runtime API (a real one is in test_deploy_e2e.py): what the
     guard pulls, and what it pushes back."""
 
-    def __init__(self, monkeypatch, message, fab: bytes, *, pull_fails=False):
+    def __init__(self, monkeypatch, message, fab: bytes, *, pull_fails=False, push_fails=False):
         import flwr.supercore.heartbeat as heartbeat
         import flwr.supernode.runtime.run_clientapp as rc
         from flwr.app import Context, RecordDict
@@ -124,8 +124,13 @@ class _Runtime:
                 raise ConnectionError("the SuperNode went away")
             return message, context, run_info, SimpleNamespace(content=fab)
 
+        def push(_client, reply, _context):
+            self.replies.append(reply)  # the SuperNode has stored it once the push began
+            if push_fails:
+                raise ConnectionError("the run was stopped while its objects were pushed")
+
         monkeypatch.setattr(rc, "pull_task_input", pull)
-        monkeypatch.setattr(rc, "push_message", lambda _c, m, _ctx: self.replies.append(m))
+        monkeypatch.setattr(rc, "push_message", push)
         monkeypatch.setattr(rc, "push_task_output", lambda **kw: self.outputs.append(kw))
         monkeypatch.setattr(RuntimeHttpClient, "from_server_address",
                             classmethod(lambda cls, **kw: SimpleNamespace(close=lambda: None)))
@@ -185,6 +190,28 @@ def test_the_guard_answers_every_task_it_pulls(monkeypatch, tmp_path, caplog):
     assert "ConnectionError" in runtime.outputs[-1]["details"]
 
 
+@pytest.mark.usefixtures("_task_identity")
+def test_a_reply_whose_push_fails_is_not_followed_by_a_second(monkeypatch, tmp_path):
+    """The SuperNode sends one reply per message it pulled. A second reply to a stopped run's
+    message (an error after the real reply's push failed) was sent in place of the next run's
+    reply, which then never left the site: a resumed deployed run hung at guarded sites."""
+    from flwr.app import Message, RecordDict
+    from flwr.common.constant import SubStatus
+
+    import fedrec.client.app
+
+    # the ClientApp answers (its training is tested elsewhere); pushing its reply fails
+    monkeypatch.setattr(fedrec.client.app, "app",
+                        lambda message, context: Message(RecordDict(), reply_to=message))
+    runtime = _Runtime(monkeypatch, _message("train"), _fab(tmp_path, _fedrecs()),
+                       push_fails=True)  # fmt: skip
+    assert _run() == 1
+    (reply,) = runtime.replies  # the app's reply, pushed once, and no error reply after it
+    assert not reply.has_error()
+    assert runtime.outputs[-1]["sub_status"] == SubStatus.FAILED
+    assert "ConnectionError: the run was stopped" in runtime.outputs[-1]["details"]
+
+
 def test_a_deployed_site_ignores_a_ledger_path_the_server_names(tmp_path):
     from flwr.app import ConfigRecord, Context, RecordDict
 
@@ -208,3 +235,13 @@ def test_a_python_that_cannot_import_fedrec_is_named_at_start(tmp_path):
     bare.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'fedrec'\" >&2\nexit 1\n")
     bare.chmod(0o755)
     assert "No module named 'fedrec'" in check_importable(str(bare))
+
+
+def test_a_site_is_guarded_unless_told_otherwise():
+    from fedrec.cli import build_parser
+    from fedrec.deploy.client import Partner
+
+    argv = ["client", "start", "--data", "shop", "--superlink", "h:1", "--insecure"]
+    assert build_parser().parse_args(argv).guard is True
+    assert build_parser().parse_args([*argv, "--no-guard"]).guard is False
+    assert Partner(superlink="h:1", data=Path("shop"), certs=None, name=None).guard is True
