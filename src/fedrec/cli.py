@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from rich.console import Console
 from rich.markup import escape
 
-from fedrec.config import TEXT_MODES, ConfigError, FedrecConfig, load_config
+from fedrec.config import TEXT_MODES, FedrecConfig, load_config
 
 console = Console(stderr=True)
 EXIT_USAGE = 2
@@ -432,27 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fedrec.data import DataError
-    from fedrec.deploy import DeployError
-    from fedrec.fusion.pipeline import RecommendError
-    from fedrec.privacy import PrivacyError
-    from fedrec.text.items import TextError
+    from fedrec.errors import FedrecError  # DataError, PrivacyError, ...: none of their modules
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus.accountants")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (
-        UserError,
-        ConfigError,
-        DataError,
-        PrivacyError,
-        FileExistsError,
-        RecommendError,
-        DeployError,
-        TextError,
-    ) as err:
+    except (UserError, FedrecError, FileExistsError) as err:
         # soft_wrap: the terminal wraps, so a long path stays one copyable token; escape: a
         # message holding "[...]" is text, not Rich markup
         console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)

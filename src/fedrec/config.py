@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedrec.errors import FedrecError
+
 TASKS = ("recall", "ranking", "personal")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 # strategies that need only the (weighted) sum of the updates, which secure aggregation gives
@@ -25,7 +27,7 @@ NOISE_PLACES = ("local", "distributed")
 TEXT_MODES = ("off", "beside", "instead", "content")
 
 
-class ConfigError(ValueError):
+class ConfigError(FedrecError):
     """A setting is invalid; the message names the field and the fix."""
 
 

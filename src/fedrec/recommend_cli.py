@@ -9,19 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from fedrec.fusion.pipeline import (
-    AUTO_IVF_ITEMS,
-    RECALL_INDEXES,
-    Recommendation,
-    Recommender,
-    RecommendError,
-)
-from fedrec.workload import Workload
+from fedrec.fusion.options import AUTO_IVF_ITEMS, RECALL_INDEXES, RecommendError
+
+if TYPE_CHECKING:  # the recommender imports torch and the models: only when a command runs
+    from fedrec.fusion.pipeline import Recommendation
+    from fedrec.workload import Workload
 
 DEFAULT_PORT = 8000
 MAX_SHOWN_USERS = 5  # example user ids named when a user is unknown
@@ -51,6 +48,8 @@ def add_parsers(subparsers: Any) -> None:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     """Print the top-k table for ``--user`` or ``--history``."""
+    from fedrec.fusion.pipeline import Recommender
+
     rec = Recommender.from_run_dir(args.run_dir, recall_index=args.recall_index)
     features: dict[str, str] | None = None
     history: list[str | int]

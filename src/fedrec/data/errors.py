@@ -1,7 +1,9 @@
 """The one exception type the data layer raises for bad input."""
 
+from fedrec.errors import FedrecError
 
-class DataError(ValueError):
+
+class DataError(FedrecError):
     """Bad or inconsistent input data.
 
     The message is one line that names the file or field at fault and says how to fix it,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self, TypedDict
+from typing import Any, Self, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from fedrec.fusion.evaluate import POPULARITY_FEATURE, item_popularity, populari
 from fedrec.fusion.fusers import AverageFuser, fuser_from_dict
 from fedrec.fusion.index import IVFIndex
 from fedrec.fusion.normalize import normalize
+from fedrec.fusion.options import AUTO_IVF_ITEMS, RECALL_INDEXES, RecallIndex, RecommendError
 from fedrec.fusion.prior import PRIOR
 from fedrec.fusion.stacking import StackingFuser
 from fedrec.models.base import TaskModel, UserBatch
@@ -42,15 +43,8 @@ from fedrec.workload import build_workload
 FUSION_FILE = "fusion.json"
 DEFAULT_RECALL_SIZE = 200  # candidates the rankers see: enough for k <= 50 after filtering
 MAX_SHOWN = 10  # unknown ids named in an error message
-AUTO_IVF_ITEMS = 50_000  # "auto" recall builds an IVF index from this catalogue size up
-RECALL_INDEXES = ("exact", "ivf", "auto")
-RecallIndex = Literal["exact", "ivf", "auto"]
 
 logger = logging.getLogger(__name__)
-
-
-class RecommendError(ValueError):
-    """A bad request (unknown item, category or feature, k out of range, no run directory)."""
 
 
 class Recommendation(TypedDict):

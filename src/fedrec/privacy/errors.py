@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fedrec.errors import FedrecError
+
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 """Opacus accountants we accept for guarantees (``gdp`` under-reports and is refused)."""
 
 
-class PrivacyError(ValueError):
+class PrivacyError(FedrecError):
     """A privacy parameter or budget is invalid or would be exceeded."""
 
 

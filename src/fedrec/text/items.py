@@ -19,13 +19,14 @@ from collections.abc import Sequence
 import pandas as pd
 
 from fedrec.data.schema import UNKNOWN, Dataset
+from fedrec.errors import FedrecError
 
 LABEL_COLUMNS = ("category", "genres")
 GENRE_SEP = "|"
 SHOWN = 5  # indices named in an error message
 
 
-class TextError(ValueError):
+class TextError(FedrecError):
     """Bad text input or an unusable model folder; the one-line message says how to fix it."""
 
 
