@@ -1,7 +1,7 @@
 """``fedrec recommend`` and ``fedrec serve``: a run's recommender from the shell or over HTTP.
 
 ``add_parsers`` registers both sub-commands on ``fedrec``'s sub-parsers; user mistakes raise
-:class:`fedrec.fusion.pipeline.RecommendError` (a ``ValueError``), which the CLI prints as one line.
+:class:`fedrec.fusion.options.RecommendError` (a ``ValueError``), which the CLI prints as one line.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the recommender imports torch and the models: only when a c
     from fedrec.workload import Workload
 
 DEFAULT_PORT = 8000
+SERVE_PACKAGES = ("fastapi", "uvicorn", "starlette", "pydantic")  # fedrec[serve]
 MAX_SHOWN_USERS = 5  # example user ids named when a user is unknown
 RECALL_INDEX_HELP = (f"recall search: exact, an IVF index (approximate, for large catalogues) or "
                      f"auto = the index from {AUTO_IVF_ITEMS:,} items up (default auto)")
@@ -73,6 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from fedrec.serve import serve
     except ImportError as err:
+        if (err.name or "").split(".")[0] not in SERVE_PACKAGES:  # not the extra: a real fault
+            raise
         raise RecommendError(f"fedrec serve needs FastAPI and uvicorn ({err}); "
                              "install them with: pip install 'fedrec[serve]'") from err
     Console(stderr=True).print(f"serving {args.run_dir} on http://{args.host}:{args.port} "

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import tomllib
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 APP_COMPONENTS = {"serverapp": "fedrec.server.app:app", "clientapp": "fedrec.client.app:app"}
@@ -108,6 +109,7 @@ def run(kind: str, runtime_api_address: str, token: str, *, insecure: bool,
         RuntimeVersionHttpInterceptor,
     )
     from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.run import RunNotRunningException
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import (
         pull_task_input,
@@ -133,8 +135,8 @@ def run(kind: str, runtime_api_address: str, token: str, *, insecure: bool,
     )
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    message, context, reply = None, None, None
-    status, details, code = SubStatus.FAILED, "", 1
+    message, context, reply, pushing = None, None, None, False
+    status, details, code = SubStatus.FAILED, "the task ended before it was pulled", 1
     try:
         try:
             message, context, run_info, fab = pull_task_input(client)
@@ -148,7 +150,7 @@ def run(kind: str, runtime_api_address: str, token: str, *, insecure: bool,
                 from fedrec.client.app import app  # the site's installed fedrec, not the FAB's
 
                 reply = app(message=message, context=context)
-                status, code = SubStatus.COMPLETED, 0
+                status, details, code = SubStatus.COMPLETED, "", 0
         except Exception as err:  # noqa: BLE001 - reported to the SuperNode, as flwr-clientapp does
             log.exception("the task failed")
             details, status, code = f"{type(err).__name__}: {err}", SubStatus.FAILED, 1
@@ -160,17 +162,42 @@ def run(kind: str, runtime_api_address: str, token: str, *, insecure: bool,
         # one reply per message it pulled, so a second reply to a message of a stopped run would
         # be sent in place of the next run's, which then would never leave the site.
         if reply is not None and context is not None:
+            pushing = True
             try:
                 push_message(client, reply, context)
-            except Exception as err:  # noqa: BLE001 - the SuperNode or the run is gone
+            except (Exception, RunNotRunningException) as err:  # noqa: BLE001 - SuperNode/run gone
                 log.exception("could not push the reply")
-                details, status, code = f"{type(err).__name__}: {err}", SubStatus.FAILED, 1
+                status, code = SubStatus.FAILED, 1
+                details = "; ".join(filter(None, (details, f"{type(err).__name__}: {err}")))
+    except BaseException as stop:  # SIGTERM (SystemExit), SIGINT (KeyboardInterrupt), ...
+        # A task stopped after its message was pulled, before any reply: answer once, or the
+        # SuperNode, which revokes the task's token when it ends, waits for a reply forever and
+        # pulls no other message (flwr-clientapp has this gap; a stop of the whole SuperNode
+        # does not hit it, a stopped task whose SuperNode lives on does).
+        status, code, details = SubStatus.FAILED, 1, f"the task was stopped ({type(stop).__name__})"
+        if message is not None and context is not None and not pushing:
+            retry.max_tries = 1
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details)
+            _quietly(lambda: push_message(client, Message(error, reply_to=message), context))
+        raise
     finally:
         retry.max_tries = 1
-        push_task_output(client=client, context=context, sub_status=status, details=details)
-        heartbeat.stop()
-        client.close()
+        _quietly(lambda: push_task_output(client=client, context=context, sub_status=status,
+                                          details=details))  # fmt: skip
+        if heartbeat.is_running:  # its thread ends itself on an error (a 401 once stopped)
+            _quietly(heartbeat.stop)
+        _quietly(client.close)
     return code
+
+
+def _quietly(step: Callable[[], object]) -> None:
+    """A clean-up step whose failure is logged, never raised: the steps after it still run."""
+    from flwr.supercore.run import RunNotRunningException  # a BaseException (Flower's retry)
+
+    try:
+        step()
+    except (Exception, RunNotRunningException):  # noqa: BLE001 - the SuperNode or run is gone
+        log.exception("clean-up step failed")
 
 
 def write_shims(folder: Path, python: str = sys.executable) -> Path:

@@ -7,7 +7,7 @@ import os
 # Two threads per process on two cores cost 20% more CPU time in a measured sample of the
 # suite's slowest tests (spinning OpenMP threads), and 9% more wall time.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)

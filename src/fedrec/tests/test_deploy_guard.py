@@ -108,7 +108,8 @@ class _Runtime:
     """Stands in for the SuperNode's Runtime API (a real one is in test_deploy_e2e.py): what the
     guard pulls, and what it pushes back."""
 
-    def __init__(self, monkeypatch, message, fab: bytes, *, pull_fails=False, push_fails=False):
+    def __init__(self, monkeypatch, message, fab: bytes, *, pull_fails=False,
+                 push_fails: BaseException | None = None, heartbeat_died=False):
         import flwr.supercore.heartbeat as heartbeat
         import flwr.supernode.runtime.run_clientapp as rc
         from flwr.app import Context, RecordDict
@@ -126,16 +127,20 @@ class _Runtime:
 
         def push(_client, reply, _context):
             self.replies.append(reply)  # the SuperNode has stored it once the push began
-            if push_fails:
-                raise ConnectionError("the run was stopped while its objects were pushed")
+            if push_fails is not None:
+                raise push_fails
 
         monkeypatch.setattr(rc, "pull_task_input", pull)
         monkeypatch.setattr(rc, "push_message", push)
         monkeypatch.setattr(rc, "push_task_output", lambda **kw: self.outputs.append(kw))
         monkeypatch.setattr(RuntimeHttpClient, "from_server_address",
                             classmethod(lambda cls, **kw: SimpleNamespace(close=lambda: None)))
-        monkeypatch.setattr(heartbeat, "HeartbeatSender",
-                            lambda fn: SimpleNamespace(start=lambda: None, stop=lambda: None))
+        def stop():  # as Flower's: a sender whose thread died (a 401 once stopped) raises
+            if heartbeat_died:
+                raise RuntimeError("Heartbeat sender is not running.")
+
+        monkeypatch.setattr(heartbeat, "HeartbeatSender", lambda fn: SimpleNamespace(
+            start=lambda: None, stop=stop, is_running=not heartbeat_died))
 
 
 def _message(message_type: str):
@@ -191,7 +196,8 @@ def test_the_guard_answers_every_task_it_pulls(monkeypatch, tmp_path, caplog):
 
 
 @pytest.mark.usefixtures("_task_identity")
-def test_a_reply_whose_push_fails_is_not_followed_by_a_second(monkeypatch, tmp_path):
+@pytest.mark.parametrize("failure", ["connection", "run stopped"])
+def test_a_reply_whose_push_fails_is_not_followed_by_a_second(monkeypatch, tmp_path, failure):
     """The SuperNode sends one reply per message it pulled. A second reply to a stopped run's
     message (an error after the real reply's push failed) was sent in place of the next run's
     reply, which then never left the site: a resumed deployed run hung at guarded sites."""
@@ -203,13 +209,41 @@ def test_a_reply_whose_push_fails_is_not_followed_by_a_second(monkeypatch, tmp_p
     # the ClientApp answers (its training is tested elsewhere); pushing its reply fails
     monkeypatch.setattr(fedrec.client.app, "app",
                         lambda message, context: Message(RecordDict(), reply_to=message))
+    from flwr.supercore.run import RunNotRunningException  # a BaseException
+
+    error = (ConnectionError("the SuperNode went away") if failure == "connection"
+             else RunNotRunningException())  # fmt: skip
     runtime = _Runtime(monkeypatch, _message("train"), _fab(tmp_path, _fedrecs()),
-                       push_fails=True)  # fmt: skip
+                       push_fails=error)  # fmt: skip
     assert _run() == 1
     (reply,) = runtime.replies  # the app's reply, pushed once, and no error reply after it
     assert not reply.has_error()
     assert runtime.outputs[-1]["sub_status"] == SubStatus.FAILED
-    assert "ConnectionError: the run was stopped" in runtime.outputs[-1]["details"]
+    assert type(error).__name__ in runtime.outputs[-1]["details"]
+
+
+@pytest.mark.usefixtures("_task_identity")
+@pytest.mark.parametrize("stop", [SystemExit(143), KeyboardInterrupt()])
+def test_a_task_stopped_before_its_reply_answers_once(monkeypatch, tmp_path, stop):
+    """SIGTERM (SystemExit) or SIGINT (KeyboardInterrupt) while the app trains: one error reply,
+    else the SuperNode, which revokes the task's token when it ends, would wait for a reply
+    forever. The heartbeat's thread had died too: clean-up goes on."""
+    from flwr.common.constant import ErrorCode, SubStatus
+
+    import fedrec.client.app
+
+    def stopped(message, context):
+        raise stop
+
+    monkeypatch.setattr(fedrec.client.app, "app", stopped)
+    runtime = _Runtime(monkeypatch, _message("train"), _fab(tmp_path, _fedrecs()),
+                       heartbeat_died=True)  # fmt: skip
+    with pytest.raises(type(stop)):
+        _run()
+    (reply,) = runtime.replies
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert f"stopped ({type(stop).__name__})" in reply.error.reason
+    assert runtime.outputs[-1]["sub_status"] == SubStatus.FAILED
 
 
 def test_a_deployed_site_ignores_a_ledger_path_the_server_names(tmp_path):
