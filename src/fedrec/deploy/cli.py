@@ -314,7 +314,10 @@ def cmd_client_start(args: argparse.Namespace) -> int:
     try:
         console.print(
             f"[green]connected[/] to {args.superlink} as {args.partner or 'insecure'}; "
-            "training data stays here; Ctrl-C stops this SuperNode"
+            "training data stays here; "
+            + ("runs only the fedrec installed here; " if partner.guard
+               else "[yellow]--no-guard: runs whatever app a run ships[/]; ")
+            + "Ctrl-C stops this SuperNode"
         )
         return child.proc.wait()
     finally:
