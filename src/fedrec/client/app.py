@@ -77,7 +77,7 @@ def _train(
         run_id=str(config.get("run-id", "")),
         site="ledger-path" in context.node_config,
         site_budget=_site_budget(context),
-        deployed="data-path" in context.node_config,
+        deployed=_deployed(context),
     )
     kept = privacy.replay(server_round, msg.content[ARRAYS_KEY]) if privacy else None
     if kept is not None:  # released before the server died: send it again (client/replay.py)
@@ -126,15 +126,21 @@ def fusion(msg: Message, context: Context) -> Message:
         log.error("client %d refused a fusion query: %s", client, reason)
         return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     try:
-        return fusion_reply(msg, cfg, None if "data-path" in context.node_config else client)
+        return fusion_reply(msg, cfg, None if _deployed(context) else client)
     except ValueError as err:
         log.error("client %d cannot score fusions: %s", client, err)
         return Message(Error(code=ERROR_CODE_FAILED, reason=str(err)), reply_to=msg)
 
 
+def _deployed(context: Context) -> bool:
+    """A partner site's SuperNode (``fedrec client start`` names its data in the node config),
+    not a simulated client."""
+    return "data-path" in context.node_config
+
+
 def _site_config(cfg: FedrecConfig, context: Context) -> FedrecConfig:
     """A deployed client reads its own data (node config 'data-path', never in the app bundle)."""
-    if "data-path" in context.node_config:
+    if _deployed(context):
         return replace(cfg, dataset=str(context.node_config["data-path"]))
     return cfg
 
@@ -142,7 +148,7 @@ def _site_config(cfg: FedrecConfig, context: Context) -> FedrecConfig:
 def _local_data(work: Workload, client: int, context: Context) -> LocalData:
     """Deployed, a client trains on its whole file ('partition-id' only names it: seed, ledger);
     simulated, on its partition of the shared dataset."""
-    if "data-path" in context.node_config:
+    if _deployed(context):
         return work.central_data()
     return work.client_data(client)
 
@@ -152,7 +158,7 @@ def _ledger_path(config: ConfigRecord, context: Context) -> str | None:
     the server names; in simulation, the run's ledger."""
     if "ledger-path" in context.node_config:
         return str(context.node_config["ledger-path"])
-    if "data-path" in context.node_config:  # deployed: the message's path is the server's choice
+    if _deployed(context):  # the message's path is the server's choice
         return None
     return str(config["ledger-path"]) if "ledger-path" in config else None
 
@@ -184,8 +190,8 @@ def _site_refusal(cfg: FedrecConfig, context: Context, *, fusion: bool = False) 
 def _no_site_ledger(cfg: FedrecConfig, context: Context) -> str:
     """Why a deployed site without a ledger of its own must not train this record-level DP run
     (it never writes at a path the server names: ``_ledger_path``), or ""."""
-    node = context.node_config
-    if cfg.privacy.mode == "record" and "data-path" in node and "ledger-path" not in node:
+    own = "ledger-path" in context.node_config
+    if cfg.privacy.mode == "record" and _deployed(context) and not own:
         return ("this site keeps no privacy ledger of its own (node config 'ledger-path'; "
                 "fedrec client start --ledger) and takes part in no record-level DP run "
                 "without one")
