@@ -12,3 +12,9 @@ from __future__ import annotations
 class FedrecError(ValueError):
     """A bad input, file or setting: the one-line message names it and says how to fix it. The
     CLI prints it and exits with code 2, without a traceback."""
+
+
+class LedgerError(RuntimeError):
+    """The ledger file does not verify, so nothing may be appended to it. (Here, not in
+    ``fedrec.privacy.ledger``, which re-exports it, so that a ClientApp can catch it without
+    importing the accountants.)"""

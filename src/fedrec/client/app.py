@@ -2,32 +2,36 @@
 
 A client answers an error reply (never raises across the network) when its data is unusable or
 its privacy budget would be exceeded; the strategy drops and logs such replies.
+
+This module imports no torch, models or accountants at the top: the handlers that train or
+score import them (``_train``, ``fusion``). On a partner site every message runs in a fresh
+ClientApp process, and most of them need none of it: three of secure aggregation's four
+messages a round (key exchange and unmasking), refusals, evaluation. Importing this module
+takes about a fifth of what importing the training stack does
+(``python benchmarks/clientapp_start.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from functools import partial
+from typing import TYPE_CHECKING
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec.client.errors import CLIENT_FAILURES, ERROR_CODE_FAILED, error_reply
-from fedrec.client.fusion_query import fusion_reply
-from fedrec.client.local import build_task_models, train_round
 from fedrec.client.mods import user_dp_clipping
-from fedrec.client.privacy import client_name, client_privacy
-from fedrec.client.replay import release_lock
 from fedrec.client.secure import contributors_needed, secure_update
 from fedrec.config import FedrecConfig, from_json, fusion_fit_mode
 from fedrec.secagg.flower import MESSAGE_TYPE as SECAGG_MESSAGE_TYPE
 from fedrec.secagg.flower import handle_secagg
-from fedrec.strategies.records import ARRAYS_KEY, pack, unpack_into
-from fedrec.training import LocalData
-from fedrec.workload import Workload, build_workload
+
+if TYPE_CHECKING:
+    from fedrec.training import LocalData
+    from fedrec.workload import Workload
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -35,24 +39,36 @@ app = ClientApp()
 
 @app.train(mods=[user_dp_clipping])
 def train(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)  # one simulated client per core
     config = msg.content["config"]
     cfg = _site_config(from_json(str(config["fedrec"])), context)
     server_round = int(config["server-round"])
     client = int(context.node_config["partition-id"])
-    if reason := _site_refusal(cfg, context) or _no_site_ledger(cfg, context) or _unmasked_share(
-        cfg, msg
+    if (
+        reason := _site_refusal(cfg, context)
+        or _no_site_ledger(cfg, context)
+        or _unmasked_share(cfg, msg)
     ):
         log.error("client %d refused round %d: %s", client, server_round, reason)
         return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
     ledger_path = _ledger_path(config, context)
-    locked = cfg.privacy.mode == "record" and ledger_path is not None
     try:
-        # one release at a time per client, from reading its ledger to keeping its reply
-        with release_lock(ledger_path, client_name(client)) if locked else nullcontext():
+        with _release_lock(cfg, ledger_path, client):
             return _train(msg, context, cfg, server_round, client, ledger_path)
     except CLIENT_FAILURES as err:
         return error_reply(msg, err, f"client {client} failed in round {server_round}")
+
+
+def _release_lock(
+    cfg: FedrecConfig, ledger_path: str | None, client: int
+) -> AbstractContextManager[object]:
+    """Record-level DP: one release at a time per client, from reading its ledger to keeping
+    its reply (``fedrec.client.replay.release_lock``); otherwise no lock."""
+    if cfg.privacy.mode != "record" or ledger_path is None:
+        return nullcontext()
+    from fedrec.client.privacy import client_name
+    from fedrec.client.replay import release_lock
+
+    return release_lock(ledger_path, client_name(client))
 
 
 def _train(
@@ -63,6 +79,14 @@ def _train(
     client: int,
     ledger_path: str | None,
 ) -> Message:
+    import torch
+
+    from fedrec.client.local import build_task_models, train_round
+    from fedrec.client.privacy import client_privacy
+    from fedrec.strategies.records import ARRAYS_KEY, pack, unpack_into
+    from fedrec.workload import build_workload
+
+    torch.set_num_threads(1)  # one simulated client per core
     config = msg.content["config"]
     work = build_workload(cfg)
     data = _local_data(work, client, context)
@@ -114,7 +138,6 @@ def train_secagg(msg: Message, context: Context) -> Message:
 @app.query("fusion")
 def fusion(msg: Message, context: Context) -> Message:
     """Federated fusion fit: NDCG sums of candidate weightings on this client's validation users."""
-    torch.set_num_threads(1)
     cfg = _site_config(from_json(str(msg.content["config"]["fedrec"])), context)
     client = int(context.node_config["partition-id"])
     reason = _site_refusal(cfg, context, fusion=True)
@@ -125,6 +148,11 @@ def fusion(msg: Message, context: Context) -> Message:
     if reason:
         log.error("client %d refused a fusion query: %s", client, reason)
         return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
+    import torch
+
+    from fedrec.client.fusion_query import fusion_reply
+
+    torch.set_num_threads(1)
     try:
         return fusion_reply(msg, cfg, None if _deployed(context) else client)
     except ValueError as err:
@@ -173,8 +201,10 @@ def _site_refusal(cfg: FedrecConfig, context: Context, *, fusion: bool = False) 
     if site_delta is not None and cfg.privacy.delta > site_delta:
         # at a delta at most the site's, every epsilon the client checks is at least the one at
         # the site's delta: the lifetime (budget, site delta) holds whatever the runs' deltas
-        return (f"this site's privacy budget is at delta {site_delta:g}; this run asks for "
-                f"privacy.delta {cfg.privacy.delta:g}, above it")
+        return (
+            f"this site's privacy budget is at delta {site_delta:g}; this run asks for "
+            f"privacy.delta {cfg.privacy.delta:g}, above it"
+        )
     if budget is None:
         return ""
     if fusion:
@@ -192,9 +222,11 @@ def _no_site_ledger(cfg: FedrecConfig, context: Context) -> str:
     (it never writes at a path the server names: ``_ledger_path``), or ""."""
     own = "ledger-path" in context.node_config
     if cfg.privacy.mode == "record" and _deployed(context) and not own:
-        return ("this site keeps no privacy ledger of its own (node config 'ledger-path'; "
-                "fedrec client start --ledger) and takes part in no record-level DP run "
-                "without one")
+        return (
+            "this site keeps no privacy ledger of its own (node config 'ledger-path'; "
+            "fedrec client start --ledger) and takes part in no record-level DP run "
+            "without one"
+        )
     return ""
 
 
@@ -232,4 +264,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
 
 
-__all__ = ["ArrayRecord", "app"]
+__all__ = ["app"]

@@ -11,10 +11,14 @@ import logging
 
 from flwr.app import Error, Message
 
-from fedrec.client.privacy import PrivacyRefusal
-from fedrec.privacy import LedgerError
+from fedrec.errors import LedgerError
 
 log = logging.getLogger(__name__)
+
+
+class PrivacyRefusal(RuntimeError):
+    """The client's next round would exceed its privacy budget: it refuses to train."""
+
 
 ERROR_CODE_REFUSED = 4001  # budget exhausted: a deliberate refusal, not a crash
 ERROR_CODE_FAILED = 4002

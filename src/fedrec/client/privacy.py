@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
+from fedrec.client.errors import PrivacyRefusal
 from fedrec.client.local import RoundResult
 from fedrec.client.replay import DIRNAME, ReleaseCache
 from fedrec.config import FedrecConfig, fusion_reserve
@@ -53,10 +54,6 @@ from fedrec.training import DPSGDParams, LocalData, sample_rate_for, steps_per_r
 log = logging.getLogger(__name__)
 STATE_KEY = "fedrec-privacy"
 CALIBRATION_MARGIN = 0.999
-
-
-class PrivacyRefusal(RuntimeError):
-    """The client's next round would exceed its privacy budget: it refuses to train."""
 
 
 @dataclass

@@ -18,7 +18,6 @@ from flwr.app import ArrayRecord, Context, Message
 
 from fedrec.config import from_json
 from fedrec.secagg.flower import ClientUpdate
-from fedrec.strategies.records import ARRAYS_KEY
 
 
 def update_delta(local: ArrayRecord, glob: ArrayRecord) -> dict[str, np.ndarray]:
@@ -32,6 +31,8 @@ def secure_update(
     train: Callable[[Message, Context], Message], msg: Message, context: Context
 ) -> ClientUpdate:
     """Train on ``msg`` with the plain handler; a refusal or failure drops this client."""
+    from fedrec.strategies.records import ARRAYS_KEY  # imports torch: only the training stage
+
     reply = train(msg, context)
     if reply.has_error():
         raise ValueError(f"not contributing this round: {reply.error.reason}")

@@ -30,6 +30,9 @@ CHILD_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else `uv sync` installs packages
     "FLWR_TELEMETRY_ENABLED": "0",
     "PYTHONUNBUFFERED": "1",  # the launchers read Flower's output as it comes
+    # a SuperNode's SuperExec looks for a message to run every second by default; every stage
+    # of secure aggregation waited for it (a local call to the node's own runtime API)
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
 }
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 

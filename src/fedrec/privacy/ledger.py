@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedrec.errors import LedgerError
 from fedrec.privacy.entry import CHAIN_FIELDS, RELEASE_FIELDS, LedgerEntry, field_problems
 from fedrec.privacy.errors import PrivacyError
 
@@ -36,10 +37,6 @@ LEDGER_FILENAME = "privacy_ledger.jsonl"
 _GENESIS_TAG = b"fedrec-privacy-ledger/v1/genesis/"
 
 Source = str | os.PathLike[str] | bytes | Sequence[str | bytes]
-
-
-class LedgerError(RuntimeError):
-    """The ledger file does not verify, so nothing may be appended to it."""
 
 
 def genesis_hash(run_id: str) -> str:

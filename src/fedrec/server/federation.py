@@ -26,6 +26,7 @@ from fedrec.scoring import evaluate_model
 from fedrec.secagg.params import SecAggConfig, SecAggError
 from fedrec.server.checkpoint import Progress, mark_round_started, save_checkpoint
 from fedrec.server.fusion import FederatedFusion, federated_fusion
+from fedrec.server.prompt_grid import prompt
 from fedrec.server.resume import resume_state
 from fedrec.server.rounds import run_rounds, wait_for_nodes
 from fedrec.server.secure_grid import SecureAggregationGrid
@@ -68,6 +69,7 @@ def run_federation(
 ) -> FederationResult:
     """Train ``cfg.rounds`` rounds (from the run's last checkpoint when ``resume``)."""
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
+    grid = prompt(grid)  # replies seen within a second, not Flower's 3-s poll (deployed runs)
     work = build_workload(cfg)
     models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
     strategy = Observed(make_strategy(cfg, work.partition.n_clients), screen=make_screen(cfg))

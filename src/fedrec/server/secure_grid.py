@@ -28,37 +28,20 @@ from flwr.serverapp import Grid
 
 from fedrec.secagg.flower import secagg_aggregate
 from fedrec.secagg.params import SecAggConfig
+from fedrec.server.prompt_grid import DelegatingGrid
 from fedrec.strategies.records import ARRAYS_KEY
 
 log = logging.getLogger(__name__)
 ERROR_CODE_DROPPED = 4102  # a node that dropped out of the secure aggregation
 
 
-class SecureAggregationGrid(Grid):
+class SecureAggregationGrid(DelegatingGrid):
     """Delegates to ``inner``; ``train`` rounds go through secure aggregation."""
 
     def __init__(self, inner: Grid, config: SecAggConfig, run_name: str) -> None:
-        self.inner, self.config, self.run_name = inner, config, run_name
+        super().__init__(inner)
+        self.config, self.run_name = config, run_name
         self.rounds: dict[int, dict[str, float]] = {}  # per round: protocol metrics
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        return self.inner.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -98,7 +81,10 @@ class SecureAggregationGrid(Grid):
             else:
                 reason = "dropped out of secure aggregation"
                 replies.append(Message(Error(code=ERROR_CODE_DROPPED, reason=reason), reply_to=msg))
-        log.info("round %d: secure sum of %d updates (error bound %.2e per coordinate)",
-                 server_round, n, out.result.error_bound)
+        log.info(
+            "round %d: secure sum of %d updates (error bound %.2e per coordinate)",
+            server_round,
+            n,
+            out.result.error_bound,
+        )
         return replies
-

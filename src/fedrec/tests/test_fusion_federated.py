@@ -65,13 +65,14 @@ def test_a_dp_client_answers_fusion_queries_only_when_the_run_asks_for_the_feder
     from flwr.supercore.task_identity import TaskIdentity
 
     import fedrec.client.app as client_app
+    import fedrec.client.fusion_query as fusion_query
     from fedrec.config import load_config
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # a Message outside a running app
     for attr in ("_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, attr, 0)
     sent = []
-    monkeypatch.setattr(client_app, "fusion_reply", lambda msg, cfg, client: sent.append(cfg))
+    monkeypatch.setattr(fusion_query, "fusion_reply", lambda msg, cfg, client: sent.append(cfg))
 
     def query(settings, **node):
         cfg = load_config(None, {"dataset": "synthetic", "partition": "site", **settings})

@@ -307,6 +307,7 @@ def _sim_secagg(msg, context):
     return handle_secagg(msg, context, _sim_update)
 
 
+@pytest.mark.slow
 def test_flower_simulation_four_clients_one_dropping(monkeypatch):
     """Flower's simulation engine (Ray), 4 SuperNodes, one refusing to send its update."""
     from flwr.serverapp import ServerApp
@@ -349,3 +350,52 @@ def _setups(plan, cfg):
     from fedrec.secagg import SecAggServer
 
     return SecAggServer(plan, cfg).setup()
+
+
+KEY_EXCHANGE_WITHOUT_TORCH = """
+import sys
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 0
+import fedrec.client.app as client_app
+from fedrec.secagg import SecAggConfig, wire
+from fedrec.secagg.flower import secagg_aggregate
+
+ctxs = {u: Context(1, u, {"partition-id": u}, RecordDict(), {}) for u in (11, 12, 13)}
+answered = []
+
+class Stop(Exception):
+    pass
+
+class Grid:  # hands each message to the site's ClientApp handler, as its SuperNode would
+    def send_and_receive(self, messages, *, timeout=None):
+        stage = wire.stage_of(messages[0].content)
+        if stage == "masked_input":  # the stage that trains, and so needs torch
+            raise Stop()
+        replies = [client_app.train_secagg(m, ctxs[m.metadata.dst_node_id]) for m in messages]
+        assert not any(r.has_error() for r in replies), [r.error for r in replies]
+        answered.append(stage)
+        return replies
+
+try:
+    secagg_aggregate(Grid(), sorted(ctxs), config=SecAggConfig(clipping_range=1.0), round_id=1)
+except Stop:
+    pass
+heavy = sorted(m for m in ("torch", "opacus", "pandas", "transformers") if m in sys.modules)
+print(answered, heavy)
+"""
+
+
+def test_a_sites_key_exchange_messages_load_no_training_stack(tmp_path):
+    """On a partner site each message runs in a fresh ClientApp process: the key-exchange
+    stages of secure aggregation (two of its four messages a round) must not pay for importing
+    torch, the models and the accountants, which only the training stage needs."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", KEY_EXCHANGE_WITHOUT_TORCH],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "['setup', 'share_keys'] []"
