@@ -26,7 +26,7 @@ demo: setup
 # machine shared; README "Development"). (--dist loadgroup would keep the deployment files on one
 # worker, but with pytest 9.2 and xdist 3.8 it does not group even a file marked xdist_group;
 # they bind ports picked free.)
-PYTEST := $(PY) -m pytest -q -n 3 --dist loadfile
+PYTEST := $(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(PYTEST)

@@ -6,8 +6,14 @@ import os
 # (this worker, and the SuperNodes, ClientApps and CLI processes it starts, which inherit it).
 # Two threads per process on two cores cost 20% more CPU time in a measured sample of the
 # suite's slowest tests (spinning OpenMP threads), and 9% more wall time.
+#
+# For the same reason each simulation trains its clients on one Ray actor, not one per core:
+# an actor is a process that imports torch, Opacus and fedrec before its first client trains.
+# Measured on 3 small simulations in one process, run alone, three times alternately: 54-70
+# CPU-s with one actor against 88-103 with one per core (two), wall time alike (52-64 s, 55-63).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("FEDREC_SIM_WORKERS", "1")
     import torch
 
     torch.set_num_threads(1)
@@ -37,3 +43,15 @@ def small():
     )
     return data, spec
 
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most slow (end-to-end) tests first, each file's tests kept together and
+    in order. ``make test`` hands files to the xdist workers in this order
+    (``--no-loadscope-reorder``; xdist's default order, most tests first, left the files with
+    a few long federation runs for last, where one worker ran them while the others idled)."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.location[0]] = slow.get(item.location[0], 0) + bool(
+            item.get_closest_marker("slow")
+        )
+    items.sort(key=lambda item: -slow[item.location[0]])  # stable: each file's order kept

@@ -238,6 +238,7 @@ def test_the_client_mod_reports_its_clipping_bit_only_when_adaptive(adaptive: bo
     assert (metrics.get(KEY_NORM_BIT) == 1) if adaptive else (KEY_NORM_BIT not in metrics)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["server", "client"])
 def test_adaptive_user_level_dp_is_accounted_in_the_ledger_end_to_end(tmp_path, side) -> None:
     from fedrec.simulation import simulate

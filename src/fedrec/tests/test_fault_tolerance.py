@@ -70,6 +70,7 @@ def uninterrupted(tmp_path_factory):
     return simulate(_dp(tmp_path_factory.mktemp("a") / "run"), baselines=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash", ["after round 2", "in round 2, before its checkpoint"])
 def test_killed_run_resumes_to_the_ledger_of_an_uninterrupted_one(
     tmp_path, uninterrupted, monkeypatch, crash
@@ -127,6 +128,7 @@ def test_resume_is_refused_with_other_flags_or_for_a_finished_run(uninterrupted,
         resume_config(ref_run.path)
 
 
+@pytest.mark.slow
 def test_thirty_percent_of_clients_failing_every_round_do_not_stop_the_run(tmp_path):
     from fedrec.client.app import app
 
@@ -141,6 +143,7 @@ def test_thirty_percent_of_clients_failing_every_round_do_not_stop_the_run(tmp_p
     assert all(np.isfinite(m["hr@10"]) for m in summary["tasks"].values())
 
 
+@pytest.mark.slow
 def test_x1000_updates_are_rejected_or_rescaled_to_their_predicted_norm_and_logged(tmp_path):
     """One attacker in five sends 1000x its update. norm_outliers = "reject" drops it;
     "rescale" (the default) keeps it at the norm the round predicts for its client's users, so
@@ -174,6 +177,7 @@ def test_x1000_updates_are_rejected_or_rescaled_to_their_predicted_norm_and_logg
         assert 0 < (apart / size) ** 0.5 < 0.5, task  # > 0: the attacker's data is in it
 
 
+@pytest.mark.slow
 def test_a_client_overstating_its_users_is_weighed_at_10x_the_median_in_a_real_run(tmp_path):
     """An attacker states 1000x its users (FedAvg's weight) in every round of a real simulated
     federation: the screen lowers its weight to 10x the round's median and names it."""

@@ -43,6 +43,7 @@ def _cfg(tmp_path, **extra):
     )
 
 
+@pytest.mark.slow
 def test_federated_simulation_writes_a_complete_run_directory(tmp_path):
     run, summary = simulate(_cfg(tmp_path), baselines=True)
     assert summary["clients"] == 4 and summary["rounds"] == 2
@@ -72,6 +73,7 @@ def test_federated_simulation_writes_a_complete_run_directory(tmp_path):
     assert "plot_hr_at_10.png" in run.report.read_text()
 
 
+@pytest.mark.slow
 def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path, capsys):
     cfg = _cfg(
         tmp_path,
@@ -139,6 +141,7 @@ def test_record_level_dp_accumulates_epsilon_in_an_auditable_ledger(tmp_path, ca
     assert "not covered by the ledger" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["server", "client"])
 def test_user_level_dp_fedavg_is_accounted_by_flower_and_the_ledger(tmp_path, side):
     cfg = load_config(
@@ -184,6 +187,18 @@ def test_bad_input_fails_before_a_run_directory_exists(tmp_path, bad, match):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("workers", ["0", "two", "-1", ""])
+def test_a_bad_worker_count_fails_before_a_run_directory_exists(tmp_path, monkeypatch, workers):
+    from fedrec.config import ConfigError
+    from fedrec.simulation.run import SIM_WORKERS_ENV
+
+    monkeypatch.setenv(SIM_WORKERS_ENV, workers)
+    with pytest.raises(ConfigError, match=f"{SIM_WORKERS_ENV}=.*whole number"):
+        simulate(_cfg(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_fusion_weights_can_be_chosen_by_the_clients(tmp_path):
     """fusion_fit = federated: clients return NDCG sums only; the server's choice is used."""
     cfg = _cfg(tmp_path, fusion_fit="federated", eval_full_ranking=False)
@@ -196,11 +211,17 @@ def test_fusion_weights_can_be_chosen_by_the_clients(tmp_path):
     assert 0.0 <= summary["fused"]["hr@10"] <= 1.0
 
 
+@pytest.mark.slow
 def test_secure_aggregation_with_record_level_dp(tmp_path):
     """Flower's FedAvg over SecAgg on the real engine: 2 rounds, 4 clients, DP-SGD before
     masking; every client survives, the ledger audits, and the summary reports the protocol."""
-    cfg = _cfg(tmp_path, secure_aggregation=True, eval_full_ranking=False, tasks=DP_TASKS,
-               **{"privacy.mode": "record", "privacy.epsilon": 8.0, "privacy.delta": 1e-3})
+    cfg = _cfg(
+        tmp_path,
+        secure_aggregation=True,
+        eval_full_ranking=False,
+        tasks=DP_TASKS,
+        **{"privacy.mode": "record", "privacy.epsilon": 8.0, "privacy.delta": 1e-3},
+    )
     run, summary = simulate(cfg, baselines=False)
     assert summary["rounds"] == 2 and not summary["stopped_early"]
     rounds = summary["secure_aggregation"]["rounds"]
@@ -216,13 +237,22 @@ def test_secure_aggregation_refuses_robust_aggregators(tmp_path):
         _cfg(tmp_path, secure_aggregation=True, strategy="krum")
 
 
+@pytest.mark.slow
 def test_content_models_train_under_dp_and_serve_from_text(tmp_path):
     """``--text content``: the three content models train under record-level DP through the real
     engine; only their small weights travel, the ledger audits, and the saved models rebuild."""
     from fedrec.models import ContentModel
 
-    cfg = _cfg(tmp_path, **{"text.mode": "content", "privacy.mode": "record",
-                            "privacy.epsilon": 8.0, "privacy.delta": 1e-3})
+    cfg = _cfg(
+        tmp_path,
+        tasks=DP_TASKS,
+        **{
+            "text.mode": "content",
+            "privacy.mode": "record",
+            "privacy.epsilon": 8.0,
+            "privacy.delta": 1e-3,
+        },
+    )
     run, summary = simulate(cfg, baselines=False)
     assert summary["client_failures"] == []
     for task in ("recall", "ranking", "personal"):

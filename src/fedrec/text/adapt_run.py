@@ -72,11 +72,12 @@ def simulate_adapter(
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
-    from fedrec.simulation.run import run_engine
+    from fedrec.simulation.run import run_engine, sim_workers
     from fedrec.text.federated import client_app, run_adapter_rounds
 
     out = Path(out)
     work = check_inputs(cfg, out)
+    sim_workers()  # a bad FEDREC_SIM_WORKERS fails here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     n_clients, run_id, ledger = work.partition.n_clients, out.resolve().name, out / LEDGER_FILENAME
     local = build_local_adapter(cfg.text.model, acfg, tuple(item_texts(work.dataset)), cfg.seed)
