@@ -19,13 +19,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/fedrec simulate
 
-# Three workers on two cores, each file's tests on one of them (module fixtures are built once):
-# much of the suite waits on subprocesses, Ray's start-up and Flower heartbeats, which the other
-# workers' tests fill (each worker runs one BLAS thread: tests/conftest.py). Measured on this
-# 2-core machine: the full suite in 14.2 min with 3 workers, 17.2 min with 2 (one run each, the
-# machine shared; README "Development"). (--dist loadgroup would keep the deployment files on one
-# worker, but with pytest 9.2 and xdist 3.8 it does not group even a file marked xdist_group;
-# they bind ports picked free.)
+# Three workers on two cores, each file's tests on one of them (module fixtures are built once),
+# the files with the most slow tests first (tests/conftest.py; --no-loadscope-reorder keeps that
+# order): much of the suite waits on subprocesses, Ray's start-up and Flower's polling, which
+# the other workers' tests fill (each worker runs one BLAS thread and one Ray actor per
+# simulation: tests/conftest.py). A clean-clone run on this 2-core machine: 14.3 min of tests
+# (README "Development"). (--dist loadgroup would keep the deployment files on one worker, but
+# with pytest 9.2 and xdist 3.8 it does not group even a file marked xdist_group; they bind
+# ports picked free.)
 PYTEST := $(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test: setup
