@@ -30,8 +30,11 @@ CHILD_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else `uv sync` installs packages
     "FLWR_TELEMETRY_ENABLED": "0",
     "PYTHONUNBUFFERED": "1",  # the launchers read Flower's output as it comes
-    # a SuperNode's SuperExec looks for a message to run every second by default; every stage
-    # of secure aggregation waited for it (a local call to the node's own runtime API)
+}
+CHILD_ENV_DEFAULTS = {  # unless the operator set them
+    # the SuperExec of a SuperNode (and of the SuperLink) looks for a task to run every second
+    # by default, and every stage of secure aggregation waited for it: a local call to the
+    # node's own runtime API
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
 }
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
@@ -62,7 +65,7 @@ def child_env(
 ) -> dict[str, str]:
     """``base`` plus Flower's switches, ``FLWR_HOME`` and ``bins`` first on ``PATH``; with
     ``guard`` (a folder of fedrec.deploy.guard's scripts), that folder before ``bins``."""
-    env = dict(base) | CHILD_ENV
+    env = CHILD_ENV_DEFAULTS | dict(base) | CHILD_ENV
     first = f"{guard}:{bins}" if guard is not None else str(bins)
     env["PATH"] = f"{first}:{base['PATH']}" if base.get("PATH") else first
     if flwr_home is not None:

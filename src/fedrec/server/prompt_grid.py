@@ -45,6 +45,9 @@ class DelegatingGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self.inner.get_node_ids()
 
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        return self.inner.get_nodes()
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages(messages)
 
@@ -74,10 +77,12 @@ class PromptGrid(DelegatingGrid):
             waiting -= {m.metadata.reply_to_message_id for m in pulled}
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
-            poll = FIRST_POLL_S if pulled else min(poll * BACKOFF, MAX_POLL_S)
+            if pulled:
+                poll = FIRST_POLL_S
             time.sleep(
                 poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
             )
+            poll = min(poll * BACKOFF, MAX_POLL_S)
         return replies
 
 

@@ -89,6 +89,12 @@ def test_child_env_switches_off_installs_and_telemetry_without_touching_the_pare
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_HOME"] == "/tmp/fh"
     assert env["PATH"] == "/venv/bin:/usr/bin" and base == {"PATH": "/usr/bin", "HOME": "/root"}
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.2"  # Flower's default: 1 s
+    mine = {**base, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "5"}  # the operator's own setting
+    assert (
+        launch.child_env(mine, flwr_home=None, bins=BINS)["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]
+        == "5"
+    )
 
 
 def test_flower_config_adds_our_connection_and_keeps_the_rest(certs):

@@ -120,6 +120,7 @@ def test_killed_run_resumes_to_the_ledger_of_an_uninterrupted_one(
     assert not (run.path / "releases").exists()
 
 
+@pytest.mark.slow  # its fixture runs a whole federation
 def test_resume_is_refused_with_other_flags_or_for_a_finished_run(uninterrupted, capsys):
     ref_run, _ = uninterrupted
     assert cli_main(["simulate", "--resume", str(ref_run.path), "--rounds", "5"]) == 2
@@ -154,7 +155,9 @@ def test_x1000_updates_are_rejected_or_rescaled_to_their_predicted_norm_and_logg
     runs = {}
     for action in ("reject", "rescale"):
         cfg = _cfg(
-            tmp_path / action, dataset="synthetic:merchants=5,users=200,items=300", rounds=2,
+            tmp_path / action,
+            dataset="synthetic:merchants=5,users=200,items=300",
+            rounds=2,
             norm_outliers=action,
         )
         runs[action] = simulate(cfg, baselines=False, client_app=with_faults(app, plan))

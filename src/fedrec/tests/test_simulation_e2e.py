@@ -187,7 +187,7 @@ def test_bad_input_fails_before_a_run_directory_exists(tmp_path, bad, match):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("workers", ["0", "two", "-1", ""])
+@pytest.mark.parametrize("workers", ["0", "two", "-1", "", "\u00b2"])
 def test_a_bad_worker_count_fails_before_a_run_directory_exists(tmp_path, monkeypatch, workers):
     from fedrec.config import ConfigError
     from fedrec.simulation.run import SIM_WORKERS_ENV
