@@ -87,7 +87,7 @@ def simulate(
     from fedrec.server.outputs import write_outputs
 
     n_clients = check_inputs(cfg)
-    sim_workers()  # a bad FEDREC_SIM_WORKERS fails here, before a run directory exists
+    workers = sim_workers()  # a bad FEDREC_SIM_WORKERS fails here, before any run directory
     cfg = with_contributors(cfg, n_clients)
     run = _resumable(cfg, resume_from) if resume_from is not None else create_run_dir(cfg)
     holder: dict[str, FederationResult] = {}
@@ -95,7 +95,7 @@ def simulate(
         cfg, run, on_round, on_done=lambda r: holder.update(r=r), resume=resume_from is not None
     )
     t0 = time.perf_counter()
-    run_engine(server_app, client_app or fedrec_client, n_clients, verbose=verbose)
+    run_engine(server_app, client_app or fedrec_client, n_clients, workers, verbose=verbose)
     if "r" not in holder:
         raise RuntimeError(f"the simulation ended without a result; see the log ({run.path})")
     log.info("simulation finished in %.1f s", time.perf_counter() - t0)
@@ -110,10 +110,10 @@ SIM_WORKERS_ENV = "FEDREC_SIM_WORKERS"
 def sim_workers() -> int:
     """How many simulated clients train at once: one per CPU core, or ``FEDREC_SIM_WORKERS``.
 
-    Each is a Ray actor, a process that imports torch, Opacus and fedrec (about 5 CPU-seconds)
-    before its first client trains. Where something else already fills the cores (several
-    simulations side by side, as the test suite runs them) one worker does the same work for
-    less. Results do not depend on it (the server sums each round's updates in a canonical
+    Each is a Ray actor, a process that imports torch, Opacus and fedrec (4.3 s alone:
+    benchmarks/clientapp_start.py) before its first client trains. Where something else
+    already fills the cores (several simulations side by side, as the test suite runs them)
+    one worker does the same work for less. Results do not depend on it (the server sums each round's updates in a canonical
     order, whatever order the clients finish in) as long as every round ends within
     ``round_timeout``: with fewer workers the clients train more one after another."""
     raw = os.environ.get(SIM_WORKERS_ENV)
@@ -129,17 +129,23 @@ def sim_workers() -> int:
 
 
 def run_engine(
-    server_app: ServerApp, client_app: ClientApp, n_clients: int, *, verbose: bool = False
+    server_app: ServerApp,
+    client_app: ClientApp,
+    n_clients: int,
+    workers: int,
+    *,
+    verbose: bool = False,
 ) -> None:
     """Run a ServerApp and ClientApp on Flower's simulation engine (Ray), one CPU per client
-    and ``sim_workers()`` clients at a time, Flower and Ray quiet unless ``verbose``."""
+    and ``workers`` clients at a time (``sim_workers()``), Flower and Ray quiet unless
+    ``verbose``."""
     from flwr.simulation import run_simulation
 
     _quiet_flower(verbose)
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
-            "num_cpus": sim_workers(),
+            "num_cpus": workers,
             "include_dashboard": False,
             "logging_level": "INFO" if verbose else "ERROR",
             "log_to_driver": verbose,

@@ -1,6 +1,7 @@
 """Fixtures shared by several test modules."""
 
 import os
+from collections import Counter
 
 # Under pytest-xdist the workers already fill the cores: one BLAS/OpenMP thread per process
 # (this worker, and the SuperNodes, ClientApps and CLI processes it starts, which inherit it).
@@ -49,9 +50,5 @@ def pytest_collection_modifyitems(config, items):
     in order. ``make test`` hands files to the xdist workers in this order
     (``--no-loadscope-reorder``; xdist's default order, most tests first, left the files with
     a few long federation runs for last, where one worker ran them while the others idled)."""
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.location[0]] = slow.get(item.location[0], 0) + bool(
-            item.get_closest_marker("slow")
-        )
+    slow = Counter(item.location[0] for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.location[0]])  # stable: each file's order kept

@@ -77,7 +77,7 @@ def simulate_adapter(
 
     out = Path(out)
     work = check_inputs(cfg, out)
-    sim_workers()  # a bad FEDREC_SIM_WORKERS fails here, before anything is written
+    workers = sim_workers()  # a bad FEDREC_SIM_WORKERS fails here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     n_clients, run_id, ledger = work.partition.n_clients, out.resolve().name, out / LEDGER_FILENAME
     local = build_local_adapter(cfg.text.model, acfg, tuple(item_texts(work.dataset)), cfg.seed)
@@ -98,7 +98,7 @@ def simulate_adapter(
         )
 
     t0 = time.perf_counter()
-    run_engine(server, client_app, n_clients, verbose=verbose)
+    run_engine(server, client_app, n_clients, workers, verbose=verbose)
     if "r" not in holder:
         raise RuntimeError("the adapter simulation ended without a result; rerun with --verbose")
     arrays, strategy = holder["r"]
