@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 console = Console(stderr=True)
 INSECURE_WARNING = "[yellow]--insecure: no TLS and no SuperNode authentication (development only)"
+USERS_HELP = (
+    "the users its data holds: the server lowers any FedAvg weight its replies state above this"
+)
 
 
 def add_parsers(subparsers: Any) -> dict[str, Any]:
@@ -57,7 +60,14 @@ def _certs(subparsers: Any) -> Any:
     s.add_argument("name")
     s.add_argument("--dir", required=True, help="the directory made by 'certs init'")
     s.add_argument("--public-key", help="register the partner's own OpenSSH public key instead")
+    s.add_argument("--users", type=int, help=USERS_HELP)
     s.set_defaults(func=cmd_certs_add_partner)
+    s = sub.add_parser("set-users", help="register how many users a partner's data holds")
+    s.add_argument("name")
+    s.add_argument("users", type=int, nargs="?", help=USERS_HELP + " (omit with --clear)")
+    s.add_argument("--dir", required=True, help="the directory made by 'certs init'")
+    s.add_argument("--clear", action="store_true", help="forget the partner's registered count")
+    s.set_defaults(func=cmd_certs_set_users)
     s = sub.add_parser("export", help="write the kit to send one partner (CA cert + its key)")
     s.add_argument("name")
     s.add_argument("--dir", required=True, help="the directory made by 'certs init'")
@@ -180,8 +190,20 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 def cmd_certs_add_partner(args: argparse.Namespace) -> int:
     from fedrec.deploy.partners import add_partner
 
-    entry = add_partner(args.dir, args.name, public_key=args.public_key)
-    console.print(f"[green]added[/] partner {args.name}: {entry['fingerprint']}")
+    entry = add_partner(args.dir, args.name, public_key=args.public_key, users=args.users)
+    users = f", {args.users} users registered" if args.users is not None else ""
+    console.print(f"[green]added[/] partner {args.name}: {entry['fingerprint']}{users}")
+    return 0
+
+
+def cmd_certs_set_users(args: argparse.Namespace) -> int:
+    from fedrec.deploy.partners import set_users
+
+    if args.clear == (args.users is not None):
+        raise DeployError("give the partner's number of users, or --clear (not both)")
+    set_users(args.dir, args.name, args.users)
+    what = "no registered count" if args.clear else f"{args.users} users registered"
+    console.print(f"partner {args.name}: {what}; runs started from now on use it")
     return 0
 
 
@@ -251,8 +273,21 @@ def cmd_server_run(args: argparse.Namespace) -> int:
     site = _site(args)
     run_id = submit_run(site, cfg)
     console.print(f"started run {run_id}: {cfg.rounds} rounds; results in {out}")
+    _print_registered(site)
     print(run_id)
     return 0 if args.detach else _follow(site, run_id, args.timeout)
+
+
+def _print_registered(site: Site) -> None:
+    if site.certs is None:
+        return
+    from fedrec.deploy.registry import load_registry
+
+    names = sorted(load_registry(site.certs.path).names.values())
+    console.print(
+        f"FedAvg weights capped at the registered user counts of {', '.join(names)}"
+        if names else "no partner has a registered user count ('fedrec certs set-users')"
+    )
 
 
 def cmd_server_resume(args: argparse.Namespace) -> int:
@@ -267,6 +302,7 @@ def cmd_server_resume(args: argparse.Namespace) -> int:
         f"started run {run_id}: resumes {run.path} after round {run.after_round} of "
         f"{run.cfg.rounds}" + (f" (was Flower run {previous})" if previous is not None else "")
     )
+    _print_registered(site)
     print(run_id)
     if args.detach:
         return 0

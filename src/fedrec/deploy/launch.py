@@ -26,6 +26,7 @@ DEFAULT_RUNTIME_PORT = 9094  # a SuperNode's own local API; one per node on a ho
 APP_NAME = "fedrecapp"
 RUN_CONFIG_KEY = "fedrec-config"  # read by fedrec.server.app.config_from_run_config
 RESUME_KEY = "fedrec-resume"  # fedrec.server.app: the run directory to continue ("" = a new run)
+PARTNERS_KEY = "fedrec-partners"  # fedrec.server.app: the certs directory with registered counts
 CHILD_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else `uv sync` installs packages
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -190,18 +191,23 @@ def stop_command(bins: Path, run_id: int) -> list[str]:
     return [str(bins / "flwr"), "stop", str(run_id), CONNECTION, "--format", "json"]
 
 
-def app_pyproject(cfg: FedrecConfig, *, resume: Path | None = None) -> dict[str, Any]:
+def app_pyproject(
+    cfg: FedrecConfig, *, resume: Path | None = None, partners: Path | None = None
+) -> dict[str, Any]:
     """The pyproject of the app ``flwr run`` ships: fedrec's apps by reference, the config inline.
 
     The bundle carries no code and no data: fedrec is installed at every site, and each client
     reads its data from its node config. Flower accepts only run-config keys the app declares,
     so the whole resolved config travels as one JSON string; ``resume`` (a run directory on the
-    SuperLink's machine) makes the ServerApp continue that run from its last checkpoint.
+    SuperLink's machine) makes the ServerApp continue that run from its last checkpoint;
+    ``partners`` (the certificate directory there) gives it the partners' registered user
+    counts, read on that machine: the counts are not in the bundle, which every site receives.
     """
     config = {
         "num-server-rounds": cfg.rounds,
         RUN_CONFIG_KEY: cfg.to_json(),
         RESUME_KEY: str(resume) if resume is not None else "",
+        PARTNERS_KEY: str(partners) if partners is not None else "",
     }
     return {
         "project": {"name": APP_NAME, "version": "1.0.0", "dependencies": []},

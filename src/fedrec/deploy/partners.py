@@ -32,6 +32,7 @@ from fedrec.deploy.errors import DeployError
 
 CURVE = ec.SECP384R1  # a NIST curve, as Flower's SuperNode authentication requires
 NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")  # P-256/384/521; flwr also takes 192/224
+USERS = "users"  # the manifest key of a partner's registered user count
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
@@ -62,12 +63,16 @@ def add_partner(
     name: str,
     *,
     public_key: str | Path | None = None,
+    users: int | None = None,
     now: dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """Add a partner: a new key pair, or only ``public_key`` if the partner made its own."""
+    """Add a partner: a new key pair, or only ``public_key`` if the partner made its own.
+    ``users``: the users its data holds, as the platform knows them (``set_users``)."""
     d = CertDir(Path(directory))
     manifest = read_manifest(d.path)
     check_name(name)
+    if users is not None:
+        check_users(users)
     if name in manifest["partners"] or d.partner_pub(name).exists():
         raise DeployError(f"partner {name!r} already exists in {d.path}; choose another name")
     d.partner_pub(name).parent.mkdir(parents=True, exist_ok=True)
@@ -86,9 +91,36 @@ def add_partner(
         "fingerprint": ssh_fingerprint(pub),
         "added": iso(now or dt.datetime.now(dt.UTC)),
     }
+    if users is not None:
+        entry[USERS] = users
     manifest["partners"][name] = entry
     save_manifest(d, manifest)
     return entry
+
+
+def set_users(directory: str | Path, name: str, users: int | None) -> dict[str, Any]:
+    """Register (or, with None, forget) the number of users partner ``name``'s data holds.
+
+    The server caps the FedAvg weight a partner's replies state at this count
+    (``fedrec.deploy.registry``): a site cannot buy more say in the average than the users
+    the platform knows it has. Runs started afterwards read it; a running one does not."""
+    d = CertDir(Path(directory))
+    manifest = read_manifest(d.path)
+    if name not in manifest["partners"]:
+        raise DeployError(f"partner {name!r} is not in {d.manifest}; add it with add-partner")
+    entry = manifest["partners"][name]
+    if users is None:
+        entry.pop(USERS, None)
+    else:
+        entry[USERS] = check_users(users)
+    save_manifest(d, manifest)
+    return entry
+
+
+def check_users(users: object) -> int:
+    if isinstance(users, bool) or not isinstance(users, int) or users < 1:
+        raise DeployError(f"users {users!r}: give the partner's number of users, at least 1")
+    return users
 
 
 def export_partner(directory: str | Path, name: str, out: str | Path) -> Path:

@@ -24,6 +24,7 @@ from fedrec.deploy.certdir import CertDir, read_manifest
 from fedrec.deploy.checks import check_port_free, check_server_files, probe_superlink
 from fedrec.deploy.errors import DeployError
 from fedrec.deploy.process import Child, failure_reason, port_open
+from fedrec.deploy.registry import load_registry
 
 START_TIMEOUT_S = 60.0  # SuperLink start-up (imports, TLS set-up) on a busy machine
 CLI_TIMEOUT_S = 60.0  # one flwr CLI call
@@ -118,7 +119,11 @@ def submit_run(site: Site, cfg: FedrecConfig, *, resume: Path | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="fedrec-run-") as tmp:
         app = Path(tmp) / launch.APP_NAME
         app.mkdir()
-        (app / "pyproject.toml").write_text(tomli_w.dumps(launch.app_pyproject(cfg, resume=resume)))
+        partners = site.certs.path.resolve() if site.certs is not None else None
+        if partners is not None:
+            load_registry(partners)  # a bad count stops here, not in the ServerApp
+        pyproject = launch.app_pyproject(cfg, resume=resume, partners=partners)
+        (app / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
         out = _flwr(launch.run_command(launch.bin_dir(), app), site)
     if out.returncode != 0:
         raise DeployError(f"flwr run failed: {failure_reason(out.stdout + out.stderr)}")

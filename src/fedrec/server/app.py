@@ -41,6 +41,10 @@ def make_server_app(
 
 RUN_CONFIG_KEY = "fedrec-config"  # `fedrec server run` sends the resolved config as JSON here
 RESUME_KEY = "fedrec-resume"  # `fedrec server resume` sends the run directory to continue here
+# `fedrec server run/resume` send the certificate directory (a path on the platform's machine,
+# where this ServerApp runs) whose manifest holds partners' registered user counts: the counts
+# themselves never enter the run config, which every site can read (fedrec.deploy.registry)
+PARTNERS_KEY = "fedrec-partners"
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> FedrecConfig:
@@ -49,7 +53,11 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedrecConfig:
     if RUN_CONFIG_KEY in run_config:
         return from_json(str(run_config[RUN_CONFIG_KEY]))
     return from_dict(
-        {k: v for k, v in run_config.items() if k not in ("num-server-rounds", RESUME_KEY)}
+        {
+            k: v
+            for k, v in run_config.items()
+            if k not in ("num-server-rounds", RESUME_KEY, PARTNERS_KEY)
+        }
         | {"rounds": int(run_config.get("num-server-rounds", 10))}
     )
 
@@ -62,9 +70,24 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: config from [tool.flwr.app.config] and --run-config."""
     cfg = config_from_run_config(context.run_config)
     resume = str(context.run_config.get(RESUME_KEY, ""))
+    registered = _registered(str(context.run_config.get(PARTNERS_KEY, "")))
     run = RunDir(Path(resume)) if resume else create_run_dir(cfg)
     with hold_run(run, context.run_id):
         if resume:
             check_resumable(run, cfg)
-        result = run_federation(grid, cfg, run, resume=bool(resume))
+        result = run_federation(grid, cfg, run, resume=bool(resume), registered=registered)
         write_outputs(cfg, run, result, baselines=False)
+
+
+def _registered(certs_dir: str) -> Callable[[Grid], Mapping[int, int]] | None:
+    """The grid's nodes -> registered user counts from ``certs_dir``'s manifest (None: no
+    directory given, or no partner there has a count). Read before the run starts: an
+    unreadable manifest stops the run, it is not run without the cap its operator set."""
+    if not certs_dir:
+        return None
+    from fedrec.deploy.registry import load_registry
+
+    registry = load_registry(certs_dir)
+    if not registry.users:
+        return None
+    return lambda grid: registry.node_users(grid.get_nodes())

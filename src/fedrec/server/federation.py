@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from flwr.app import ArrayRecord, ConfigRecord
@@ -66,13 +66,18 @@ def run_federation(
     on_round: OnRound | None = None,
     *,
     resume: bool = False,
+    registered: Callable[[Grid], Mapping[int, int]] | None = None,
 ) -> FederationResult:
-    """Train ``cfg.rounds`` rounds (from the run's last checkpoint when ``resume``)."""
+    """Train ``cfg.rounds`` rounds (from the run's last checkpoint when ``resume``).
+    ``registered``: the grid's nodes -> their partners' registered user counts, which cap the
+    FedAvg weight each reply states (deployed runs: ``fedrec.deploy.registry``)."""
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     grid = prompt(grid)  # replies seen within a second, not Flower's 3-s poll (deployed runs)
     work = build_workload(cfg)
     models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
-    strategy = Observed(make_strategy(cfg, work.partition.n_clients), screen=make_screen(cfg))
+    strategy = Observed(
+        make_strategy(cfg, work.partition.n_clients), screen=make_screen(cfg), registered=registered
+    )
     train_config = ConfigRecord(
         {"fedrec": cfg.to_json(), "run-id": run.path.name, "ledger-path": str(run.ledger.resolve())}
     )

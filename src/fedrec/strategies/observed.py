@@ -16,7 +16,7 @@ attacked run differs from its clean twin only through the attack.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -46,11 +46,20 @@ class RoundLog:
 class Observed(Strategy):
     """Delegates everything to ``inner``; keeps a RoundLog per round; screens replies if asked."""
 
-    def __init__(self, inner: Strategy, screen: UpdateScreen | None = None) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        screen: UpdateScreen | None = None,
+        registered: Callable[[Grid], Mapping[int, int]] | None = None,
+    ) -> None:
         self.inner = inner
         self.screen = screen
+        # {node id: users registered for its partner}, asked of the grid each round (nodes may
+        # join late): the screen's first cap on a FedAvg weight (fedrec.deploy.registry)
+        self.registered = registered
         self.rounds: dict[int, RoundLog] = {}
         self._sent: ArrayRecord | None = None  # the global model of the round being trained
+        self._counts: Mapping[int, int] = {}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -59,6 +68,8 @@ class Observed(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent = arrays
+        if self.registered is not None:
+            self._counts = self.registered(grid)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -67,7 +78,9 @@ class Observed(Strategy):
         replies = canonical_order(replies)
         rlog = RoundLog(server_round)
         if self.screen is not None and self._sent is not None:
-            replies, rlog.rejected, rlog.rescaled = self.screen.screen_all(self._sent, replies)
+            replies, rlog.rejected, rlog.rescaled = self.screen.screen_all(
+                self._sent, replies, self._counts
+            )
             for node, reason in rlog.rejected:
                 log.warning(
                     "round %d: rejected the update of node %d: %s", server_round, node, reason

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -117,10 +117,15 @@ class UpdateScreen:
         return kept, rejected
 
     def screen_all(
-        self, sent: ArrayRecord, replies: Sequence[Message]
+        self,
+        sent: ArrayRecord,
+        replies: Sequence[Message],
+        registered: Mapping[int, int] | None = None,
     ) -> tuple[list[Message], list[Rejection], list[Rejection]]:
         """Like :meth:`screen`, plus the replies rescaled to their predicted norm or whose weight
-        was lowered (node, reason): these are among the kept ones, their content changed."""
+        was lowered (node, reason): these are among the kept ones, their content changed.
+        ``registered``: {node id: the users registered for its partner}, a weight's first cap
+        (``fedrec.deploy.registry``); the relative cap then applies to what is left."""
         reference = {k: v.numpy() for k, v in sent.items()}
         kept: list[Message] = []
         rejected: list[Rejection] = []
@@ -139,7 +144,10 @@ class UpdateScreen:
                 sizes[id(msg)] = _size(msg.content)
             else:
                 rejected.append((msg.metadata.src_node_id, reason))
-        rescaled: dict[int, str] = self._cap_weights([m for m in kept if id(m) in norms])
+        sound = [m for m in kept if id(m) in norms]
+        rescaled = self._cap_registered(sound, registered or {})
+        for i, why in self._cap_weights(sound).items():
+            rescaled[i] = "; ".join(filter(None, (rescaled.get(i), why)))
         if self.weight_key == SIZE_KEY:  # the norm rule predicts from the weight FedAvg will use
             sizes.update({i: _size(m.content) for m in kept if (i := id(m)) in rescaled})
         outliers = self._norm_outliers(norms, sizes)
@@ -165,6 +173,27 @@ class UpdateScreen:
         return kept, rejected, [
             (m.metadata.src_node_id, rescaled[id(m)]) for m in kept if id(m) in rescaled
         ]
+
+    def _cap_registered(
+        self, sound: list[Message], registered: Mapping[int, int]
+    ) -> dict[int, str]:
+        """Lower, in place, every weight above its node's registered user count to that count
+        (FedAvg's weight only: under user-level DP every weight is 1); {id(reply): why}."""
+        if self.weight_key != SIZE_KEY or not registered:
+            return {}
+        out: dict[int, str] = {}
+        for msg in sound:
+            count = registered.get(msg.metadata.src_node_id)
+            record = next(iter(msg.content.metric_records.values()))
+            weight = float(cast(float, record[self.weight_key]))
+            if count is not None and weight > count:
+                record[self.weight_key] = int(count) if isinstance(record[self.weight_key], int) \
+                    else float(count)
+                out[id(msg)] = (
+                    f"weight '{self.weight_key}' {weight:g} lowered to {count} (the users "
+                    "registered for its partner)"
+                )
+        return out
 
     def _cap_weights(self, sound: list[Message]) -> dict[int, str]:
         """Lower, in place, every weight above ``max_weight_factor`` x the median of ``sound``'s

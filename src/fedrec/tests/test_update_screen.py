@@ -491,3 +491,55 @@ def test_few_replies_or_user_level_dp_compare_with_the_median():
     assert predicted_norms(np.append(norms, 16.0), np.append(sizes, 256.0))[1] == pytest.approx(0.5)
     user = make_screen(load_config(None, {"privacy.mode": "user"}))
     assert user.norm_reference == "median"  # num-examples is not a user-level client's weight
+
+
+def test_a_registered_user_count_caps_the_weight_a_partner_states():
+    """Deployed runs: the liar's node has a registered count (fedrec.deploy.registry), so its
+    weight is its partner's count, not 10x the median, before FedAvg averages."""
+    honest = _sized()
+    liar = _liar(honest)  # claims a million users; its partner registered 30
+    registered = {99: 30, 1: 10_000}  # node 1's count is above what it states: untouched
+    inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
+    strategy = Observed(inner, screen=make_screen(load_config(None, {})),
+                        registered=lambda grid: registered)  # fmt: skip
+    strategy.configure_train(1, _sent(), ConfigRecord(), _NoNodes())
+    arrays, _ = strategy.aggregate_train(1, [*honest, liar])
+    (node, why), = strategy.rounds[1].rescaled
+    assert node == 99 and "1e+06 lowered to 30 (the users registered for its partner)" in why
+    assert "median weight" not in why  # 30 is under 10x the median: the relative cap is moot
+    assert "predicted for its 30 users" in why  # the norm rule predicts from the count
+    weights = [*SIZES, 30]
+    everyone = [*honest, liar]
+    for k in GLOBAL:
+        expected = sum(w * r.content[ARRAYS_KEY][k].numpy().astype(np.float64)
+                       for w, r in zip(weights, everyone, strict=True)) / sum(weights)
+        np.testing.assert_allclose(arrays[k].numpy(), expected, rtol=1e-5)
+    # without a registered count the same liar keeps 10x the median
+    kept, _, rescaled = make_screen(load_config(None, {})).screen_all(
+        _sent(), [*_sized(), _liar(_sized())], {1: 10_000}
+    )
+    assert "lowered to 330 (10x the round's median" in dict(rescaled)[99]
+
+
+def test_registered_counts_apply_to_fedavg_weights_only():
+    replies = [_reply(n, weight=1) for n in range(1, 5)]
+    for r in replies:
+        next(iter(r.content.metric_records.values()))["dp-weight"] = 1.0
+    user = make_screen(load_config(None, {"privacy.mode": "user"}))
+    kept, rejected, rescaled = user.screen_all(_sent(), replies, {n: 1 for n in range(1, 5)})
+    assert kept == replies and rejected == [] and rescaled == []
+    two = [_reply(1, weight=10), _reply(2, weight=10_000)]  # no median needed for a count
+    _, _, rescaled = UpdateScreen(norm_factor=0).screen_all(_sent(), two, {2: 50})
+    assert rescaled == [(2, "weight 'num-examples' 10000 lowered to 50 (the users registered "
+                            "for its partner)")]  # fmt: skip
+    assert next(iter(two[1].content.metric_records.values()))["num-examples"] == 50
+
+
+class _NoNodes:
+    """A grid stand-in for FedAvg's sampling; the test's ``registered`` asks it nothing."""
+
+    def get_node_ids(self):
+        return [*range(1, len(SIZES) + 1), 99]
+
+    def get_nodes(self):
+        raise AssertionError("not called")
