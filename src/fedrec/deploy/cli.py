@@ -203,7 +203,7 @@ def cmd_certs_set_users(args: argparse.Namespace) -> int:
         raise DeployError("give the partner's number of users, or --clear (not both)")
     set_users(args.dir, args.name, args.users)
     what = "no registered count" if args.clear else f"{args.users} users registered"
-    console.print(f"partner {args.name}: {what}; runs started from now on use it")
+    console.print(f"partner {args.name}: {what}; runs started or resumed from now on use it")
     return 0
 
 
@@ -211,9 +211,12 @@ def cmd_certs_export(args: argparse.Namespace) -> int:
     from fedrec.deploy.partners import export_partner
 
     out = export_partner(args.dir, args.name, args.out)
+    key = CertDir(out).partner_key(args.name)
     console.print(
-        f"[green]kit for {args.name}:[/] {out} (ca.pem, partners/{args.name}.key; "
-        "send it over a channel you trust)"
+        f"[green]kit for {args.name}:[/] {out} (ca.pem, partners/{args.name}.key; send it over "
+        "a channel you trust)" if key.is_file() else
+        f"[green]kit for {args.name}:[/] {out} (ca.pem and its public key; it puts its own "
+        f"private key at {key.relative_to(out)})"
     )
     return 0
 

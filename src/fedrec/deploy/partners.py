@@ -124,19 +124,24 @@ def check_users(users: object) -> int:
 
 
 def export_partner(directory: str | Path, name: str, out: str | Path) -> Path:
-    """Write the kit the platform sends partner ``name``: CA certificate, its key pair, manifest."""
+    """Write the kit the platform sends partner ``name``: CA certificate, its key pair (only the
+    public key for a partner that made its own), and its manifest entry without the user count
+    the platform registered (the platform's own figure: ``set_users``)."""
     src, dst = CertDir(Path(directory)), CertDir(Path(out))
     manifest = read_manifest(src.path)
     if name not in manifest["partners"]:
         raise DeployError(f"partner {name!r} is not in {src.manifest}; add it with add-partner")
-    if not src.partner_key(name).is_file():
-        raise DeployError(f"{src.partner_key(name)}: no private key (the partner keeps its own)")
+    entry = {k: v for k, v in manifest["partners"][name].items() if k != USERS}
+    own_key = entry.get("private_key") is None  # the partner made its key and keeps it
+    if not own_key and not src.partner_key(name).is_file():
+        raise DeployError(f"{src.partner_key(name)}: the partner's private key is missing")
     dst.partner_pub(name).parent.mkdir(parents=True, exist_ok=True)
     write_new(dst.ca_cert, src.ca_cert.read_bytes(), PUBLIC)
-    write_new(dst.partner_key(name), src.partner_key(name).read_bytes(), PRIVATE)
+    if not own_key:
+        write_new(dst.partner_key(name), src.partner_key(name).read_bytes(), PRIVATE)
     write_new(dst.partner_pub(name), src.partner_pub(name).read_bytes(), PUBLIC)
     kit = {k: manifest[k] for k in ("format", "created", "ca")}
-    write_json(dst.manifest, kit | {"partners": {name: manifest["partners"][name]}}, PUBLIC)
+    write_json(dst.manifest, kit | {"partners": {name: entry}}, PUBLIC)
     return dst.path
 
 

@@ -76,7 +76,10 @@ def run_federation(
     work = build_workload(cfg)
     models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
     strategy = Observed(
-        make_strategy(cfg, work.partition.n_clients), screen=make_screen(cfg), registered=registered
+        make_strategy(cfg, work.partition.n_clients),
+        screen=make_screen(cfg),
+        # under secure aggregation every survivor's reply holds the same mean: no weight counts
+        registered=None if cfg.secure_aggregation else registered,
     )
     train_config = ConfigRecord(
         {"fedrec": cfg.to_json(), "run-id": run.path.name, "ledger-path": str(run.ledger.resolve())}

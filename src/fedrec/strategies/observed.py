@@ -54,12 +54,15 @@ class Observed(Strategy):
     ) -> None:
         self.inner = inner
         self.screen = screen
-        # {node id: users registered for its partner}, asked of the grid each round (nodes may
-        # join late): the screen's first cap on a FedAvg weight (fedrec.deploy.registry)
+        # grid -> {node id: users registered for its partner} of the nodes online now: the
+        # screen's first cap on a FedAvg weight (fedrec.deploy.registry)
         self.registered = registered
         self.rounds: dict[int, RoundLog] = {}
         self._sent: ArrayRecord | None = None  # the global model of the round being trained
-        self._counts: Mapping[int, int] = {}
+        self._grid: Grid | None = None
+        # every count seen this run: it only grows (a node id stays bound to its key), so a
+        # node offline when the grid is asked keeps the count it had when it was online
+        self._counts: dict[int, int] = {}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -67,10 +70,16 @@ class Observed(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._sent = arrays
-        if self.registered is not None:
-            self._counts = self.registered(grid)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        self._sent, self._grid = arrays, grid
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        # asked after the strategy sampled (its sampling may wait for nodes to come online)
+        self._learn_counts({m.metadata.dst_node_id for m in messages})
+        return messages
+
+    def _learn_counts(self, nodes: set[int]) -> None:
+        """Ask the grid for the registered counts unless every node in ``nodes`` has one."""
+        if self.registered is not None and self._grid is not None and nodes - set(self._counts):
+            self._counts.update(self.registered(self._grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -78,6 +87,8 @@ class Observed(Strategy):
         replies = canonical_order(replies)
         rlog = RoundLog(server_round)
         if self.screen is not None and self._sent is not None:
+            # a node that came online after the round was sampled: asked again
+            self._learn_counts({m.metadata.src_node_id for m in replies if not m.has_error()})
             replies, rlog.rejected, rlog.rescaled = self.screen.screen_all(
                 self._sent, replies, self._counts
             )

@@ -11,7 +11,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
 from fedrec.cli import main
 from fedrec.deploy import CertDir, DeployError, add_partner, init_certs, launch, read_manifest
-from fedrec.deploy.partners import set_users
+from fedrec.deploy.partners import export_partner, set_users
 from fedrec.deploy.registry import load_registry, pem_fingerprint
 from fedrec.server.app import PARTNERS_KEY, config_from_run_config
 
@@ -87,3 +87,24 @@ def test_the_bundle_names_the_directory_never_the_counts(certs, tmp_path):
     assert fingerprint not in json.dumps(config)  # every site can read the run config
     assert config_from_run_config(config) == cfg
     assert launch.app_pyproject(cfg)["tool"]["flwr"]["app"]["config"][PARTNERS_KEY] == ""
+
+
+def test_a_partners_kit_carries_no_registered_count(certs, tmp_path):
+    set_users(certs.path, "acme", 12_000)
+    kit = CertDir(export_partner(certs.path, "acme", tmp_path / "kit"))
+    entry = read_manifest(kit.path)["partners"]["acme"]
+    assert "users" not in entry and set(read_manifest(kit.path)["partners"]) == {"acme"}
+    assert entry["fingerprint"] == read_manifest(certs.path)["partners"]["acme"]["fingerprint"]
+    assert kit.partner_key("acme").is_file()
+    # a partner that made its own key gets the kit without a private key, and without counts
+    own = tmp_path / "own"
+    own_key = certs.path.parent / "own-key"
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    own_key.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))  # fmt: skip
+    add_partner(certs.path, "initech", public_key=own_key, users=77)
+    kit = CertDir(export_partner(certs.path, "initech", own))
+    assert not kit.partner_key("initech").exists() and kit.partner_pub("initech").is_file()
+    assert "users" not in read_manifest(kit.path)["partners"]["initech"]

@@ -521,13 +521,30 @@ def test_a_registered_user_count_caps_the_weight_a_partner_states():
     assert "lowered to 330 (10x the round's median" in dict(rescaled)[99]
 
 
-def test_registered_counts_apply_to_fedavg_weights_only():
-    replies = [_reply(n, weight=1) for n in range(1, 5)]
-    for r in replies:
-        next(iter(r.content.metric_records.values()))["dp-weight"] = 1.0
-    user = make_screen(load_config(None, {"privacy.mode": "user"}))
-    kept, rejected, rescaled = user.screen_all(_sent(), replies, {n: 1 for n in range(1, 5)})
-    assert kept == replies and rejected == [] and rescaled == []
+def test_a_node_online_only_after_sampling_still_gets_its_count_and_keeps_it():
+    """The grid lists online nodes only: a partner offline when the round was sampled and
+    online when it replies is looked up again, and its count stays known in later rounds."""
+    asked = []
+
+    def registered(grid):  # the SuperLink's answer: node 99 online from the second call on
+        asked.append(1)
+        others = {n: 1_000 for n in range(1, len(SIZES) + 1)}  # above what they state
+        return {**others, 99: 30} if len(asked) == 2 else {}
+
+    strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
+                               min_train_nodes=1),
+                        screen=make_screen(load_config(None, {})), registered=registered)  # fmt: skip
+    for rnd in (1, 2):
+        strategy.configure_train(rnd, _sent(), ConfigRecord(), _NoNodes())
+        strategy._sent = _sent()
+        honest = _sized()
+        strategy.aggregate_train(rnd, [*honest, _liar(honest)])
+        (node, why), = strategy.rounds[rnd].rescaled
+        assert node == 99 and "lowered to 30 (the users registered" in why, (rnd, why)
+    assert len(asked) == 2  # round 2 knew every sampled node's count: the grid was not asked
+
+
+def test_a_registered_count_needs_no_median():
     two = [_reply(1, weight=10), _reply(2, weight=10_000)]  # no median needed for a count
     _, _, rescaled = UpdateScreen(norm_factor=0).screen_all(_sent(), two, {2: 50})
     assert rescaled == [(2, "weight 'num-examples' 10000 lowered to 50 (the users registered "
