@@ -2,7 +2,8 @@
 
 The same function trains a client's local copy in a federation and the centralized baseline, so
 the two differ only in whose users they see. Under DP the example is a user (their history at
-this site): Poisson sampling of users, per-user clipping (Opacus ghost clipping), Gaussian noise.
+this site): Poisson sampling of users, per-user clipping (Opacus's ghost norms, one backward pass:
+fedrec.clipping), Gaussian noise.
 """
 
 from __future__ import annotations
@@ -169,10 +170,11 @@ class _PerExampleLoss(nn.Module):
 def _train_private(
     model, optimizer, data, cfg, rng, gen, n_steps, q, dp: DPSGDParams
 ) -> list[float]:
-    """DP-SGD with Opacus's ghost-clipping module and optimizer (exact per-user norms).
+    """DP-SGD with Opacus's ghost norms and optimizer (exact per-user norms), clipped in one
+    backward pass (``fedrec.clipping``: book-keeping instead of Opacus's second pass).
 
-    We use Opacus's GradSampleModuleFastGradientClipping + DPOptimizerFastGradientClipping but
-    sample users ourselves (Poisson, rate q, a fixed number of steps) so each step is one
+    We use Opacus's GradSampleModuleFastGradientClipping (as BookkeepingClipper) and
+    DPOptimizerFastGradientClipping but sample users ourselves (Poisson, rate q, a fixed number of steps) so each step is one
     accounted release even when the sampled batch is empty; accounting lives in fedrec.privacy.
 
     Distributed noise (``dp.contributors`` m > 0, one step): the gradient is the *sum* of the
@@ -183,9 +185,9 @@ def _train_private(
     users, each client's Poisson sample at the same rate (Kairouz et al. 2021 do this with
     discrete noise; fedrec's Gaussian is continuous, see docs/distributed-dp.md).
     """
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
-    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    from fedrec.clipping import BookkeepingClipper
 
     noise_gen = noise_generator(dp)
     sampler = poisson_sampler(dp, rng)
@@ -193,13 +195,7 @@ def _train_private(
     noise_multiplier = dp.noise_multiplier
     if dp.contributors > 0:  # distributed: the sum of clipped gradients plus a noise share
         expected, noise_multiplier = 1, dp.noise_multiplier / math.sqrt(dp.contributors)
-    gsm = GradSampleModuleFastGradientClipping(
-        model,
-        batch_first=True,
-        loss_reduction="mean",
-        max_grad_norm=dp.clipping_norm,
-        use_ghost_clipping=True,
-    )
+    gsm = BookkeepingClipper(model, max_grad_norm=dp.clipping_norm)
     dp_opt = DPOptimizerFastGradientClipping(
         optimizer,
         noise_multiplier=noise_multiplier,
@@ -218,8 +214,7 @@ def _train_private(
                 continue
             batch = _batch(data, rows, cfg, model.spec.num_items, gen)
             per_user = gsm(batch)  # (b,)
-            loss = DPTensorFastGradientClipping(gsm, dp_opt, per_user, "mean")
-            loss.backward()
+            gsm.clipped_backward(per_user)  # p.grad: the sum of the clipped per-user gradients
             dp_opt.step()
             losses.append(float(per_user.detach().mean()))
     finally:

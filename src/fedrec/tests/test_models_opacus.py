@@ -14,6 +14,7 @@ from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_samp
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
+from fedrec.clipping import BookkeepingClipper
 from fedrec.models import TASKS, ModelSpec, SequenceBatch, TaskModel, UserBatch, build_model
 from fedrec.models.batching import make_sequence_batch
 from fedrec.models.layers import Embedding, Linear, embedding_norm_sample, linear_norm_sample
@@ -58,9 +59,11 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["opacus-two-pass", "bookkeeping"])
 @pytest.mark.parametrize("arch", ["id", "content"])
 @pytest.mark.parametrize("task", TASKS)
-def test_ghost_clipping_matches_naive_per_user_clipping(task: str, arch: str) -> None:
+def test_ghost_clipping_matches_naive_per_user_clipping(task: str, arch: str, one_pass: bool):
+    """Opacus's two backward passes and fedrec's one (fedrec.clipping) give the clipped sum."""
     torch.manual_seed(0)
     batch, spec = _batch(seed=20)
     if arch == "id":
@@ -75,9 +78,9 @@ def test_ghost_clipping_matches_naive_per_user_clipping(task: str, arch: str) ->
     clip = float(norms[norms > 0].median())  # some users clipped, some not
     expected = (grads * (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]).sum(0) / B
 
-    gsm = GradSampleModuleFastGradientClipping(
-        model, batch_first=True, loss_reduction="mean", max_grad_norm=clip, use_ghost_clipping=True
-    )
+    gsm = BookkeepingClipper(model, max_grad_norm=clip) if one_pass else \
+        GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                             max_grad_norm=clip, use_ghost_clipping=True)  # fmt: skip
     opt = DPOptimizerFastGradientClipping(
         torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
         expected_batch_size=B, loss_reduction="mean",
@@ -85,7 +88,10 @@ def test_ghost_clipping_matches_naive_per_user_clipping(task: str, arch: str) ->
     opt.zero_grad()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # full backward hooks on integer inputs
-        DPTensorFastGradientClipping(gsm, opt, gsm(batch), "mean").backward()
+        if one_pass:
+            gsm.clipped_backward(gsm(batch))
+        else:
+            DPTensorFastGradientClipping(gsm, opt, gsm(batch), "mean").backward()
     opt.step()  # noise 0: p.grad = sum of clipped per-user gradients / B
     got = torch.cat([_grad(p).flatten() for p in model.parameters()])
 
@@ -114,3 +120,18 @@ def test_embedding_norm_rule_matches_opacus() -> None:
     ours = embedding_norm_sample(layer, [ids], back)[layer.weight]
     theirs = compute_embedding_norm_sample(layer, [ids], back)[layer.weight]
     torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        (torch.nn.Conv1d(2, 3, 1), "Conv1d"),
+        (torch.nn.Embedding(5, 2, padding_idx=0), "padding_idx"),
+    ],
+)
+def test_one_pass_clipper_refuses_layers_it_cannot_sum(layer, match) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), layer)
+    with pytest.raises(NotImplementedError, match=match):
+        BookkeepingClipper(model, max_grad_norm=1.0)
+    frozen = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Conv1d(2, 3, 1).requires_grad_(False))
+    BookkeepingClipper(frozen, max_grad_norm=1.0)  # a layer without trainable parameters is fine
