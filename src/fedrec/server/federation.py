@@ -54,6 +54,9 @@ class FederationResult:
     secure_rounds: dict[int, dict[str, float]] | None = None  # protocol metrics per round
     resumes: list[dict] = field(default_factory=list)  # one entry per resume (server/checkpoint.py)
     skipped_rounds: list[int] = field(default_factory=list)  # begun, never aggregated (resume.py)
+    # {node id: registered user count} the screen capped weights at (deployed runs with counts;
+    # in a resumed run, those of the resumed part)
+    registered_users: dict[int, int] = field(default_factory=dict)
 
 
 OnRound = Callable[[int, list[dict], RoundLog], None]
@@ -169,6 +172,7 @@ def run_federation(
         sgrid.rounds if sgrid else None,
         resumes=progress.resumes,
         skipped_rounds=skipped,
+        registered_users=strategy.registered_counts,
     )
 
 

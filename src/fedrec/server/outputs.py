@@ -150,6 +150,8 @@ def _fault_summary(result: FederationResult) -> dict[str, Any]:
         out["resumes"] = result.resumes
     if result.skipped_rounds:
         out["skipped_rounds"] = result.skipped_rounds
+    if result.registered_users:  # the counts weights were capped at: docs/partner-site.md
+        out["registered_users"] = {str(n): c for n, c in result.registered_users.items()}
     return out
 
 

@@ -76,6 +76,11 @@ class Observed(Strategy):
         self._learn_counts({m.metadata.dst_node_id for m in messages})
         return messages
 
+    @property
+    def registered_counts(self) -> dict[int, int]:
+        """{node id: registered users} of every node whose count was seen this run."""
+        return dict(sorted(self._counts.items()))
+
     def _learn_counts(self, nodes: set[int]) -> None:
         """Ask the grid for the registered counts unless every node in ``nodes`` has one."""
         if self.registered is not None and self._grid is not None and nodes - set(self._counts):

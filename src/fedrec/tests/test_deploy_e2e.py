@@ -541,6 +541,7 @@ def test_a_partners_registered_user_count_caps_its_fedavg_weight(federation):
     lowered = [(e["round"], e["node"]) for e in summary.get("rescaled_updates", [])
                if "lowered to 1 (the users registered for its partner)" in e["reason"]]  # fmt: skip
     assert lowered == [(1, acme)], summary.get("rescaled_updates")
+    assert summary["registered_users"] == {str(acme): 1}  # what the weights were capped at
 
 
 def _kill(pid: int) -> None:

@@ -542,6 +542,7 @@ def test_a_node_online_only_after_sampling_still_gets_its_count_and_keeps_it():
         (node, why), = strategy.rounds[rnd].rescaled
         assert node == 99 and "lowered to 30 (the users registered" in why, (rnd, why)
     assert len(asked) == 2  # round 2 knew every sampled node's count: the grid was not asked
+    assert strategy.registered_counts == {**{n: 1_000 for n in range(1, len(SIZES) + 1)}, 99: 30}
 
 
 def test_a_registered_count_needs_no_median():
