@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fedrec.config import TaskConfig
 from fedrec.data.sequences import Sequences
@@ -154,17 +154,6 @@ def _train_plain(model, optimizer, data, cfg, rng, gen, n_steps) -> list[float]:
         optimizer.step()
         losses.append(loss.item())
     return losses
-
-
-class _PerExampleLoss(nn.Module):
-    """Criterion for Opacus ghost clipping: the model already returns per-user losses."""
-
-    reduction = "mean"
-
-    def forward(self, per_example: Tensor, _target: Tensor | None = None) -> Tensor:
-        if self.reduction == "none":
-            return per_example
-        return per_example.mean()
 
 
 def _train_private(

@@ -122,11 +122,20 @@ def test_embedding_norm_rule_matches_opacus() -> None:
     torch.testing.assert_close(ours, theirs)
 
 
+class _Scaled(torch.nn.Linear):
+    """A subclass whose forward is not a plain linear layer's: its gradient differs."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight / 10, self.bias)
+
+
 @pytest.mark.parametrize(
     "layer, match",
     [
         (torch.nn.Conv1d(2, 3, 1), "Conv1d"),
         (torch.nn.Embedding(5, 2, padding_idx=0), "padding_idx"),
+        (torch.nn.Embedding(5, 2, scale_grad_by_freq=True), "scale_grad_by_freq"),
+        (_Scaled(2, 2), "_Scaled"),
     ],
 )
 def test_one_pass_clipper_refuses_layers_it_cannot_sum(layer, match) -> None:
@@ -135,3 +144,39 @@ def test_one_pass_clipper_refuses_layers_it_cannot_sum(layer, match) -> None:
         BookkeepingClipper(model, max_grad_norm=1.0)
     frozen = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Conv1d(2, 3, 1).requires_grad_(False))
     BookkeepingClipper(frozen, max_grad_norm=1.0)  # a layer without trainable parameters is fine
+
+
+def test_one_pass_equals_opacus_two_passes_under_dropout() -> None:
+    """Dropout on (SASRec's defaults): both clippers see one forward pass, the same masks."""
+    from fedrec.clipping import ClippingError
+
+    batch, spec = _batch(seed=21)
+    grads = {}
+    for one_pass in (False, True):
+        torch.manual_seed(0)
+        model = build_model("personal", spec)  # default dropout
+        assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        gsm = BookkeepingClipper(model, max_grad_norm=4.5) if one_pass else \
+            GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                 max_grad_norm=4.5, use_ghost_clipping=True)  # fmt: skip
+        opt = DPOptimizerFastGradientClipping(
+            torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=4.5,
+            expected_batch_size=B, loss_reduction="mean",
+        )
+        opt.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both forwards
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            if one_pass:
+                coef = gsm.clipped_backward(gsm(batch))
+                assert int((coef < 1).sum()) == 2  # two of the six with a gradient are clipped
+            else:
+                DPTensorFastGradientClipping(gsm, opt, gsm(batch), "mean").backward()
+        opt.step()
+        grads[one_pass] = torch.cat([_grad(p).flatten() for p in model.parameters()])
+        if one_pass:  # a parameter made trainable after the clipper was built is refused
+            extra = torch.nn.Parameter(torch.zeros(1))
+            model.register_parameter("late", extra)
+            with pytest.raises(ClippingError, match="trainable parameters changed"):
+                gsm.clipped_backward(gsm(batch))
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-7)

@@ -12,9 +12,10 @@ Under DP the example is a user. All texts a step encodes for one user (history, 
 negatives) form that user's group of G rows, and each adapter folds its token batch
 (users*G, T, d) into (users, G*T, d) before A and B. A linear layer's gradient is a sum over
 the positions of a batch row and rows of a transformer never interact, so Opacus's per-sample
-gradients of A and B are exactly per-user gradients: per-user clipping is exact. We use the
-classes fedrec.training uses (GradSampleModuleFastGradientClipping, DPOptimizerFastGradientClipping)
-with ``use_ghost_clipping=False`` by default: a ghost norm over a sequence costs
+gradients of A and B are exactly per-user gradients: per-user clipping is exact. We use Opacus's
+GradSampleModuleFastGradientClipping and DPOptimizerFastGradientClipping (with its two backward
+passes; fedrec.training's task models clip in one: fedrec.clipping) with
+``use_ghost_clipping=False`` by default: a ghost norm over a sequence costs
 O(users * (G*T)^2 * d) while a rank-r adapter's per-user gradient has only r*d entries, so
 fast gradient clipping (Lee & Kifer, PETS 2021) is the cheaper exact choice here. The base
 encoder runs in eval mode (no dropout), so a step is a deterministic function of its batch.
