@@ -515,35 +515,6 @@ def test_a_site_runs_no_code_the_run_ships(federation, tmp_path):
         assert f"refused run {run_id}" in child.output and "files besides" in child.output
 
 
-@pytest.mark.slow
-def test_a_partners_registered_user_count_caps_its_fedavg_weight(federation):
-    """The platform registered 1 user for acme (``fedrec certs set-users``): the ServerApp maps
-    acme's node to that count through the key the SuperLink authenticated, and lowers the
-    weight acme's reply states (its real users) to 1 before FedAvg averages; the other sites,
-    with no count, keep theirs."""
-    from fedrec.deploy.partners import set_users
-    from fedrec.deploy.server import submit_run, wait_for_run
-
-    acme = int(federation.registered["acme"])
-    sites = [federation.start(n, i) for i, n in enumerate(("acme", "globex", "initech"))]
-    out = federation.root / "run-registered"
-    cfg = load_config(None, {"dataset": str(federation.data), "partition": "site", "rounds": 1,
-                             "out": str(out), "fusion_fit": "fixed",
-                             "tasks": {"recall": {"dim": 8, "local_epochs": 1}}})  # fmt: skip
-    set_users(federation.certs.path, "acme", 1)
-    try:
-        run_id = submit_run(federation.site, cfg)
-        status = wait_for_run(federation.site, run_id, timeout=300)
-    finally:
-        set_users(federation.certs.path, "acme", None)
-    assert status == "finished:completed", "\n".join(c.output[-1500:] for c in sites)
-    summary = json.loads((out / "summary.json").read_text())
-    lowered = [(e["round"], e["node"]) for e in summary.get("rescaled_updates", [])
-               if "lowered to 1 (the users registered for its partner)" in e["reason"]]  # fmt: skip
-    assert lowered == [(1, acme)], summary.get("rescaled_updates")
-    assert summary["registered_users"] == {str(acme): 1}  # what the weights were capped at
-
-
 def _kill(pid: int) -> None:
     """SIGKILL a SuperNode with its SuperExec and ClientApp: no goodbye to the SuperLink."""
     for group in {os.getpgid(p) for p in [pid, *descendants(pid)]}:

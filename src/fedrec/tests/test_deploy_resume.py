@@ -246,6 +246,7 @@ def _closed_port() -> int:
 @pytest.mark.slow
 def test_a_deployed_run_killed_after_round_1_resumes_and_releases_nothing_twice(tmp_path, capsys):
     from fedrec.deploy.client import start_supernode
+    from fedrec.deploy.partners import set_users
     from fedrec.deploy.server import run_status, stop_run, submit_run
     from fedrec.privacy import read_ledger, verify_chain
     from fedrec.tests.test_deploy_e2e import Federation
@@ -253,6 +254,11 @@ def test_a_deployed_run_killed_after_round_1_resumes_and_releases_nothing_twice(
     fed = Federation(tmp_path)
     try:
         fed.setup()
+        # the platform registered 1 user for acme: both ServerApps (the killed one and the
+        # resumed one, started by 'fedrec server resume') cap acme's FedAvg weight at it, found
+        # through the key the SuperLink authenticated (fedrec.deploy.registry)
+        set_users(fed.certs.path, "acme", 1)
+        acme = int(fed.registered["acme"])
         names = ("acme", "globex", "initech")
         ledgers = {n: tmp_path / f"site-{n}" / "ledger" / "privacy_ledger.jsonl" for n in names}
         for i, name in enumerate(names):
@@ -304,6 +310,11 @@ def test_a_deployed_run_killed_after_round_1_resumes_and_releases_nothing_twice(
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["task"]) for r in rows] == [(k, "recall") for k in (1, 2, 3)]
     assert json.loads((out / HOLDER).read_text())["flower_run_id"] != first
+    assert summary["registered_users"] == {str(acme): 1}
+    lowered = {(e["round"], e["node"]) for e in summary.get("rescaled_updates", [])
+               if "lowered to 1 (the users registered for its partner)" in e["reason"]}  # fmt: skip
+    assert {(k, acme) for k in range(after + 1, 4)} <= lowered, summary.get("rescaled_updates")
+    assert {node for _, node in lowered} == {acme}
     for i, name in enumerate(names):
         assert verify_chain(ledgers[name], run_id=out.name).ok  # fedrec's run id, not Flower's
         releases = Counter((e["client"], e["task"], e["round"]) for e in read_ledger(ledgers[name]))
