@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/robust_aggregation.py [--rounds N] [--strategies S ...]
         [--attacks clean scale10 signflip] [--screen [--norm-outliers reject|rescale]
-        [--norm-reference size|median] [--norm-factor F] [--max-weight-factor W]]
+        [--norm-reference size|median] [--norm-factor F] [--max-weight-factor W]
+        [--register-users]]
         [--seeds N] [--seed S]
         [--dataset D] [--partition P [--clients N]] [--out DIR]
 
@@ -16,7 +17,9 @@ is then what each aggregator withstands by itself; with ``--screen`` they are th
 the norm predicted from the client's users, cosine 0 with the median update, and an update over
 the norm rule rescaled to its predicted norm; ``--norm-outliers reject`` drops it instead,
 ``--norm-reference median --norm-factor 10`` is the rule before the size fit; a reply's weight
-is capped at 10x the round's median, ``--max-weight-factor 0`` leaves it as stated). Prints test
+is capped at 10x the round's median, ``--max-weight-factor 0`` leaves it as stated;
+``--register-users`` first caps it at the client's own users, as a platform's registry does for
+partner sites: fedrec.simulation.registry). Prints test
 HR@10 per task, the drop relative to the same strategy's clean run and to clean FedAvg, and
 writes DIR/robust_aggregation.json.
 
@@ -79,6 +82,7 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         "norm_outliers": args.norm_outliers,
         "norm_reference": args.norm_reference,
         "max_weight_factor": args.max_weight_factor if args.screen else 0.0,
+        "register_users": args.register_users and args.screen,
     }
     done = Path(over["out"]) / "summary.json"
     if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
@@ -106,12 +110,14 @@ def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
     stored.setdefault("norm_outliers", "reject")
     stored.setdefault("norm_reference", "median")
     stored.setdefault("max_weight_factor", 0.0)  # made before the weight cap existed
+    stored.setdefault("register_users", False)  # made before simulations had a registry
     data = [k for k in ("dataset", "partition", "clients", "rounds")
             if over[k] is not None and stored.get(k) != over[k]]  # fmt: skip
     if data:
         raise SystemExit(f"{run_dir}: made with other {', '.join(data)}; use another --out")
     diff = [k for k in ("reject_norm_factor", "reject_min_cosine", "norm_outliers",
-                        "norm_reference", "max_weight_factor") if stored[k] != over[k]]  # fmt: skip
+                        "norm_reference", "max_weight_factor", "register_users")
+            if stored[k] != over[k]]  # fmt: skip
     adjusted = [r["reason"] for r in summary.get("rescaled_updates", [])]
     rejected = [r["reason"] for r in summary.get("rejected_updates", [])]
     # a setting whose rule never acted in the run is moot: the same run under either value. A
@@ -122,6 +128,7 @@ def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
         and not any("update norm" in r and "median" in r for r in rejected),
         "max_weight_factor": not any("lowered to" in r for r in [*adjusted, *rejected])
         and stored_cap > 0 and (cap == 0 or cap >= stored_cap),
+        "register_users": not any("registered" in r for r in adjusted),
     }
     diff = [k for k in diff if not moot.get(k, False)]
     if diff:
@@ -182,6 +189,9 @@ def main() -> None:
     parser.add_argument("--max-weight-factor", type=float, default=DEFAULTS.max_weight_factor,
                         help="with --screen: cap of a reply's FedAvg weight, x the round's median "
                         "(default: the config's, %(default)g; 0: weights as stated)")
+    parser.add_argument("--register-users", action="store_true",
+                        help="with --screen: each client's user count is registered (as `fedrec "
+                        "certs set-users` does for a partner site) and caps its FedAvg weight")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed and the attackers'")
     parser.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds")
     parser.add_argument("--out", default="runs/robust_aggregation")

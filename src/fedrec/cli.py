@@ -78,6 +78,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         out["text.mode"] = args.text
     if getattr(args, "secure_aggregation", None):
         out["secure_aggregation"] = True
+    if getattr(args, "register_users", None):
+        out["register_users"] = True
     if getattr(args, "dp_noise", None) is not None:
         out["privacy.noise"] = args.dp_noise
         if args.dp_noise == "distributed":
@@ -386,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p)
     p.add_argument("--no-baselines", action="store_true", help="skip popularity and central")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its checkpoint")
+    p.add_argument(
+        "--register-users",
+        action="store_true",
+        default=None,
+        help="register each client's user count, as `fedrec certs set-users` does for a partner "
+        "site: a reply stating more users is weighed at the count",
+    )
     p.set_defaults(func=cmd_simulate)
     p = sub.add_parser("train-central", help="train the same models centrally (baseline)")
     _data_flags(p)

@@ -136,6 +136,10 @@ class FedrecConfig:
     # million users would otherwise own the average. The largest honest ML-100K silo is 7.0x the
     # median (196 of 28 users); near-equal or synthetic silos 1.3-1.7x (strategies/screen.py)
     max_weight_factor: float = 10.0
+    # simulation only: the platform registers each client's user count (its partition's), as
+    # `fedrec certs set-users` does for a partner site, and a reply stating more users than its
+    # client's count is weighed at the count, before the relative cap (simulation/registry.py)
+    register_users: bool = False
     proximal_mu: float = 0.01  # FedProx only
     server_lr: float = 0.01  # FedAdam only
     server_momentum: float = 0.5  # FedAvgM only (Hsu et al. 2019), server learning rate 1
@@ -234,6 +238,8 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.norm_reference in ("size", "median"), "norm_reference", "must be size or median"),
         (cfg.max_weight_factor == 0 or cfg.max_weight_factor > 1, "max_weight_factor",
          "must be above 1 (or 0 to leave the weights as the clients state them)"),
+        (not (cfg.register_users and cfg.secure_aggregation), "register_users",
+         "has no effect under secure aggregation (every survivor's reply holds the same mean)"),
         (cfg.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}"),
         (0 <= cfg.server_momentum < 1, "server_momentum", "must be in [0, 1)"),
         (cfg.max_len >= 2, "max_len", "must be at least 2"),

@@ -113,6 +113,11 @@ def _register(site: Site, certs: CertDir, name: str) -> str:
 def submit_run(site: Site, cfg: FedrecConfig, *, resume: Path | None = None) -> int:
     """Start fedrec on the federation through ``flwr run``; return the run id. With ``resume``
     (an unfinished run directory on this machine) the ServerApp continues that run."""
+    if cfg.register_users:
+        raise DeployError(
+            "register_users is for simulations; a deployed run takes its partners' user counts "
+            "from the certificate manifest (fedrec certs set-users NAME N)"
+        )
     host, port = launch.parse_address(site.local)
     probe_superlink(host, port, ca_cert=site.certs.ca_cert if site.certs else None)
     write_connection(site)

@@ -27,12 +27,13 @@ def make_server_app(
     on_round: OnRound | None = None,
     on_done: Callable[[FederationResult], None] | None = None,
     resume: bool = False,
+    registered: Callable[[Grid], Mapping[int, int]] | None = None,
 ) -> ServerApp:
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        result = run_federation(grid, cfg, run, on_round, resume=resume)
+        result = run_federation(grid, cfg, run, on_round, resume=resume, registered=registered)
         if on_done is not None:
             on_done(result)
 

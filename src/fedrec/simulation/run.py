@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,6 +20,7 @@ from fedrec.client.replay import DIRNAME as RELEASES_DIRNAME
 from fedrec.config import ConfigError, FedrecConfig
 from fedrec.rundir import RunDir, create_run_dir
 from fedrec.server.federation import FederationResult, OnRound
+from fedrec.simulation.registry import Registrar, simulated_registry
 from fedrec.workload import build_workload
 
 if TYPE_CHECKING:
@@ -91,11 +93,20 @@ def simulate(
     cfg = with_contributors(cfg, n_clients)
     run = _resumable(cfg, resume_from) if resume_from is not None else create_run_dir(cfg)
     holder: dict[str, FederationResult] = {}
-    server_app = make_server_app(
-        cfg, run, on_round, on_done=lambda r: holder.update(r=r), resume=resume_from is not None
-    )
-    t0 = time.perf_counter()
-    run_engine(server_app, client_app or fedrec_client, n_clients, workers, verbose=verbose)
+    client_app = client_app or fedrec_client
+    with tempfile.TemporaryDirectory(prefix="fedrec-registry-") as nodes:
+        registered = None
+        if cfg.register_users:  # fedrec.simulation.registry
+            work = build_workload(cfg)
+            users = [work.client_data(c).n_users for c in range(n_clients)]
+            registered = simulated_registry(Path(nodes), users)
+            client_app = Registrar(client_app, Path(nodes))
+        server_app = make_server_app(
+            cfg, run, on_round, on_done=lambda r: holder.update(r=r),
+            resume=resume_from is not None, registered=registered,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        run_engine(server_app, client_app, n_clients, workers, verbose=verbose)
     if "r" not in holder:
         raise RuntimeError(f"the simulation ended without a result; see the log ({run.path})")
     log.info("simulation finished in %.1f s", time.perf_counter() - t0)

@@ -28,6 +28,7 @@ def test_kebab_case_keys_from_flower_run_config_are_accepted():
         ({"reject_min_cosine": -1.5}, "reject_min_cosine"),
         ({"server_momentum": 1.0}, "server_momentum"),
         ({"strategy": "krum", "secure_aggregation": True}, "secure_aggregation"),
+        ({"register_users": True, "secure_aggregation": True}, "register_users"),
         ({"privacy.epsilon": 0}, "privacy.epsilon"),
         ({"privacy.delta": 1.0}, "privacy.delta"),
         ({"tasks": {"recall": {"lr": -1}}}, "tasks.recall.lr"),

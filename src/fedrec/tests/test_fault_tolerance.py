@@ -198,3 +198,34 @@ def test_a_client_overstating_its_users_is_weighed_at_10x_the_median_in_a_real_r
         users = stated / 1000  # the attacker's own users, stated 1000x
         assert users == int(users) and 1 <= users <= median * 4 and lowered == int(10 * median)
     assert summary["rejected_per_round"] == {"1": 0, "2": 0}
+
+
+@pytest.mark.slow
+def test_registered_user_counts_weigh_an_overstating_client_at_its_own_users(tmp_path):
+    """With register_users the simulation registers each client's user count (as `fedrec
+    certs set-users` does for a partner site): the same 1000x liar is weighed at exactly its
+    own users, every node's count is its partition's, and no honest weight is touched."""
+    from fedrec.client.app import app
+    from fedrec.workload import build_workload
+
+    plan = FaultPlan(attack_share=0.2, weight_factor=1000, seed=2)
+    cfg = _cfg(
+        tmp_path, dataset="synthetic:merchants=5,users=200,items=300", rounds=2,
+        register_users=True,
+    )  # fmt: skip
+    _, summary = simulate(cfg, baselines=False, client_app=with_faults(app, plan))
+    work = build_workload(cfg)
+    sizes = sorted(work.client_data(c).n_users for c in range(work.partition.n_clients))
+    registered = summary["registered_users"]
+    assert len(registered) == 5 and sorted(registered.values()) == sizes
+    (attacker,) = plan.attackers(5)
+    adjusted = summary["rescaled_updates"]
+    assert [r["round"] for r in adjusted] == [1, 2] and len({r["node"] for r in adjusted}) == 1
+    for r in adjusted:
+        stated, lowered = map(float, re.search(
+            r"weight 'num-examples' (\S+) lowered to (\S+) \(the users registered",
+            r["reason"]).groups())  # fmt: skip
+        assert stated == 1000 * lowered
+        assert lowered == work.client_data(attacker).n_users
+        assert registered[str(r["node"])] == lowered
+    assert summary["rejected_per_round"] == {"1": 0, "2": 0}

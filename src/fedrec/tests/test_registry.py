@@ -76,6 +76,16 @@ def test_cli_sets_and_clears_a_count(certs, capsys):
     assert read_manifest(certs.path)["partners"]["initech"]["users"] == 9
 
 
+def test_a_deployed_run_refuses_the_simulations_registry(certs, tmp_path, capsys):
+    """register_users is the simulation's stand-in for the manifest: `fedrec server run` says
+    where a deployment's counts come from, before it touches the (here absent) SuperLink."""
+    conf = tmp_path / "run.toml"
+    conf.write_text("register_users = true\n")
+    argv = ["server", "run", "--config", str(conf), "--certs", str(certs.path)]
+    assert main([*argv, "--address", "127.0.0.1:1"]) == 2
+    assert "fedrec certs set-users" in capsys.readouterr().err
+
+
 def test_the_bundle_names_the_directory_never_the_counts(certs, tmp_path):
     from fedrec.config import load_config
 
