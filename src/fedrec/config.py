@@ -158,7 +158,7 @@ class FedrecConfig:
     # budget; fedrec.fusion.prior); none: the task models only
     fusion_prior: str = "content"
     secure_aggregation: bool = False  # the server learns only the sum of each round's updates
-    out: str = ""  # run directory; empty = runs/<dataset>-<time>
+    out: str = ""  # run directory; empty = runs/<kind>-<dataset>-<time>
     tasks: Mapping[str, TaskConfig] = field(
         default_factory=lambda: {
             # Recall and ranking need more local passes than SASRec: with 2 epochs of batch 32
