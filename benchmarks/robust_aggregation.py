@@ -87,7 +87,7 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
     done = Path(over["out"]) / "summary.json"
     if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
         summary = json.loads(done.read_text())
-        _check_cached(Path(over["out"]), over, summary)
+        _check_cached(Path(over["out"]), over, summary, attack)
     else:
         client_app = None
         if (attack_spec := ATTACKS[attack]) is not None:
@@ -100,12 +100,14 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
     return {**_hr(summary), "honest": honest_users_hr(Path(over["out"]), seed, args)}
 
 
-def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
+def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str) -> None:
     """Refuse a finished run made under other screen settings than this sweep's. A run made
     before ``norm_outliers`` existed rejected norm outliers, and one made before
     ``norm_reference`` existed compared norms with the round's median; a run in which nothing
     was over the norm rule is the same run under either action, and one in which no weight was
-    lowered the same under any weight cap."""
+    lowered the same under any weight cap. A run is the same with or without registered counts
+    when its clients state their users honestly (every attack but ``inflate``), or when the
+    counts were on and lowered nothing."""
     stored = tomllib.loads((run_dir / "config.toml").read_text())
     stored.setdefault("norm_outliers", "reject")
     stored.setdefault("norm_reference", "median")
@@ -128,7 +130,8 @@ def _check_cached(run_dir: Path, over: dict, summary: dict) -> None:
         and not any("update norm" in r and "median" in r for r in rejected),
         "max_weight_factor": not any("lowered to" in r for r in [*adjusted, *rejected])
         and stored_cap > 0 and (cap == 0 or cap >= stored_cap),
-        "register_users": not any("registered" in r for r in adjusted),
+        "register_users": (ATTACKS[attack] or (1.0, 1))[1] == 1
+        or (stored["register_users"] and not any("registered" in r for r in [*adjusted, *rejected])),
     }
     diff = [k for k in diff if not moot.get(k, False)]
     if diff:

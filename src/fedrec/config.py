@@ -18,6 +18,11 @@ from typing import Any
 from fedrec.errors import FedrecError
 
 TASKS = ("recall", "ranking", "personal")
+# fields added after runs and partner sites existed, written (config.toml, the JSON every
+# client gets, the checkpoint's config hash) only when set: an unfinished run of an earlier fedrec
+# still resumes (same hash) and a partner site on an earlier fedrec still accepts the default
+# config (it refuses keys it does not know)
+SET_ONLY: dict[str, Any] = {"register_users": False}
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 # strategies that need only the (weighted) sum of the updates, which secure aggregation gives
 SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
@@ -179,6 +184,9 @@ class FedrecConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        for key, default in SET_ONLY.items():
+            if data[key] == default:
+                del data[key]
         data["tasks"] = {name: dataclasses.asdict(t) for name, t in self.tasks.items()}
         data["privacy"]["task_shares"] = list(self.privacy.task_shares)
         return data
@@ -240,6 +248,10 @@ def _validate(cfg: FedrecConfig) -> None:
          "must be above 1 (or 0 to leave the weights as the clients state them)"),
         (not (cfg.register_users and cfg.secure_aggregation), "register_users",
          "has no effect under secure aggregation (every survivor's reply holds the same mean)"),
+        (not cfg.register_users or cfg.strategy in SUM_STRATEGIES, "register_users",
+         f"caps FedAvg weights; strategy {cfg.strategy} weighs every reply alike"),
+        (not cfg.register_users or cfg.privacy.mode != "user", "register_users",
+         "has no effect under user-level DP (every reply's weight is 1)"),
         (cfg.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}"),
         (0 <= cfg.server_momentum < 1, "server_momentum", "must be in [0, 1)"),
         (cfg.max_len >= 2, "max_len", "must be at least 2"),

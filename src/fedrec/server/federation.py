@@ -54,7 +54,7 @@ class FederationResult:
     secure_rounds: dict[int, dict[str, float]] | None = None  # protocol metrics per round
     resumes: list[dict] = field(default_factory=list)  # one entry per resume (server/checkpoint.py)
     skipped_rounds: list[int] = field(default_factory=list)  # begun, never aggregated (resume.py)
-    # {node id: registered user count} the screen capped weights at (deployed runs with counts;
+    # {node id: registered user count} the screen capped weights at (deployed runs with counts, simulations with register_users;
     # in a resumed run, those of the resumed part)
     registered_users: dict[int, int] = field(default_factory=dict)
 

@@ -9,9 +9,12 @@ client's users. What it lacks is the node -> partition map, which only the node'
 (``node_config["partition-id"]``) holds.
 
 ``Registrar`` is that channel: the outermost layer of the simulated ClientApp, around fedrec's
-own app and around any attack a benchmark wraps it in (``fedrec.simulation.faults``), so the
-map is written by the engine's side of every node before the app sees a message, and no reply
-content (which an attacker controls) enters it. Each node writes ``DIR/<node id>`` once, holding
+own app and around any attack a benchmark wraps it in (``fedrec.simulation.faults``). It writes
+the map from the node's context before the app sees a message, and no reply content (which an
+attacker controls) enters it. It runs in the same process as the app it wraps, so the wrapped
+code is trusted not to reach around it: the attacks of ``faults`` change replies only. (A
+deployment needs no such trust: there the node is matched by the key it authenticated with.)
+Each node writes ``DIR/<node id>`` once, holding
 its partition id; ``simulated_registry`` answers the strategy's question (``Observed``: the
 grid's nodes -> registered users) from those files and the partition's user counts. A node
 that has not handled a message yet has no file; the strategy asks again at aggregation for

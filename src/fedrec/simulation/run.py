@@ -6,6 +6,7 @@ user's mistake costs one clear line, not a half-written run directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -94,13 +95,14 @@ def simulate(
     run = _resumable(cfg, resume_from) if resume_from is not None else create_run_dir(cfg)
     holder: dict[str, FederationResult] = {}
     client_app = client_app or fedrec_client
-    with tempfile.TemporaryDirectory(prefix="fedrec-registry-") as nodes:
+    with contextlib.ExitStack() as stack:
         registered = None
         if cfg.register_users:  # fedrec.simulation.registry
+            nodes = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedrec-nodes-")))
             work = build_workload(cfg)
             users = [work.client_data(c).n_users for c in range(n_clients)]
-            registered = simulated_registry(Path(nodes), users)
-            client_app = Registrar(client_app, Path(nodes))
+            registered = simulated_registry(nodes, users)
+            client_app = Registrar(client_app, nodes)
         server_app = make_server_app(
             cfg, run, on_round, on_done=lambda r: holder.update(r=r),
             resume=resume_from is not None, registered=registered,

@@ -54,13 +54,14 @@ class Observed(Strategy):
     ) -> None:
         self.inner = inner
         self.screen = screen
-        # grid -> {node id: users registered for its partner} of the nodes online now: the
-        # screen's first cap on a FedAvg weight (fedrec.deploy.registry)
+        # grid -> {node id: users registered for it} of the nodes online now: the screen's first
+        # cap on a FedAvg weight (fedrec.deploy.registry; in simulation, simulation/registry.py)
         self.registered = registered
         self.rounds: dict[int, RoundLog] = {}
         self._sent: ArrayRecord | None = None  # the global model of the round being trained
         self._grid: Grid | None = None
-        # every count seen this run: it only grows (a node id stays bound to its key), so a
+        # every count seen this run: it only grows (a node id stays bound to its key, or its
+        # partition in simulation), so a
         # node offline when the grid is asked keeps the count it had when it was online
         self._counts: dict[int, int] = {}
 

@@ -124,7 +124,7 @@ class UpdateScreen:
     ) -> tuple[list[Message], list[Rejection], list[Rejection]]:
         """Like :meth:`screen`, plus the replies rescaled to their predicted norm or whose weight
         was lowered (node, reason): these are among the kept ones, their content changed.
-        ``registered``: {node id: the users registered for its partner}, a weight's first cap
+        ``registered``: {node id: the users registered for it}, a weight's first cap
         (``fedrec.deploy.registry``); the relative cap then applies to what is left."""
         reference = {k: v.numpy() for k, v in sent.items()}
         kept: list[Message] = []
@@ -191,7 +191,7 @@ class UpdateScreen:
                     else float(count)
                 out[id(msg)] = (
                     f"weight '{self.weight_key}' {weight:g} lowered to {count} (the users "
-                    "registered for its partner)"
+                    "registered for it)"
                 )
         return out
 

@@ -1,3 +1,4 @@
+import json
 import tomllib
 from dataclasses import replace
 
@@ -29,6 +30,8 @@ def test_kebab_case_keys_from_flower_run_config_are_accepted():
         ({"server_momentum": 1.0}, "server_momentum"),
         ({"strategy": "krum", "secure_aggregation": True}, "secure_aggregation"),
         ({"register_users": True, "secure_aggregation": True}, "register_users"),
+        ({"register_users": True, "strategy": "krum"}, "register_users"),
+        ({"register_users": True, "privacy.mode": "user"}, "register_users"),
         ({"privacy.epsilon": 0}, "privacy.epsilon"),
         ({"privacy.delta": 1.0}, "privacy.delta"),
         ({"tasks": {"recall": {"lr": -1}}}, "tasks.recall.lr"),
@@ -77,3 +80,16 @@ def test_fusion_under_dp_is_fitted_on_no_data_unless_asked_and_then_disclosed():
         assert releases_outside_ledger(replace(asked, privacy=plain.privacy)) == []
     with pytest.raises(ConfigError, match="fusion_fit"):
         load_config(None, {"fusion_fit": "best"})
+
+
+def test_a_field_added_later_is_written_only_when_set():
+    """An unfinished run of an earlier fedrec hashes its config the same (it resumes) and an
+    earlier partner site accepts the default config: register_users appears only when on."""
+    from fedrec.config import from_json
+
+    default = FedrecConfig()
+    assert "register_users" not in default.to_dict() and "register_users" not in default.to_toml()
+    assert from_json(default.to_json()) == default
+    on = load_config(None, {"register_users": True})
+    assert json.loads(on.to_json())["register_users"] is True
+    assert from_json(on.to_json()) == on and on.to_json() != default.to_json()

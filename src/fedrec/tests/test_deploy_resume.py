@@ -312,7 +312,7 @@ def test_a_deployed_run_killed_after_round_1_resumes_and_releases_nothing_twice(
     assert json.loads((out / HOLDER).read_text())["flower_run_id"] != first
     assert summary["registered_users"] == {str(acme): 1}
     lowered = {(e["round"], e["node"]) for e in summary.get("rescaled_updates", [])
-               if "lowered to 1 (the users registered for its partner)" in e["reason"]}  # fmt: skip
+               if "lowered to 1 (the users registered for it)" in e["reason"]}  # fmt: skip
     assert {(k, acme) for k in range(after + 1, 4)} <= lowered, summary.get("rescaled_updates")
     assert {node for _, node in lowered} == {acme}
     for i, name in enumerate(names):

@@ -505,7 +505,7 @@ def test_a_registered_user_count_caps_the_weight_a_partner_states():
     strategy.configure_train(1, _sent(), ConfigRecord(), _NoNodes())
     arrays, _ = strategy.aggregate_train(1, [*honest, liar])
     (node, why), = strategy.rounds[1].rescaled
-    assert node == 99 and "1e+06 lowered to 30 (the users registered for its partner)" in why
+    assert node == 99 and "1e+06 lowered to 30 (the users registered for it)" in why
     assert "median weight" not in why  # 30 is under 10x the median: the relative cap is moot
     assert "predicted for its 30 users" in why  # the norm rule predicts from the count
     weights = [*SIZES, 30]
@@ -549,7 +549,7 @@ def test_a_registered_count_needs_no_median():
     two = [_reply(1, weight=10), _reply(2, weight=10_000)]  # no median needed for a count
     _, _, rescaled = UpdateScreen(norm_factor=0).screen_all(_sent(), two, {2: 50})
     assert rescaled == [(2, "weight 'num-examples' 10000 lowered to 50 (the users registered "
-                            "for its partner)")]  # fmt: skip
+                            "for it)")]  # fmt: skip
     assert next(iter(two[1].content.metric_records.values()))["num-examples"] == 50
 
 
