@@ -160,6 +160,57 @@ def fusion(msg: Message, context: Context) -> Message:
         return Message(Error(code=ERROR_CODE_FAILED, reason=str(err)), reply_to=msg)
 
 
+@app.query("dpfusion")
+def dp_fusion(msg: Message, context: Context) -> Message:
+    """The DP fusion fit of a deployed record-level run: this site's noisy validation NDCG sums,
+    its own Gaussian release, in its ledger before the reply leaves (fedrec.client.dp_fusion)."""
+    config = msg.content["config"]
+    cfg = _site_config(from_json(str(config["fedrec"])), context)
+    client = int(context.node_config["partition-id"])
+    reason = _site_refusal(cfg, context) or _no_site_ledger(cfg, context)
+    if not reason and not (_deployed(context) and fusion_fit_mode(cfg) == "dp"):
+        reason = ("only a partner site of a record-level DP run whose config asks for the DP "
+                  "fusion fit releases DP fusion sums (a simulation fits it on the server)")  # fmt: skip
+    if reason:
+        log.error("client %d refused a DP fusion query: %s", client, reason)
+        return Message(Error(code=ERROR_CODE_FAILED, reason=reason), reply_to=msg)
+    ledger_path = _ledger_path(config, context)
+    assert ledger_path is not None  # a deployed site without its own ledger was refused above
+    try:
+        with _release_lock(cfg, ledger_path, client):
+            return _dp_fusion(msg, cfg, client, ledger_path, context)
+    except CLIENT_FAILURES as err:
+        return error_reply(msg, err, f"client {client} failed the DP fusion release")
+
+
+def _dp_fusion(
+    msg: Message, cfg: FedrecConfig, client: int, ledger_path: str, context: Context
+) -> Message:
+    import torch
+
+    from fedrec.client.dp_fusion import site_fusion_release
+    from fedrec.client.local import build_task_models
+    from fedrec.fusion.dp import validation_sums
+    from fedrec.strategies.records import ARRAYS_KEY, unpack_into
+    from fedrec.workload import build_workload
+
+    torch.set_num_threads(1)
+
+    def exact_sums(cands):
+        work = build_workload(cfg)
+        if len(work.valid.users) == 0:
+            raise ValueError(f"client {client} has no validation users to score fusions on")
+        models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
+        unpack_into(msg.content[ARRAYS_KEY], models)
+        return validation_sums(models, work, cands)
+
+    return site_fusion_release(
+        msg, cfg, client, ledger_path=ledger_path,
+        run_id=str(msg.content["config"].get("run-id", "")), budget=_site_budget(context),
+        exact_sums=exact_sums,
+    )  # fmt: skip
+
+
 def _deployed(context: Context) -> bool:
     """A partner site's SuperNode (``fedrec client start`` names its data in the node config),
     not a simulated client."""

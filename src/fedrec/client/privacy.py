@@ -217,9 +217,9 @@ def client_privacy(
         return None
     plan = release_plan(cfg, data.n_users)
     shares = dict(zip(cfg.tasks, cfg.privacy.task_shares, strict=False))
-    # a simulated run's DP fusion fit releases once more on these users after the last round
-    # (fedrec.fusion.dp); a deployed run's server cannot write a site's ledger: no fit there
-    reserve = () if deployed or site else fusion_reserve(cfg)
+    # the DP fusion fit releases once more on these users after the last round: on the server
+    # in simulation (fedrec.fusion.dp), by each site itself when deployed (client/dp_fusion.py)
+    reserve = fusion_reserve(cfg)
     return privacy_controller(
         cfg, context, client, plan, shares, n_users=data.n_users, ledger_path=ledger_path,
         run_id=run_id, site=site, site_budget=site_budget, deployed=deployed, reserve=reserve,

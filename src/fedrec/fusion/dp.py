@@ -23,9 +23,10 @@ second. Whenever an earlier attempt drew the noise (some ledger holds the releas
 file exists, even damaged), every client's ledger is given its line first; then, if the kept
 file is gone or damaged, the run is not fitted again (equal weights): a new draw would be a
 second release.
-A deployed run's clients keep their ledgers on their sites, where the server cannot write: no
-fit there (equal weights), and its clients set nothing aside. ``benchmarks/dp_fusion.py``
-measures what the fit gains and costs.
+A deployed run's clients keep their ledgers on their sites, where the server cannot write: there
+each site makes the release on its own validation users, with its own noise, and ledgers it
+(``fedrec.client.dp_fusion``; the server sums the sites' noisy sums, ``site_dp_fusion``).
+``benchmarks/dp_fusion.py`` measures what the fit gains and costs.
 """
 
 from __future__ import annotations

@@ -76,7 +76,9 @@ def main(grid: Grid, context: Context) -> None:
     with hold_run(run, context.run_id):
         if resume:
             check_resumable(run, cfg)
-        result = run_federation(grid, cfg, run, resume=bool(resume), registered=registered)
+        result = run_federation(
+            grid, cfg, run, resume=bool(resume), registered=registered, deployed=True
+        )
         write_outputs(cfg, run, result, baselines=False)
 
 

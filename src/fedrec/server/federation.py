@@ -25,7 +25,7 @@ from fedrec.rundir import RunDir, append_metrics
 from fedrec.scoring import evaluate_model
 from fedrec.secagg.params import SecAggConfig, SecAggError
 from fedrec.server.checkpoint import Progress, mark_round_started, save_checkpoint
-from fedrec.server.fusion import FederatedFusion, federated_fusion
+from fedrec.server.fusion import FederatedFusion, SiteDPFusion, federated_fusion, site_dp_fusion
 from fedrec.server.prompt_grid import prompt
 from fedrec.server.resume import resume_state
 from fedrec.server.rounds import run_rounds, wait_for_nodes
@@ -57,6 +57,8 @@ class FederationResult:
     # {node id: registered user count} the screen capped weights at (deployed runs with counts, simulations with register_users;
     # in a resumed run, those of the resumed part)
     registered_users: dict[int, int] = field(default_factory=dict)
+    # the DP fusion fit of a deployed record-level run: each site's own release (client/dp_fusion.py)
+    site_fusion: SiteDPFusion | None = None
 
 
 OnRound = Callable[[int, list[dict], RoundLog], None]
@@ -70,10 +72,13 @@ def run_federation(
     *,
     resume: bool = False,
     registered: Callable[[Grid], Mapping[int, int]] | None = None,
+    deployed: bool = False,
 ) -> FederationResult:
     """Train ``cfg.rounds`` rounds (from the run's last checkpoint when ``resume``).
     ``registered``: the grid's nodes -> their partners' registered user counts, which cap the
-    FedAvg weight each reply states (deployed runs: ``fedrec.deploy.registry``)."""
+    FedAvg weight each reply states (deployed runs: ``fedrec.deploy.registry``).
+    ``deployed``: the clients are partner sites keeping their own ledgers, so a DP fusion fit
+    is their releases, asked for after the last round (``site_dp_fusion``)."""
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     grid = prompt(grid)  # replies seen within a second, not Flower's 3-s poll (deployed runs)
     work = build_workload(cfg)
@@ -159,6 +164,9 @@ def run_federation(
     fusion = None
     if fusion_fit_mode(cfg) == "federated" and progress.round > 0:
         fusion = federated_fusion(grid, cfg, models)
+    site_fusion = None
+    if deployed and fusion_fit_mode(cfg) == "dp" and progress.round > 0:
+        site_fusion = site_dp_fusion(grid, cfg, models, run)
     skipped = [r for entry in progress.resumes for r in entry.get("skipped_rounds", [])]
     return FederationResult(
         models,
@@ -173,6 +181,7 @@ def run_federation(
         resumes=progress.resumes,
         skipped_rounds=skipped,
         registered_users=strategy.registered_counts,
+        site_fusion=site_fusion,
     )
 
 

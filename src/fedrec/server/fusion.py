@@ -1,8 +1,13 @@
-"""The server's side of the federated fusion fit (see fedrec.fusion.federated).
+"""The server's side of the federated fusion fits.
 
-After the last round the server sends the final global models and one candidate set to every
-client as a ``query.fusion`` message, sums the replies' NDCG sums and user counts, and keeps
-the best weighting. Clients that fail or do not answer are left out and counted.
+Federated fit (``fusion_fit = "federated"``, fedrec.fusion.federated): after the last round the
+server sends the final global models and one candidate set to every client as a
+``query.fusion`` message, sums the replies' NDCG sums and user counts, and keeps the best
+weighting. Clients that fail or do not answer are left out and counted.
+
+DP fit of a deployed record-level run (``fusion_fit = "dp"``, fedrec.client.dp_fusion): a
+``query.dpfusion`` message to every site; each answers its own Gaussian release of its
+validation sums, and the server keeps the argmax of their total.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from flwr.serverapp import Grid
 
 from fedrec.client.fusion_query import SUMS_KEY, USERS_KEY
 from fedrec.config import FedrecConfig
+from fedrec.fusion.dp import NORMALIZATION, RELEASE_FILE, DPFusion, candidates
 from fedrec.fusion.federated import GRID_STEP, Candidates, choose
 from fedrec.fusion.fusers import WeightedFuser
+from fedrec.rundir import RunDir, write_json_atomic
 from fedrec.strategies.records import ARRAYS_KEY, pack
 
 log = logging.getLogger(__name__)
@@ -65,3 +72,75 @@ def federated_fusion(grid: Grid, cfg: FedrecConfig, models: dict) -> FederatedFu
         raise RuntimeError("federated fusion: no client returned validation sums")
     fuser, ndcg = choose(total, users, cand)
     return FederatedFusion(fuser, ndcg, answered, len(nodes) - answered, users)
+
+
+@dataclass(frozen=True)
+class SiteDPFusion:
+    dp: DPFusion  # the choice (fuser None: no site answered; equal weights)
+    ledger_entries: list[str]  # the sites' ledger lines of the release, as their replies hold
+
+
+def site_dp_fusion(grid: Grid, cfg: FedrecConfig, models: dict, run: RunDir) -> SiteDPFusion:
+    """Ask every connected site for its DP release of validation sums; choose on their total.
+
+    The sums received are kept in the run directory (``fusion_release.json``) before the
+    choice; the sites keep theirs, so asking again (outputs made again after a crash) gets the
+    same draws back. A reply with other candidates or a non-finite sum is left out and logged:
+    a site may still lie within finite values, which can only move the choice among the
+    candidates (docs/partner-site.md)."""
+    from fedrec.client.dp_fusion import LEDGER_KEY, NAMES_KEY
+    from fedrec.client.dp_fusion import SUMS_KEY as DP_SUMS_KEY
+
+    tasks = list(models)
+    cands = candidates(tasks)
+    config = ConfigRecord(
+        {"fedrec": cfg.to_json(), "fusion-tasks": tasks, "run-id": run.path.name}
+    )
+    nodes = sorted(grid.get_node_ids())
+    messages = [
+        Message(RecordDict({ARRAYS_KEY: pack(models), "config": config}), dst_node_id=node,
+                message_type="query.dpfusion")
+        for node in nodes
+    ]  # fmt: skip
+    total = dict.fromkeys(cands, 0.0)
+    per_site: dict[str, dict[str, float]] = {}
+    entries: list[str] = []
+    failed: list[str] = []
+    for reply in grid.send_and_receive(messages, timeout=FUSION_TIMEOUT_S):
+        node = str(reply.metadata.src_node_id)
+        if reply.has_error():
+            failed.append(f"node {node}: {reply.error.reason}")
+            continue
+        try:
+            names = [str(n) for n in reply.content[NAMES_KEY][NAMES_KEY]]
+            sums = [float(v) for v in reply.content[DP_SUMS_KEY][DP_SUMS_KEY].numpy().ravel()]
+            lines = [str(e) for e in reply.content[LEDGER_KEY]["entries"]]
+        except (KeyError, TypeError, ValueError) as err:
+            failed.append(f"node {node}: malformed reply ({err!r})")
+            continue
+        if sorted(names) != sorted(cands) or len(sums) != len(names) \
+                or not np.isfinite(sums).all():
+            failed.append(f"node {node}: candidates {names} with sums {sums} (expected "
+                          f"{sorted(cands)}, finite)")  # fmt: skip
+            continue
+        per_site[node] = dict(zip(names, sums, strict=True))
+        entries += lines
+        for name, value in per_site[node].items():
+            total[name] += value
+    for problem in failed:
+        log.warning("DP fusion fit: %s", problem)
+    if not per_site:
+        return SiteDPFusion(DPFusion(None, "DP fusion fit: no site answered"), [])
+    best = max(total, key=lambda name: total[name])
+    write_json_atomic(run.path / RELEASE_FILE, {
+        "noise_multiplier": cfg.privacy.fusion_noise, "sites": per_site, "noisy_sums": total,
+        "chosen": best, "failed": failed,
+    })  # fmt: skip
+    fuser = WeightedFuser.from_weights(cands[best], NORMALIZATION)
+    reason = (
+        f"DP: each of {len(per_site)} sites released its validation NDCG@10 sums of "
+        f"{len(cands)} candidates with its own Gaussian noise (multiplier "
+        f"{cfg.privacy.fusion_noise:g}, in its ledger as task 'fusion'; {len(failed)} did not); "
+        f"chose {best} on their total"
+    )
+    return SiteDPFusion(DPFusion(fuser, reason), entries)

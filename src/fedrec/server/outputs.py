@@ -56,7 +56,10 @@ def write_outputs(
     for release in releases_outside_ledger(cfg):
         log.warning("this DP run releases %s", release)
     chosen = result.fusion.fuser if result.fusion else None
-    dp = dp_fusion_fit(cfg, run, work, result.models) if mode == "dp" else None
+    dp = None
+    if mode == "dp":  # deployed: the sites' own releases; simulated: one release here
+        site = result.site_fusion
+        dp = site.dp if site else dp_fusion_fit(cfg, run, work, result.models)
     if dp is not None:
         chosen = dp.fuser
         if dp.fuser is None:
@@ -121,6 +124,7 @@ def write_outputs(
         summary["secure_aggregation"] = {"rounds": result.secure_rounds}
     if cfg.privacy.mode != "none":
         received = [e for _, rlog in sorted(result.rounds.items()) for e in rlog.ledger_entries]
+        received += result.site_fusion.ledger_entries if result.site_fusion else []
         summary["privacy"] = privacy_summary(cfg, run, received)
     write_report(run, summary, read_metrics(run))
     finish(run, summary)

@@ -437,9 +437,10 @@ def test_node_without_the_federations_ca_cannot_connect(federation):
 @pytest.mark.slow
 def test_two_rounds_on_three_sites_survive_a_site_killed_mid_run(federation):
     """TLS, node authentication and secure aggregation with record-level DP: the server sees
-    only sums; a site killed during round 2 drops out of the protocol and the run finishes."""
+    only sums; a site killed during round 2 drops out of the protocol and the run finishes;
+    the surviving sites each release their DP fusion sums, in their own ledgers."""
     from fedrec.deploy.server import submit_run, wait_for_run
-    from fedrec.privacy import read_ledger, verify_chain
+    from fedrec.privacy import audit_ledger, read_ledger, verify_chain
 
     sites = [federation.start(n, i) for i, n in enumerate(("acme", "globex", "initech"))]
     out = federation.root / "run"
@@ -477,6 +478,17 @@ def test_two_rounds_on_three_sites_survive_a_site_killed_mid_run(federation):
     for name in ("acme", "globex", "initech"):
         site_ledger = federation.root / f"site-{name}" / "privacy_ledger.jsonl"
         assert verify_chain(site_ledger, site=True).ok and read_ledger(site_ledger)
+        audit = audit_ledger(site_ledger, site=True)
+        assert audit.ok, audit.problems
+        # the DP fusion fit: each live site released its own noisy sums, in its own ledger
+        fusion = [e for e in read_ledger(site_ledger) if e["task"] == "fusion"]
+        assert len(fusion) == (0 if name == "initech" else 1)
+        assert all(e["epsilon_composed"] <= 8.0 and e["round"] == 2 for e in fusion)
+    fitted = summary["fusion"]["fitted_on"]
+    assert fitted.startswith("DP: each of 2 sites released"), fitted
+    release = json.loads((out / "fusion_release.json").read_text())
+    assert len(release["sites"]) == 2 and release["chosen"] in release["noisy_sums"]
+    assert summary["privacy"]["max_epsilon"] <= 8.0
     assert not (out / "INCOMPLETE").exists()
 
 

@@ -318,7 +318,11 @@ def test_a_deployed_run_killed_after_round_1_resumes_and_releases_nothing_twice(
     for i, name in enumerate(names):
         assert verify_chain(ledgers[name], run_id=out.name).ok  # fedrec's run id, not Flower's
         releases = Counter((e["client"], e["task"], e["round"]) for e in read_ledger(ledgers[name]))
-        assert releases == {(f"client-{i}", "recall", k): 1 for k in (1, 2, 3)}
+        # each round's release once, and the DP fusion fit's (made by the resumed ServerApp)
+        assert releases == {
+            **{(f"client-{i}", "recall", k): 1 for k in (1, 2, 3)}, (f"client-{i}", "fusion", 3): 1
+        }
+    assert summary["fusion"]["fitted_on"].startswith("DP: each of 3 sites released")
 
 
 def _wait_for_checkpoint(out: Path, round_: int, *, timeout: float) -> None:

@@ -44,11 +44,13 @@ DELTA = 1e-3
 TASKS = ("recall", "ranking", "personal")
 
 
-def _cfg(rounds: int = 1, epsilon: float = 2.0):
+def _cfg(rounds: int = 1, epsilon: float = 2.0, fusion_fit: str = "fixed"):
+    """A site's run; without the DP fusion fit unless asked (its reserve would leave part of
+    each run's budget unspent by these tests' training-only runs)."""
     return load_config(None, {
         "dataset": "synthetic:merchants=2,users=80,items=200", "partition": "site",
         "rounds": rounds, "privacy.mode": "record", "privacy.epsilon": epsilon,
-        "privacy.delta": DELTA,
+        "privacy.delta": DELTA, "fusion_fit": fusion_fit,
     })  # fmt: skip
 
 
@@ -396,3 +398,98 @@ def test_cli_audits_a_site_ledger_file(two_runs, tmp_path) -> None:
     assert LIFETIME in printed and "run-b" in printed and (tmp_path / "audit.json").exists()
     refused = subprocess.run([*run, "--empirical"], capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "run directory" in refused.stderr
+
+
+# --- the DP fusion fit of a deployed run: each site's own release (client/dp_fusion.py) ------
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # Message() outside a running app needs them
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def _fusion_query(cfg, models, run_id: str):
+    from flwr.app import ConfigRecord, Message
+
+    from fedrec.strategies.records import ARRAYS_KEY, pack
+
+    config = ConfigRecord({"fedrec": cfg.to_json(), "fusion-tasks": list(models), "run-id": run_id})
+    return Message(RecordDict({ARRAYS_KEY: pack(models), "config": config}), dst_node_id=1,
+                   message_type="query.dpfusion")  # fmt: skip
+
+
+def _site_fusion(cfg, ledger: Path, run_id: str, calls: list, *, budget=None):
+    """One DP fusion query answered by client 0 of the site, scoring real (untrained) models on
+    its validation users; ``calls`` counts the exact computations (new draws)."""
+    from fedrec.client.dp_fusion import NAMES_KEY, SUMS_KEY, site_fusion_release
+    from fedrec.client.local import build_task_models
+    from fedrec.fusion.dp import validation_sums
+
+    work = build_workload(cfg)
+    models = build_task_models(cfg, work.spec, 0, item_text=None)
+
+    def exact(cands):
+        calls.append(validation_sums(models, work, cands))
+        return calls[-1]
+
+    reply = site_fusion_release(
+        _fusion_query(cfg, models, run_id), cfg, 0, ledger_path=str(ledger), run_id=run_id,
+        budget=budget, exact_sums=exact,
+    )  # fmt: skip
+    names = list(reply.content[NAMES_KEY][NAMES_KEY])
+    return dict(zip(names, reply.content[SUMS_KEY][SUMS_KEY].numpy().tolist(), strict=True))
+
+
+def test_a_site_makes_the_dp_fusion_release_once_within_its_budget(
+    tmp_path, data, task_identity
+) -> None:
+    from fedrec.client.dp_fusion import kept_path
+
+    cfg = _cfg(rounds=2, epsilon=2.0, fusion_fit="dp")  # the calibration sets the fit aside
+    ledger = tmp_path / "privacy_ledger-acme.jsonl"
+    _run(cfg, data, ledger, "run-f", budget=None, rounds=2)
+    trained = ledger.read_bytes()
+    calls: list = []
+    noisy = _site_fusion(cfg, ledger, "run-f", calls)
+    (line,) = [e for e in read_ledger(ledger) if e["task"] == "fusion"]
+    assert (line["mechanism"], line["sample_rate"], line["steps"]) == ("gaussian", 1.0, 1)
+    assert line["clipping_norm"] == 2.0 and line["noise_multiplier"] == cfg.privacy.fusion_noise
+    assert line["round"] == 2 and line["run_id"] == "run-f"
+    assert 0.95 * 2.0 < line["epsilon_composed"] <= 2.0  # the reserve, spent and no more
+    exact = calls[0]
+    assert sorted(noisy) == sorted(exact) and all(noisy[n] != exact[n] for n in exact)
+    result = audit_ledger(ledger, site=True)
+    assert result.ok, result.problems
+    # asked again (outputs made again after a server crash): the kept draw, no second release
+    with_line = ledger.read_bytes()
+    assert _site_fusion(cfg, ledger, "run-f", calls) == noisy
+    assert len(calls) == 1 and ledger.read_bytes() == with_line
+    # a crash after the draw was kept, before its line: the line is written, nothing drawn
+    ledger.write_bytes(trained)
+    assert _site_fusion(cfg, ledger, "run-f", calls) == noisy
+    (again,) = [e for e in read_ledger(ledger) if e["task"] == "fusion"]
+    fresh = ("time", "hash")  # the line is written anew: its own time, so its own hash
+    assert len(calls) == 1 and {k: v for k, v in again.items() if k not in fresh} == {
+        k: v for k, v in line.items() if k not in fresh
+    }
+    assert verify_chain(ledger, site=True).ok
+    with_line = ledger.read_bytes()
+    # the kept draw lost while the ledger holds it: refused rather than drawn again
+    kept_path(ledger, "client-0", "run-f").unlink()
+    with pytest.raises(PrivacyRefusal, match="second release"):
+        _site_fusion(cfg, ledger, "run-f", calls)
+    assert len(calls) == 1 and ledger.read_bytes() == with_line
+
+
+def test_a_site_refuses_a_dp_fusion_release_past_its_budget(tmp_path, data, task_identity) -> None:
+    """A run calibrated without the fit (fusion_fit fixed) spent its budget on training: the
+    release would exceed it, so no sums leave and the ledger is untouched."""
+    ledger = tmp_path / "privacy_ledger-acme.jsonl"
+    _run(_cfg(rounds=2, epsilon=2.0), data, ledger, "run-g", budget=None, rounds=2)
+    before, calls = ledger.read_bytes(), []
+    with pytest.raises(PrivacyRefusal, match="this run's epsilon"):
+        _site_fusion(_cfg(rounds=2, epsilon=2.0, fusion_fit="dp"), ledger, "run-g", calls)
+    assert calls == [] and ledger.read_bytes() == before
