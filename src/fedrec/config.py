@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -259,7 +260,8 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.fusion_prior in ("content", "none"), "fusion_prior", "must be content or none"),
         (cfg.fusion_fit != "dp" or cfg.privacy.mode == "record", "fusion_fit",
          "'dp' needs record-level DP (--epsilon): each client's calibration sets its cost aside"),
-        (cfg.privacy.fusion_noise > 0, "privacy.fusion_noise", "must be positive, e.g. 8"),
+        (0.5 <= cfg.privacy.fusion_noise < math.inf, "privacy.fusion_noise",
+         "must be at least 0.5 (and finite), e.g. 8"),
         (not cfg.secure_aggregation or cfg.strategy in SUM_STRATEGIES, "secure_aggregation",
          f"needs strategy {', '.join(SUM_STRATEGIES)}: robust aggregators "
          "need individual updates, which secure aggregation hides"),
@@ -267,7 +269,7 @@ def _validate(cfg: FedrecConfig) -> None:
          "does not compose with user-level DP yet (Flower's wrappers clip individual updates); "
          "use record-level DP (--epsilon) with it"),
         (cfg.privacy.mode in PRIVACY_MODES, "privacy.mode", f"must be one of {PRIVACY_MODES}"),
-        (cfg.privacy.epsilon > 0, "privacy.epsilon", "must be positive"),
+        (0 < cfg.privacy.epsilon < math.inf, "privacy.epsilon", "must be positive and finite"),
         (cfg.privacy.noise in NOISE_PLACES, "privacy.noise",
          f"must be one of {', '.join(NOISE_PLACES)}"),
         (cfg.privacy.noise == "local" or cfg.privacy.mode == "record", "privacy.noise",

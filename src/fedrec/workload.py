@@ -138,7 +138,7 @@ def _eval_set(history_df, heldout, ds, feats, seen, max_len, rng) -> EvalSet:
     seqs = build_sequences(history_df, max_len, users)
     exclude = user_item_sets(history_df, ds.num_users)
     negatives = (
-        np.stack([_negatives(seen[u], ds.num_items, rng) for u in users])
+        np.stack([sampled_negatives(seen[u], ds.num_items, rng) for u in users])
         if len(users)
         else (np.zeros((0, NUM_SAMPLED_NEGATIVES), np.int64))
     )
@@ -152,7 +152,8 @@ def _eval_set(history_df, heldout, ds, feats, seen, max_len, rng) -> EvalSet:
     )
 
 
-def _negatives(seen: np.ndarray, num_items: int, rng: np.random.Generator) -> np.ndarray:
+def sampled_negatives(seen: np.ndarray, num_items: int, rng: np.random.Generator) -> np.ndarray:
+    """99 items outside ``seen``, drawn without replacement from ``rng``."""
     pool = np.setdiff1d(np.arange(num_items), seen, assume_unique=False)
     if pool.size < NUM_SAMPLED_NEGATIVES:
         raise DataError(

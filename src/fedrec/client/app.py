@@ -179,7 +179,7 @@ def dp_fusion(msg: Message, context: Context) -> Message:
     try:
         with _release_lock(cfg, ledger_path, client):
             return _dp_fusion(msg, cfg, client, ledger_path, context)
-    except CLIENT_FAILURES as err:
+    except (*CLIENT_FAILURES, KeyError, TypeError) as err:  # a malformed query, too
         return error_reply(msg, err, f"client {client} failed the DP fusion release")
 
 
@@ -204,11 +204,16 @@ def _dp_fusion(
         unpack_into(msg.content[ARRAYS_KEY], models)
         return validation_sums(models, work, cands)
 
-    return site_fusion_release(
-        msg, cfg, client, ledger_path=ledger_path,
-        run_id=str(msg.content["config"].get("run-id", "")), budget=_site_budget(context),
-        exact_sums=exact_sums,
-    )  # fmt: skip
+    from fedrec.privacy import PrivacyError
+
+    try:
+        return site_fusion_release(
+            msg, cfg, client, ledger_path=ledger_path,
+            run_id=str(msg.content["config"].get("run-id", "")), budget=_site_budget(context),
+            exact_sums=exact_sums,
+        )  # fmt: skip
+    except PrivacyError as err:  # e.g. a run id or a field the ledger refuses: nothing drawn
+        raise ValueError(str(err)) from err
 
 
 def _deployed(context: Context) -> bool:
@@ -247,7 +252,8 @@ def _site_refusal(cfg: FedrecConfig, context: Context, *, fusion: bool = False) 
     message, or "". The run's config comes from the server; a site's budget is its own, and
     only record-level DP releases are in its ledger, under it: a run without DP (an unbounded
     epsilon) or with user-level DP (noise the server adds) is refused, and so is every fusion
-    query (sums no ledgered mechanism covers), whatever the run's config asks."""
+    query of the non-private fits (sums no ledgered mechanism covers), whatever the run's
+    config asks; the DP fusion fit's query is a ledgered release (``dp_fusion``)."""
     budget, site_delta = _site_budget(context), _site_delta(context)
     if site_delta is not None and cfg.privacy.delta > site_delta:
         # at a delta at most the site's, every epsilon the client checks is at least the one at

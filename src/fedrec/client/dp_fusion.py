@@ -80,6 +80,8 @@ def site_fusion_release(
 
     p, name = cfg.privacy, client_name(client)
     tasks = [str(t) for t in msg.content["config"]["fusion-tasks"]]
+    if not tasks or not set(tasks) <= set(cfg.tasks) or len(set(tasks)) != len(tasks):
+        raise ValueError(f"fusion-tasks {tasks} are not distinct tasks of the run {list(cfg.tasks)}")
     cands, fit = candidates(tasks), expected_release(cfg, tasks)
     lifetime_budget = p.epsilon if budget is None else budget
     ledger = Ledger(ledger_path, run_id, site=True)
@@ -87,6 +89,8 @@ def site_fusion_release(
     own = [e for e in lines if _is_own(e, name, run_id)]
     prior = [_item(e) for e in lines if not _is_own(e, name, run_id)]
     released = [e for e in own if e["task"] == FUSION_TASK]
+    trained = [e for e in own if e["task"] != FUSION_TASK]
+    _check_run(trained, cfg, lifetime_budget, name, run_id)
     path = kept_path(ledger_path, name, run_id)
     kept = _read_kept(path, cands)
     state = ClientPrivacyState.from_entries(own, accountant=p.accountant)
@@ -97,31 +101,54 @@ def site_fusion_release(
         )
     if kept is None:
         _check_budget(state, prior, fit.noise_multiplier, cfg, lifetime_budget, name)
-        kept = _draw(exact_sums(cands), fit.noise_multiplier * fit.clipping_norm)
+        sums = _draw(exact_sums(cands), fit.noise_multiplier * fit.clipping_norm)
+        kept = (sums, fit.noise_multiplier, fit.clipping_norm)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, {"run_id": run_id, "noise_multiplier": fit.noise_multiplier,
-                                 "sensitivity": fit.clipping_norm, "noisy_sums": kept})  # fmt: skip
+                                 "sensitivity": fit.clipping_norm, "noisy_sums": sums})  # fmt: skip
+    noisy, sigma, sensitivity = kept
     if released:
         entries = [json.dumps(e, sort_keys=True) for e in released]
-    else:  # a new draw, or one kept by an attempt that died before its ledger line
-        state.record(FUSION_TASK, noise_multiplier=fit.noise_multiplier,
-                     sample_rate=fit.sample_rate, steps=fit.steps)  # fmt: skip
-        last_round = max((int(e["round"]) for e in own), default=0)
+    else:  # a new draw, or one kept by an attempt that died before its ledger line: ledgered as
+        # drawn (the kept noise and sensitivity), whatever this query says
+        state.record(FUSION_TASK, noise_multiplier=sigma, sample_rate=fit.sample_rate,
+                     steps=fit.steps)  # fmt: skip
         entry = LedgerEntry.from_state(
-            state, client=name, task=FUSION_TASK, round=last_round,
-            clipping_norm=fit.clipping_norm, delta=p.delta, budget_epsilon=lifetime_budget,
+            state, client=name, task=FUSION_TASK, round=max(int(e["round"]) for e in trained),
+            clipping_norm=sensitivity, delta=p.delta, budget_epsilon=lifetime_budget,
             mechanism=fit.mechanism,
         )  # fmt: skip
         entries = [json.dumps(ledger.append(entry), sort_keys=True)]
     names = list(cands)
     content = RecordDict(
         {
-            SUMS_KEY: ArrayRecord({SUMS_KEY: Array(np.array([kept[n] for n in names]))}),
+            SUMS_KEY: ArrayRecord({SUMS_KEY: Array(np.array([noisy[n] for n in names]))}),
             NAMES_KEY: ConfigRecord({NAMES_KEY: names}),
             LEDGER_KEY: ConfigRecord({"entries": entries}),
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _check_run(
+    trained: Sequence[Mapping], cfg: FedrecConfig, lifetime_budget: float, name: str, run_id: str
+) -> None:
+    """PrivacyRefusal unless this site trained in run ``run_id`` under the settings the query
+    states: a server may ask only for the fit of a run the site took part in, at the delta and
+    budget its training lines carry (a query at another delta or budget would ledger a line
+    the audit cannot compose with them)."""
+    if not trained:
+        raise PrivacyRefusal(
+            f"{name}: this site made no training release in run {run_id!r}; no fusion sums for "
+            "a run it did not train in"
+        )
+    last = trained[-1]
+    if float(last["delta"]) != cfg.privacy.delta or float(last["budget_epsilon"]) != lifetime_budget:
+        raise PrivacyRefusal(
+            f"{name}: the fusion query states delta {cfg.privacy.delta:g} and budget "
+            f"{lifetime_budget:g}; this run trained at delta {last['delta']:g} and budget "
+            f"{last['budget_epsilon']:g}"
+        )
 
 
 def _check_budget(
@@ -162,16 +189,18 @@ def _draw(exact: Mapping[str, float], scale: float) -> dict[str, float]:
     return {n: float(v) + float(rng.normal(0.0, scale)) for n, v in exact.items()}
 
 
-def _read_kept(path: Path, cands: Mapping) -> dict[str, float] | None:
-    """The noisy sums an earlier attempt kept (None: none kept); LedgerError if the file is
-    damaged or holds other candidates: its noise was drawn and maybe seen, so neither a second
-    draw nor ignoring it is safe."""
+def _read_kept(path: Path, cands: Mapping) -> tuple[dict[str, float], float, float] | None:
+    """(noisy sums, noise multiplier, sensitivity) an earlier attempt kept (None: none kept);
+    LedgerError if the file is damaged or holds other candidates: its noise was drawn and maybe
+    seen, so neither a second draw nor ignoring it is safe."""
     if not path.exists():
         return None
     try:
-        noisy = {str(k): float(v) for k, v in json.loads(path.read_text())["noisy_sums"].items()}
+        data = json.loads(path.read_text())
+        noisy = {str(k): float(v) for k, v in data["noisy_sums"].items()}
+        sigma, sensitivity = float(data["noise_multiplier"]), float(data["sensitivity"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise LedgerError(f"kept DP fusion sums {path} are unreadable ({exc!r})") from exc
     if sorted(noisy) != sorted(cands):
         raise LedgerError(f"{path} holds candidates {sorted(noisy)}, not {sorted(cands)}")
-    return noisy
+    return noisy, sigma, sensitivity

@@ -31,6 +31,7 @@ each site makes the release on its own validation users, with its own noise, and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -41,14 +42,14 @@ import numpy as np
 
 from fedrec.client.privacy import client_name
 from fedrec.config import FedrecConfig
+from fedrec.data.sequences import user_item_sets
 from fedrec.fusion.evaluate import TARGET_COL, task_scores
 from fedrec.fusion.fusers import WeightedFuser
 from fedrec.fusion.objective import cv_objective
 from fedrec.privacy import ClientPrivacyState, Ledger, LedgerEntry, read_ledger
 from fedrec.privacy.claims import Expected
 from fedrec.rundir import RunDir, write_json_atomic
-from fedrec.scoring import sampled_candidates
-from fedrec.workload import Workload
+from fedrec.workload import Workload, sampled_negatives
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,34 @@ def expected_release(cfg: FedrecConfig, tasks: list[str]) -> Expected:
 
 def validation_sums(models: Mapping, work: Workload, cands: Mapping[str, Mapping[str, float]]):
     """Sum over the validation users of NDCG@10 under each candidate (the exact statistic; the
-    same objective the federated fit's clients sum)."""
-    scores = task_scores(models, work.valid, sampled_candidates(work.valid))
+    same objective the federated fit's clients sum), each user ranked among negatives of their
+    own (``private_candidates``)."""
+    scores = task_scores(models, work.valid, private_candidates(work))
     return {
         name: cv_objective(weights, NORMALIZATION, scores, TARGET_COL)[0]
         for name, weights in cands.items()
     }
+
+
+def private_candidates(work: Workload) -> np.ndarray:
+    """Int[U, 100]: each validation user's held-out item, then 99 items they never interacted
+    with, drawn by an RNG seeded by the user's own id alone.
+
+    The evaluation protocol's negatives come from one random stream in user order
+    (``fedrec.workload``): adding or removing one user shifts the negatives, and so the NDCG,
+    of every later user, and the release's sensitivity would not be one user's vector. Here a
+    user's negatives depend on nothing but their own id and items, so each user changes only
+    their own row of the sums: L2 sensitivity sqrt(G)."""
+    ds, ev = work.dataset, work.valid
+    ids = ds.users["user_id"].to_numpy()
+    seen = user_item_sets(ds.interactions, ds.num_users)
+    rows = []
+    for u in ev.users:
+        digest = hashlib.sha256(f"fedrec-dp-negatives/{ids[u]}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
+        rows.append(sampled_negatives(seen[u], ds.num_items, rng))
+    negatives = np.stack(rows) if rows else np.zeros((0, ev.negatives.shape[1]), np.int64)
+    return np.concatenate([ev.targets[:, None], negatives], axis=1)
 
 
 def dp_fusion_fit(cfg: FedrecConfig, run: RunDir, work: Workload, models: Mapping) -> DPFusion:

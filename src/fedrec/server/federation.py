@@ -165,7 +165,10 @@ def run_federation(
     if fusion_fit_mode(cfg) == "federated" and progress.round > 0:
         fusion = federated_fusion(grid, cfg, models)
     site_fusion = None
-    if deployed and fusion_fit_mode(cfg) == "dp" and progress.round > 0:
+    # the sites' own releases when they keep their ledgers (deployed: the run's stays empty);
+    # `flwr run` on a local simulation writes the run's ledger, and the server fits there
+    sites_keep_ledgers = not (run.ledger.exists() and run.ledger.stat().st_size > 0)
+    if deployed and sites_keep_ledgers and fusion_fit_mode(cfg) == "dp" and progress.round > 0:
         site_fusion = site_dp_fusion(grid, cfg, models, run)
     skipped = [r for entry in progress.resumes for r in entry.get("skipped_rounds", [])]
     return FederationResult(

@@ -106,8 +106,10 @@ def site_dp_fusion(grid: Grid, cfg: FedrecConfig, models: dict, run: RunDir) -> 
     per_site: dict[str, dict[str, float]] = {}
     entries: list[str] = []
     failed: list[str] = []
+    answered: set[int] = set()
     for reply in grid.send_and_receive(messages, timeout=FUSION_TIMEOUT_S):
         node = str(reply.metadata.src_node_id)
+        answered.add(reply.metadata.src_node_id)
         if reply.has_error():
             failed.append(f"node {node}: {reply.error.reason}")
             continue
@@ -115,7 +117,7 @@ def site_dp_fusion(grid: Grid, cfg: FedrecConfig, models: dict, run: RunDir) -> 
             names = [str(n) for n in reply.content[NAMES_KEY][NAMES_KEY]]
             sums = [float(v) for v in reply.content[DP_SUMS_KEY][DP_SUMS_KEY].numpy().ravel()]
             lines = [str(e) for e in reply.content[LEDGER_KEY]["entries"]]
-        except (KeyError, TypeError, ValueError) as err:
+        except Exception as err:  # a hostile or broken site's reply: never the server's crash
             failed.append(f"node {node}: malformed reply ({err!r})")
             continue
         if sorted(names) != sorted(cands) or len(sums) != len(names) \
@@ -127,6 +129,8 @@ def site_dp_fusion(grid: Grid, cfg: FedrecConfig, models: dict, run: RunDir) -> 
         entries += lines
         for name, value in per_site[node].items():
             total[name] += value
+    failed += [f"node {n}: no reply within {FUSION_TIMEOUT_S:g} s" for n in nodes
+               if n not in answered]  # fmt: skip
     for problem in failed:
         log.warning("DP fusion fit: %s", problem)
     if not per_site:

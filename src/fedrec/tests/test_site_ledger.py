@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting.pld import PLDAccountant
 from flwr.app import Context, RecordDict
@@ -493,3 +494,44 @@ def test_a_site_refuses_a_dp_fusion_release_past_its_budget(tmp_path, data, task
     with pytest.raises(PrivacyRefusal, match="this run's epsilon"):
         _site_fusion(_cfg(rounds=2, epsilon=2.0, fusion_fit="dp"), ledger, "run-g", calls)
     assert calls == [] and ledger.read_bytes() == before
+
+
+def test_a_site_ledgers_a_kept_draw_as_drawn_and_holds_to_its_runs_settings(
+    tmp_path, data, task_identity
+) -> None:
+    """A draw kept before a crash is ledgered with the noise it was drawn with, whatever the next
+    query says; a query for a run the site never trained in, or at another delta, is refused."""
+    cfg = _cfg(rounds=2, epsilon=2.0, fusion_fit="dp")
+    ledger = tmp_path / "privacy_ledger-acme.jsonl"
+    _run(cfg, data, ledger, "run-h", budget=None, rounds=2)
+    trained, calls = ledger.read_bytes(), []
+    noisy = _site_fusion(cfg, ledger, "run-h", calls)
+    ledger.write_bytes(trained)  # the crash: the draw kept, its line never written
+    louder = replace(cfg, privacy=replace(cfg.privacy, fusion_noise=1000.0))
+    assert _site_fusion(louder, ledger, "run-h", calls) == noisy and len(calls) == 1
+    (line,) = [e for e in read_ledger(ledger) if e["task"] == "fusion"]
+    assert line["noise_multiplier"] == cfg.privacy.fusion_noise  # as drawn, not as asked
+    with pytest.raises(PrivacyRefusal, match="no training release"):
+        _site_fusion(cfg, ledger, "run-never", calls)
+    other_delta = replace(cfg, privacy=replace(cfg.privacy, delta=DELTA / 2))
+    with pytest.raises(PrivacyRefusal, match="trained at delta"):
+        _site_fusion(other_delta, ledger, "run-h", calls)
+    assert len(calls) == 1
+
+
+def test_a_users_dp_fusion_negatives_depend_on_that_user_alone() -> None:
+    """The DP fit ranks each user among negatives drawn from their own id and items: leaving
+    users out of the sums changes no other user's row (the sensitivity is one user's vector),
+    unlike the evaluation protocol's one shared stream."""
+    from fedrec.fusion.dp import private_candidates
+
+    work = build_workload(_cfg())
+    full = private_candidates(work)
+    keep = work.valid.users[::3]
+    part = private_candidates(replace(work, valid=work.valid.of_users(keep)))
+    rows = np.searchsorted(work.valid.users, keep)
+    assert np.array_equal(part, full[rows])
+    assert (full[:, 0] == work.valid.targets).all() and full.shape[1] == 100
+    seen = [set(work.dataset.interactions["item"][work.dataset.interactions["user"] == u])
+            for u in work.valid.users[:5]]  # fmt: skip
+    assert all(not (set(full[i, 1:]) & seen[i]) for i in range(5))
