@@ -191,6 +191,7 @@ def _dp_fusion(
     from fedrec.client.dp_fusion import site_fusion_release
     from fedrec.client.local import build_task_models
     from fedrec.fusion.dp import validation_sums
+    from fedrec.privacy import PrivacyError
     from fedrec.strategies.records import ARRAYS_KEY, unpack_into
     from fedrec.workload import build_workload
 
@@ -203,8 +204,6 @@ def _dp_fusion(
         models = build_task_models(cfg, work.spec, cfg.seed, item_text=work.item_text(cfg.text))
         unpack_into(msg.content[ARRAYS_KEY], models)
         return validation_sums(models, work, cands)
-
-    from fedrec.privacy import PrivacyError
 
     try:
         return site_fusion_release(

@@ -41,11 +41,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedrec.client.errors import PrivacyRefusal
-from fedrec.client.privacy import _is_own, _item, _site_lines, client_name
+from fedrec.client.privacy import _is_own, _item, _site_lines, client_name, lifetime_epsilon
 from fedrec.client.replay import DIRNAME
 from fedrec.config import FedrecConfig
 from fedrec.errors import LedgerError
-from fedrec.privacy import ClientPrivacyState, Ledger, LedgerEntry, epsilon_opacus
+from fedrec.privacy import ClientPrivacyState, Ledger, LedgerEntry
 from fedrec.rundir import write_json_atomic
 
 SUMS_KEY = "dp-fusion-sums"  # the noisy sums, in the order of NAMES_KEY
@@ -172,14 +172,12 @@ def _check_budget(
             f"{name}: the DP fusion release would raise this run's epsilon to {spent:.3f} > "
             f"budget {p.epsilon:g} (delta {p.delta:g}); no sums sent"
         )
-    if prior or lifetime_budget < p.epsilon:
-        hist = [*prior, *trial.composed_history()]
-        lifetime = epsilon_opacus(hist, delta=p.delta, accountant=trial.accountant)
-        if lifetime > lifetime_budget:
-            raise PrivacyRefusal(
-                f"{name}: the DP fusion release would raise the site's lifetime epsilon to "
-                f"{lifetime:.3f} > its budget {lifetime_budget:g}; no sums sent"
-            )
+    lifetime = lifetime_epsilon(prior, trial, cfg, lifetime_budget)
+    if lifetime is not None and lifetime > lifetime_budget:
+        raise PrivacyRefusal(
+            f"{name}: the DP fusion release would raise the site's lifetime epsilon to "
+            f"{lifetime:.3f} > its budget {lifetime_budget:g}; no sums sent"
+        )
 
 
 def _draw(exact: Mapping[str, float], scale: float) -> dict[str, float]:

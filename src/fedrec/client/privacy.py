@@ -144,10 +144,9 @@ class ClientPrivacy:
     def _check_lifetime(self, server_round: int, trial: ClientPrivacyState) -> None:
         """PrivacyRefusal if the site's releases in all runs plus this round exceed its budget."""
         p, budget = self.cfg.privacy, self.lifetime_budget
-        if not self.prior and budget >= p.epsilon:
-            return  # nothing before this run: the run's budget check above is the tighter one
-        hist = [*self.prior, *trial.composed_history()]
-        lifetime = epsilon_opacus(hist, delta=p.delta, accountant=trial.accountant)
+        lifetime = lifetime_epsilon(self.prior, trial, self.cfg, budget)
+        if lifetime is None:
+            return
         if lifetime > budget:
             raise PrivacyRefusal(
                 f"client {self.client}: round {server_round} would raise the site's lifetime "
@@ -194,6 +193,20 @@ class ClientPrivacy:
         self.context.state[STATE_KEY] = ConfigRecord(
             {"state": self.state.to_json(), "sigmas": json.dumps(self.sigmas)}
         )
+
+
+def lifetime_epsilon(
+    prior: Sequence[HistoryItem], trial: ClientPrivacyState, cfg: FedrecConfig, budget: float
+) -> float | None:
+    """Epsilon of a site's releases in other runs (``prior``) composed with this run's
+    (``trial``, the next release recorded), at the run's delta; None when nothing came before
+    this run and the lifetime ``budget`` is at least the run's epsilon: the run's own budget
+    check is then the tighter one."""
+    p = cfg.privacy
+    if not prior and budget >= p.epsilon:
+        return None
+    hist = [*prior, *trial.composed_history()]
+    return epsilon_opacus(hist, delta=p.delta, accountant=trial.accountant)  # type: ignore[arg-type]
 
 
 def client_privacy(

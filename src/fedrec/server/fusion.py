@@ -96,9 +96,10 @@ def site_dp_fusion(grid: Grid, cfg: FedrecConfig, models: dict, run: RunDir) -> 
     config = ConfigRecord(
         {"fedrec": cfg.to_json(), "fusion-tasks": tasks, "run-id": run.path.name}
     )
+    arrays = pack(models)
     nodes = sorted(grid.get_node_ids())
     messages = [
-        Message(RecordDict({ARRAYS_KEY: pack(models), "config": config}), dst_node_id=node,
+        Message(RecordDict({ARRAYS_KEY: arrays, "config": config}), dst_node_id=node,
                 message_type="query.dpfusion")
         for node in nodes
     ]  # fmt: skip
