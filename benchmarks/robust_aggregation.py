@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/robust_aggregation.py [--rounds N] [--strategies S ...]
         [--attacks clean scale10 signflip] [--screen [--norm-outliers reject|rescale]
         [--norm-reference size|median] [--norm-factor F] [--max-weight-factor W]
-        [--register-users]]
+        [--register-users] [--direction-outliers reject|reflect]]
         [--seeds N] [--seed S]
         [--dataset D] [--partition P [--clients N]] [--out DIR]
 
@@ -19,7 +19,8 @@ the norm rule rescaled to its predicted norm; ``--norm-outliers reject`` drops i
 ``--norm-reference median --norm-factor 10`` is the rule before the size fit; a reply's weight
 is capped at 10x the round's median, ``--max-weight-factor 0`` leaves it as stated;
 ``--register-users`` first caps it at the client's own users, as a platform's registry does for
-partner sites: fedrec.simulation.registry). Prints test
+partner sites: fedrec.simulation.registry; ``--direction-outliers reflect`` keeps an update
+pointing away from the round's median negated instead of rejecting it). Prints test
 HR@10 per task, the drop relative to the same strategy's clean run and to clean FedAvg, and
 writes DIR/robust_aggregation.json.
 
@@ -83,6 +84,7 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         "norm_reference": args.norm_reference,
         "max_weight_factor": args.max_weight_factor if args.screen else 0.0,
         "register_users": args.register_users and args.screen,
+        "direction_outliers": args.direction_outliers,
     }
     done = Path(over["out"]) / "summary.json"
     if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
@@ -113,12 +115,14 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str) -> None
     stored.setdefault("norm_reference", "median")
     stored.setdefault("max_weight_factor", 0.0)  # made before the weight cap existed
     stored.setdefault("register_users", False)  # made before simulations had a registry
+    stored.setdefault("direction_outliers", "reject")  # written only when set (config.SET_ONLY)
     data = [k for k in ("dataset", "partition", "clients", "rounds")
             if over[k] is not None and stored.get(k) != over[k]]  # fmt: skip
     if data:
         raise SystemExit(f"{run_dir}: made with other {', '.join(data)}; use another --out")
     diff = [k for k in ("reject_norm_factor", "reject_min_cosine", "norm_outliers",
-                        "norm_reference", "max_weight_factor", "register_users")
+                        "norm_reference", "max_weight_factor", "register_users",
+                        "direction_outliers")
             if stored[k] != over[k]]  # fmt: skip
     adjusted = [r["reason"] for r in summary.get("rescaled_updates", [])]
     rejected = [r["reason"] for r in summary.get("rejected_updates", [])]
@@ -132,6 +136,8 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str) -> None
         and stored_cap > 0 and (cap == 0 or cap >= stored_cap),
         "register_users": (ATTACKS[attack] or (1.0, 1))[1] == 1
         or (stored["register_users"] and not any("registered" in r for r in [*adjusted, *rejected])),
+        # the direction rule acted on nothing: the same run whatever it would have done
+        "direction_outliers": not any("cosine" in r for r in [*adjusted, *rejected]),
     }
     diff = [k for k in diff if not moot.get(k, False)]
     if diff:
@@ -164,9 +170,11 @@ def _data_over(seed: int, args: argparse.Namespace) -> dict:
 
 def _hr(summary: dict) -> dict[str, float]:
     rejected = sum(summary.get("rejected_per_round", {}).values())  # honest ones too, if any
-    rescaled = len(summary.get("rescaled_updates", []))
+    adjusted = [r["reason"] for r in summary.get("rescaled_updates", [])]
+    reflected = sum("reflected" in r for r in adjusted)
     hr = {t: m["hr@10"] for t, m in summary["tasks"].items()}
-    return {**hr, "rejected": rejected, "rescaled": rescaled}
+    return {**hr, "rejected": rejected, "rescaled": len(adjusted) - reflected,
+            "reflected": reflected}
 
 
 def main() -> None:
@@ -195,6 +203,9 @@ def main() -> None:
     parser.add_argument("--register-users", action="store_true",
                         help="with --screen: each client's user count is registered (as `fedrec "
                         "certs set-users` does for a partner site) and caps its FedAvg weight")
+    parser.add_argument("--direction-outliers", choices=("reject", "reflect"), default="reject",
+                        help="with --screen: an update pointing away from the round's median is "
+                        "rejected (the default) or kept negated")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed and the attackers'")
     parser.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds")
     parser.add_argument("--out", default="runs/robust_aggregation")
@@ -295,7 +306,7 @@ def _line(strategy: str, attack: str, hr: dict, results: dict, seconds: float) -
         for t in TASKS
     ]
     honest = " ".join(f"{hr['honest'][t]:.4f}" for t in TASKS)
-    screened = "".join(f", {hr[k]} {k}" for k in ("rejected", "rescaled") if hr.get(k))
+    screened = "".join(f", {hr[k]} {k}" for k in ("rejected", "rescaled", "reflected") if hr.get(k))
     return (
         f"{strategy:13} {attack:8} " + "  ".join(cells)
         + f"  honest users {honest}  [{seconds:.0f} s{screened}]"

@@ -23,7 +23,7 @@ TASKS = ("recall", "ranking", "personal")
 # client gets, the checkpoint's config hash) only when set: an unfinished run of an earlier fedrec
 # still resumes (same hash) and a partner site on an earlier fedrec still accepts the default
 # config (it refuses keys it does not know)
-SET_ONLY: dict[str, Any] = {"register_users": False}
+SET_ONLY: dict[str, Any] = {"register_users": False, "direction_outliers": "reject"}
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 # strategies that need only the (weighted) sum of the updates, which secure aggregation gives
 SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
@@ -137,6 +137,12 @@ class FedrecConfig:
     # "reject" drops it. Rescaling recovered most of what rejecting x10 updates lost (README,
     # benchmarks/robust_aggregation.py); a rescaled update still faces the direction rule
     norm_outliers: str = "rescale"
+    # what happens to a task update under the direction rule: "reject" drops the reply;
+    # "reflect" keeps the task's update negated (a sign-flipped update is then its honest one).
+    # Reflecting gives an attacker nothing rejecting denies it (the negation of an update below
+    # cosine -c is above c: one it could have sent anyway), but an honest client whose update
+    # points away is then pushed the other way; none did on ML-100K (strategies/screen.py)
+    direction_outliers: str = "reject"
     # a reply's FedAvg weight (the users it reports) above this x the round's median weight is
     # lowered to it (0 off): FedAvg trusts the weight a client states, so one client claiming a
     # million users would otherwise own the average. The largest honest ML-100K silo is 7.0x the
@@ -245,6 +251,8 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.norm_outliers in ("reject", "rescale"), "norm_outliers",
          "must be reject or rescale"),
         (cfg.norm_reference in ("size", "median"), "norm_reference", "must be size or median"),
+        (cfg.direction_outliers in ("reject", "reflect"), "direction_outliers",
+         "must be reject or reflect"),
         (cfg.max_weight_factor == 0 or cfg.max_weight_factor > 1, "max_weight_factor",
          "must be above 1 (or 0 to leave the weights as the clients state them)"),
         (not (cfg.register_users and cfg.secure_aggregation), "register_users",

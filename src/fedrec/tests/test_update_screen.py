@@ -273,6 +273,74 @@ def test_a_rescaled_update_that_points_away_is_still_rejected():
     assert "cosine" in rejected[0][1] and "after the screen adjusted it" in rejected[0][1]
 
 
+def test_reflect_keeps_a_flipped_update_as_its_honest_one():
+    honest = _non_iid()
+    flipped = _flipped(honest[0], 98, ("ranking",))  # recall sent as it is, ranking flipped
+    screen = UpdateScreen(direction_action="reflect")
+    kept, rejected, adjusted = screen.screen_all(_sent(), [*honest, flipped])
+    assert rejected == [] and flipped in kept
+    assert [node for node, _ in adjusted] == [98]
+    assert "'ranking'" in adjusted[0][1] and "reflected" in adjusted[0][1]
+    assert "'recall'" not in adjusted[0][1]
+    for k in GLOBAL:  # both tasks now hold the honest update (up to float32 rounding)
+        np.testing.assert_allclose(flipped.content[ARRAYS_KEY][k].numpy(),
+                                   honest[0].content[ARRAYS_KEY][k].numpy(), rtol=0, atol=1e-6)
+        assert flipped.content[ARRAYS_KEY][k].numpy().dtype == np.float32
+    # a flipped x20 update is first rescaled to its predicted norm, then reflected
+    x20 = {k: (v - 20.0 * (honest[1].content[ARRAYS_KEY][k].numpy() - v)).astype(np.float32)
+           for k, v in GLOBAL.items()}
+    bad = _reply(97, x20)
+    kept, rejected, adjusted = screen.screen_all(_sent(), [*_non_iid(), bad])
+    assert rejected == [] and "update norm" in adjusted[0][1] and "reflected" in adjusted[0][1]
+    delta = bad.content[ARRAYS_KEY]["recall/emb"].numpy() - GLOBAL["recall/emb"]
+    own = honest[1].content[ARRAYS_KEY]["recall/emb"].numpy() - GLOBAL["recall/emb"]
+    assert float(np.sum(delta * own) / np.linalg.norm(delta) / np.linalg.norm(own)) > 0.999
+
+
+def test_reflect_never_keeps_what_the_rule_would_reject_and_follows_the_config():
+    honest = _non_iid()
+    # with min_cosine 0.2: this update's ranking part has cosine -0.25 (its negation would pass)
+    # but its recall part 0.19, which neither it nor its negation passes: the reply is rejected
+    rng = np.random.default_rng(5)
+    sideways = {k: (v + 0.01 * rng.normal(size=v.shape)).astype(np.float32)
+                for k, v in GLOBAL.items()}
+    screen = UpdateScreen(min_cosine=0.2, direction_action="reflect")
+    kept, rejected, _ = screen.screen_all(_sent(), [*honest, _reply(98, sideways)])
+    assert [node for node, _ in rejected] == [98] and kept == honest
+    # every kept update, reflected or not, meets the rule against the same median
+    flipped = _flipped(honest[2], 97)
+    kept, rejected, _ = screen.screen_all(_sent(), [*honest, flipped])
+    assert rejected == [] and flipped in kept
+    assert make_screen(load_config(None, {"direction_outliers": "reflect"})).direction_action \
+        == "reflect"
+    assert make_screen(load_config(None, {})).direction_action == "reject"
+    # user-level DP: which updates are reflected would depend on the other users' updates
+    user = make_screen(load_config(None, {"privacy.mode": "user", "direction_outliers": "reflect"}))
+    assert user.direction_action == "reject"
+    with pytest.raises(ConfigError, match="direction_outliers"):
+        load_config(None, {"direction_outliers": "flip"})
+    with pytest.raises(ValueError, match="direction_action"):
+        UpdateScreen(direction_action="flip")
+    # the default is written nowhere (same config hash as before the setting existed)
+    assert "direction_outliers" not in load_config(None, {}).to_dict()
+    assert load_config(None, {"direction_outliers": "reflect"}).to_dict()["direction_outliers"] \
+        == "reflect"
+
+
+def test_a_zero_median_norm_bounds_movement_at_zero():
+    """Most of the round sent the model back unchanged: the predicted norm is 0, and an update
+    of any size is over the rule (it was let through while the prediction was 0)."""
+    still = [_reply(n, {k: v.copy() for k, v in GLOBAL.items()}) for n in range(1, 5)]
+    moving = _reply(98, {k: v + 5.0 for k, v in GLOBAL.items()})
+    kept, rejected, adjusted = UpdateScreen().screen_all(_sent(), [*still, moving])
+    assert rejected == [] and [node for node, _ in adjusted] == [98]
+    for k in GLOBAL:  # rescaled to nothing
+        np.testing.assert_array_equal(moving.content[ARRAYS_KEY][k].numpy(), GLOBAL[k])
+    again = _reply(98, {k: v + 5.0 for k, v in GLOBAL.items()})
+    kept, rejected = UpdateScreen(norm_action="reject").screen(_sent(), [*still, again])
+    assert again not in kept and [node for node, _ in rejected] == [98]
+
+
 def test_observed_aggregates_the_rescaled_update_and_the_config_selects_the_action():
     inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
     strategy = Observed(inner, screen=make_screen(load_config(None, {})))  # the default: rescale
