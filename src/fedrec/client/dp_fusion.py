@@ -41,7 +41,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedrec.client.errors import PrivacyRefusal
-from fedrec.client.privacy import _is_own, _item, _site_lines, client_name, lifetime_epsilon
+from fedrec.client.privacy import client_name, lifetime_epsilon, site_lines, split_lines
 from fedrec.client.replay import DIRNAME
 from fedrec.config import FedrecConfig
 from fedrec.errors import LedgerError
@@ -85,9 +85,7 @@ def site_fusion_release(
     cands, fit = candidates(tasks), expected_release(cfg, tasks)
     lifetime_budget = p.epsilon if budget is None else budget
     ledger = Ledger(ledger_path, run_id, site=True)
-    lines = _site_lines(ledger)  # verified: LedgerError on a broken chain
-    own = [e for e in lines if _is_own(e, name, run_id)]
-    prior = [_item(e) for e in lines if not _is_own(e, name, run_id)]
+    own, prior = split_lines(site_lines(ledger), name, run_id)  # verified: LedgerError if broken
     released = [e for e in own if e["task"] == FUSION_TASK]
     trained = [e for e in own if e["task"] != FUSION_TASK]
     _check_run(trained, cfg, lifetime_budget, name, run_id)

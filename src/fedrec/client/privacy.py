@@ -44,6 +44,7 @@ from fedrec.privacy import (
     validate_budget,
     verify_chain,
 )
+from fedrec.privacy.accounting import history_item
 from fedrec.privacy.claims import Expected
 from fedrec.privacy.entry import DISTRIBUTED
 from fedrec.privacy.errors import check_epsilon
@@ -330,9 +331,9 @@ def privacy_controller(
     budget = None if site_budget is None else check_epsilon(site_budget, name="site budget")
     name = client_name(client)
     ledger = Ledger(ledger_path, run_id, site=site) if ledger_path else None
-    lines = _site_lines(ledger) if site and ledger else ledger.read() if ledger else []
-    own = [e for e in lines if _is_own(e, name, run_id)]
-    prior = [_item(e) for e in lines if not _is_own(e, name, run_id)] if site else []
+    lines = site_lines(ledger) if site and ledger else ledger.read() if ledger else []
+    own, prior = split_lines(lines, name, run_id)
+    prior = prior if site else []
     if STATE_KEY in context.state:
         rec = context.state[STATE_KEY]
         state = ClientPrivacyState.from_json(str(rec["state"]))
@@ -405,7 +406,7 @@ def _calibrate(
     return {t: max(s, lifetime[t]) for t, s in sigmas.items()}
 
 
-def _site_lines(ledger: Ledger) -> list[dict]:
+def site_lines(ledger: Ledger) -> list[dict]:
     """Every line of a site ledger (all runs), verified; LedgerError if the chain is broken."""
     if not ledger.path.exists():
         return []
@@ -419,12 +420,15 @@ def _site_lines(ledger: Ledger) -> list[dict]:
     return report.entries
 
 
-def _is_own(entry: Mapping, client: str, run_id: str) -> bool:
-    return entry.get("client") == client and entry.get("run_id") == run_id
-
-
-def _item(entry: Mapping) -> HistoryItem:
-    return (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+def split_lines(
+    lines: list[dict], client: str, run_id: str
+) -> tuple[list[dict], list[HistoryItem]]:
+    """(``client``'s lines of run ``run_id``, the accountant's items of every other line: a
+    site's earlier runs, which its lifetime budget composes with)."""
+    own = [e for e in lines if e.get("client") == client and e.get("run_id") == run_id]
+    prior = [history_item(e) for e in lines if not (e.get("client") == client
+                                                    and e.get("run_id") == run_id)]
+    return own, prior
 
 
 def _state_from_ledger(

@@ -25,7 +25,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import dp_accounting
 from dp_accounting.pld import privacy_loss_distribution as PLD
@@ -50,6 +50,12 @@ HistoryItem = tuple[float, float, int]
 """(noise_multiplier, sample_rate, steps) as in Opacus' accountant history."""
 History = Sequence[HistoryItem]
 Canonical = tuple[HistoryItem, ...]
+
+
+def history_item(entry: Mapping[str, Any]) -> HistoryItem:
+    """The accountant's item of one ledger line (its release's noise, sample rate and steps)."""
+    return (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+
 
 PLD_DISCRETIZATION = 1e-4
 """dp-accounting's PLDAccountant default ``value_discretization_interval``, used by

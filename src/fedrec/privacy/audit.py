@@ -36,7 +36,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrec.privacy.accounting import HistoryItem, epsilon_dp_accounting, epsilon_opacus
+from fedrec.privacy.accounting import (
+    HistoryItem,
+    epsilon_dp_accounting,
+    epsilon_opacus,
+    history_item,
+)
 from fedrec.privacy.ledger import ChainReport, verify_chain
 
 COMPOSED = "(all tasks)"
@@ -167,7 +172,7 @@ def _lifetime_problems(entries: list[dict[str, Any]]) -> list[str]:
     for i, e in enumerate(entries):
         if i + 1 < len(entries) and entries[i + 1]["run_id"] == e["run_id"]:
             continue
-        hist = [_item(x) for x in entries[: i + 1]]
+        hist = [history_item(x) for x in entries[: i + 1]]
         eps = epsilon_opacus(hist, delta=e["delta"], accountant=e["accountant"])
         if eps > e["budget_epsilon"] * (1 + 1e-12):
             problems.append(
@@ -175,10 +180,6 @@ def _lifetime_problems(entries: list[dict[str, Any]]) -> list[str]:
                 f"so far exceeds the budget {e['budget_epsilon']:g} this line states"
             )
     return problems
-
-
-def _item(e: Mapping[str, Any]) -> HistoryItem:
-    return (e["noise_multiplier"], e["sample_rate"], e["steps"])
 
 
 def _consistency_problems(client: str, entries: list[dict[str, Any]]) -> list[str]:
@@ -197,7 +198,7 @@ def _entry_problems(entries: list[dict[str, Any]], tol: Tolerance, *, recompute:
     last: dict[str, float] = {}
     for e in entries:
         where = f"seq {e['seq']} (client {e['client']!r}, task {e['task']!r}, round {e['round']})"
-        item = (e["noise_multiplier"], e["sample_rate"], e["steps"])
+        item = history_item(e)
         per_task.setdefault(e["task"], []).append(item)
         composed.append(item)
         for key, prev_key in (("epsilon", e["task"]), ("epsilon_composed", COMPOSED)):
@@ -238,7 +239,7 @@ def _final_rows(
         t: [e for e in entries if e["task"] == t] for t in sorted({e["task"] for e in entries})
     }
     for task, task_entries in [*groups.items(), (COMPOSED, entries)]:
-        hist = [_item(e) for e in task_entries]
+        hist = [history_item(e) for e in task_entries]
         rec = {name: fn(hist, delta) for name, fn in RECOMPUTATIONS.items()}
         reported = (
             rec[MUST_MATCH[acct][0]]
