@@ -171,10 +171,11 @@ def _data_over(seed: int, args: argparse.Namespace) -> dict:
 def _hr(summary: dict) -> dict[str, float]:
     rejected = sum(summary.get("rejected_per_round", {}).values())  # honest ones too, if any
     adjusted = [r["reason"] for r in summary.get("rescaled_updates", [])]
-    reflected = sum("reflected" in r for r in adjusted)
     hr = {t: m["hr@10"] for t, m in summary["tasks"].items()}
-    return {**hr, "rejected": rejected, "rescaled": len(adjusted) - reflected,
-            "reflected": reflected}
+    # one reply may be both (rescaled, then reflected)
+    return {**hr, "rejected": rejected,
+            "rescaled": sum("update norm" in r or "lowered to" in r for r in adjusted),
+            "reflected": sum("reflected" in r for r in adjusted)}
 
 
 def main() -> None:

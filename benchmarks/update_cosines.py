@@ -1,7 +1,7 @@
 """How far honest updates agree in direction: the figures behind the screen's direction rule.
 
     .venv/bin/python benchmarks/update_cosines.py [--rounds 4] [--dp-noise Z] [--text content]
-        [--partition user]
+        [--partition user] [--steer K [K ...]]
 
 Runs the default federation's clients in one process (no Flower: FedAvg weighted by users, as
 the server does) and prints, per round and task, the cosine of each honest client's update
@@ -12,6 +12,17 @@ above ``reject_norm_factor`` times it, default 3). ``--dp-noise Z`` trains under
 noise multiplier Z (clipping norm 1, fresh noise per client) to show how noise moves them; ``--text content`` uses the
 content models (the ones to use under DP). The screen rejects an update below
 ``reject_min_cosine`` (default 0): a sign-flipped update has about minus an honest one's cosine.
+
+``--steer K`` also asks what K colluding clients can do to the direction rule by steering the
+coordinate-wise median rather than by sending a flipped update: aimed at one honest client,
+each sends, per coordinate, the opposite of that client's sign at the largest honest magnitude,
+scaled to the largest norm the norm rule passes unchanged (3x the norm predicted for a client
+stating the median users). Printed per round and task: how many honest clients such an attack
+pushes below cosine 0 with the median (each aimed at in turn) and the share of the users they
+hold (the K colluders are added to the honest clients); aimed at the largest of those, the share
+of the users whose updates then fall below 0, and the colluders' own cosine. Under
+``direction_outliers = "reject"`` a pushed honest update is left out of the round, as if its
+client had dropped out; under ``"reflect"`` it enters negated, at its client's full weight.
 """
 
 from __future__ import annotations
@@ -38,6 +49,8 @@ def main() -> None:
     parser.add_argument("--dp-noise", type=float, default=0.0, help="DP-SGD noise multiplier")
     parser.add_argument("--text", default="off", help="off | content")
     parser.add_argument("--partition", help="e.g. user (one client per user: cross-device)")
+    parser.add_argument("--steer", type=int, nargs="*", default=[],
+                        help="colluding clients steering the median (module doc)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     over = {"text.mode": args.text} | ({"partition": args.partition} if args.partition else {})
@@ -87,10 +100,45 @@ def main() -> None:
                 f"{fit[largest]:.2f}; smallest {fit[smallest[0]]:.2f})",
                 flush=True,
             )
+            for k in args.steer:
+                print(f"round {r} {t:8} {steering(u, sizes, k)}", flush=True)
             new = start[t] + weights @ u  # FedAvg, weighted by users
             m.load_state_dict(state[t])
             torch.nn.utils.vector_to_parameters(torch.from_numpy(new).float(), m.parameters())
             state[t] = {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def steering(u: np.ndarray, sizes: np.ndarray, k: int, norm_factor: float = 3.0) -> str:
+    """What ``k`` clients steering the coordinate-wise median do to the direction rule (module
+    doc); ``u`` Float[n, P] the honest updates, ``sizes`` their users."""
+    norms = np.linalg.norm(u, axis=1)
+    predicted, slope = predicted_norms(norms, sizes)
+    stated = float(np.median(sizes))  # the attackers state a typical size
+    scale = float(np.median(predicted / sizes**slope))
+    allowed = norm_factor * scale * stated**slope  # the largest norm the rule passes unchanged
+    reach = np.abs(u).max(axis=0)
+
+    def attacked(target: int) -> tuple[np.ndarray, np.ndarray]:
+        a = -np.sign(u[target]) * reach
+        a *= allowed / max(float(np.linalg.norm(a)), 1e-30)
+        rows = np.vstack([u, np.repeat(a[None], k, 0)])
+        median = np.median(rows, axis=0)
+        return rows, rows @ median / (np.linalg.norm(rows, axis=1) * np.linalg.norm(median) + 1e-30)
+
+    pushed = [j for j in range(len(u)) if attacked(j)[1][j] < 0]
+    head = (f"{k} steering: {len(pushed)} of {len(u)} honest clients pushable below cosine 0 "
+            f"({sizes[pushed].sum() / sizes.sum():.1%} of the users)")  # fmt: skip
+    if not pushed:
+        return head
+    target = max(pushed, key=lambda j: sizes[j])
+    _, cos = attacked(target)
+    below = np.flatnonzero(cos[: len(u)] < 0)
+    return (
+        f"{head}; aimed at the largest of them ({sizes[target]} users, cosine {cos[target]:.3f}): "
+        f"{len(below)} honest below 0, {sizes[below].sum() / sizes.sum():.1%} of the users, "
+        f"their updates left out of the round (reject) or added negated (reflect); the "
+        f"{k} steering pass the rule (cosine {cos[len(u)]:.3f})"
+    )
 
 
 if __name__ == "__main__":

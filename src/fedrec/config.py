@@ -138,10 +138,10 @@ class FedrecConfig:
     # benchmarks/robust_aggregation.py); a rescaled update still faces the direction rule
     norm_outliers: str = "rescale"
     # what happens to a task update under the direction rule: "reject" drops the reply;
-    # "reflect" keeps the task's update negated (a sign-flipped update is then its honest one).
-    # Reflecting gives an attacker nothing rejecting denies it (the negation of an update below
-    # cosine -c is above c: one it could have sent anyway), but an honest client whose update
-    # points away is then pushed the other way; none did on ML-100K (strategies/screen.py)
+    # "reflect" (runs without DP only) keeps the task's update negated, so a sign-flipped update
+    # brings its client's data back; but an honest update that colluding clients push below the
+    # rule by steering the median then enters negated, at its full weight, where "reject" only
+    # drops it (strategies/screen.py; benchmarks/update_cosines.py --steer)
     direction_outliers: str = "reject"
     # a reply's FedAvg weight (the users it reports) above this x the round's median weight is
     # lowered to it (0 off): FedAvg trusts the weight a client states, so one client claiming a
@@ -253,6 +253,10 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.norm_reference in ("size", "median"), "norm_reference", "must be size or median"),
         (cfg.direction_outliers in ("reject", "reflect"), "direction_outliers",
          "must be reject or reflect"),
+        (cfg.direction_outliers == "reject" or cfg.privacy.mode == "none", "direction_outliers",
+         "'reflect' is for runs without DP: under DP noise honest updates agree with the median "
+         "at cosine 0.16-0.21, and one colluding client steering the median can push a large "
+         "silo's update below 0, which reflection would add negated (strategies/screen.py)"),
         (cfg.max_weight_factor == 0 or cfg.max_weight_factor > 1, "max_weight_factor",
          "must be above 1 (or 0 to leave the weights as the clients state them)"),
         (not (cfg.register_users and cfg.secure_aggregation), "register_users",

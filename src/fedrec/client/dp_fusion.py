@@ -46,6 +46,7 @@ from fedrec.client.replay import DIRNAME
 from fedrec.config import FedrecConfig
 from fedrec.errors import LedgerError
 from fedrec.privacy import ClientPrivacyState, Ledger, LedgerEntry
+from fedrec.privacy.accounting import history_item
 from fedrec.rundir import write_json_atomic
 
 SUMS_KEY = "dp-fusion-sums"  # the noisy sums, in the order of NAMES_KEY
@@ -85,7 +86,8 @@ def site_fusion_release(
     cands, fit = candidates(tasks), expected_release(cfg, tasks)
     lifetime_budget = p.epsilon if budget is None else budget
     ledger = Ledger(ledger_path, run_id, site=True)
-    own, prior = split_lines(site_lines(ledger), name, run_id)  # verified: LedgerError if broken
+    own, others = split_lines(site_lines(ledger), name, run_id)  # verified: LedgerError if broken
+    prior = [history_item(e) for e in others]
     released = [e for e in own if e["task"] == FUSION_TASK]
     trained = [e for e in own if e["task"] != FUSION_TASK]
     _check_run(trained, cfg, lifetime_budget, name, run_id)

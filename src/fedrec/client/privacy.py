@@ -332,8 +332,8 @@ def privacy_controller(
     name = client_name(client)
     ledger = Ledger(ledger_path, run_id, site=site) if ledger_path else None
     lines = site_lines(ledger) if site and ledger else ledger.read() if ledger else []
-    own, prior = split_lines(lines, name, run_id)
-    prior = prior if site else []
+    own, others = split_lines(lines, name, run_id)
+    prior = [history_item(e) for e in others] if site else []
     if STATE_KEY in context.state:
         rec = context.state[STATE_KEY]
         state = ClientPrivacyState.from_json(str(rec["state"]))
@@ -420,15 +420,13 @@ def site_lines(ledger: Ledger) -> list[dict]:
     return report.entries
 
 
-def split_lines(
-    lines: list[dict], client: str, run_id: str
-) -> tuple[list[dict], list[HistoryItem]]:
-    """(``client``'s lines of run ``run_id``, the accountant's items of every other line: a
-    site's earlier runs, which its lifetime budget composes with)."""
-    own = [e for e in lines if e.get("client") == client and e.get("run_id") == run_id]
-    prior = [history_item(e) for e in lines if not (e.get("client") == client
-                                                    and e.get("run_id") == run_id)]
-    return own, prior
+def split_lines(lines: list[dict], client: str, run_id: str) -> tuple[list[dict], list[dict]]:
+    """(``client``'s lines of run ``run_id``, every other line: on a site ledger, the site's
+    earlier runs, which its lifetime budget composes with)."""
+    mine = [e.get("client") == client and e.get("run_id") == run_id for e in lines]
+    return [e for e, m in zip(lines, mine, strict=True) if m], [
+        e for e, m in zip(lines, mine, strict=True) if not m
+    ]
 
 
 def _state_from_ledger(

@@ -37,7 +37,8 @@ class RoundLog:
     replies: int = 0
     failures: list[tuple[int, int, str]] = field(default_factory=list)  # (node, code, reason)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): screened out
-    # (node, reason): rescaled to its predicted norm, or its weight lowered (strategies/screen.py)
+    # (node, reason): kept with its content changed: rescaled to its predicted norm, its weight
+    # lowered, or a task's update reflected (strategies/screen.py); summary.json rescaled_updates
     rescaled: list[tuple[int, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     ledger_entries: list[str] = field(default_factory=list)

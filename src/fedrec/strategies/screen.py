@@ -50,13 +50,15 @@ A reply is rejected (and logged with the client's node id and the reason) when
   silos without any attacker, while FedAvg behind this screen keeps its weighting. The default
   ``direction_action="reject"`` drops the reply; ``"reflect"`` keeps each such task's update
   negated (when the negation passes the rule), so a sign-flipped update brings its client's
-  data back. Reflection gives an attacker nothing rejection denies it: the negation of an
-  update with cosine ``c < min_cosine`` has cosine ``-c``, and any update at or above
-  ``min_cosine`` it could have sent as it is. Its cost falls on honest clients: one whose update
-  really points away is pushed the other way instead of left out (none did on ML-100K's silos:
-  every honest cosine was positive). Under user-level DP it is always "reject": which updates
-  are reflected depends on the other users' updates, so one user could change how much of
-  another's enters the release.
+  data back. For an attacker's own reply reflection grants nothing rejection denies: the
+  negation of an update at cosine ``c < min_cosine`` is at ``-c``, which it could have sent as
+  it is. But the median is shared: colluding clients can steer it until an honest update falls
+  below the rule. Rejecting then drops that client's data for the round; reflecting adds it
+  negated, at its full weight, which turns a large honest silo against the model. How far the
+  median can be steered depends on how well honest updates agree (``benchmarks/update_cosines.py
+  --steer``, docs/fault-tolerance.md): without DP, at cosines of 0.31 and above, two colluders
+  among 21 silos pushed no honest update below 0; under DP-SGD noise (cosines 0.16-0.21) one
+  pushed the largest silo's. So "reflect" is refused under DP (config), and it is opt-in.
 
 What is subtler than this (an attacker who stays close to the median in norm and direction) is
 left to robust aggregation (FedMedian, FedTrimmedAvg, Krum): the screen only drops what no sane
@@ -450,7 +452,6 @@ def make_screen(cfg: FedrecConfig) -> UpdateScreen:
         # how much of *other* users' updates enters it, so there norm outliers are rejected.
         norm_action="reject" if user else cfg.norm_outliers,
         norm_reference="median" if user else cfg.norm_reference,  # sizes are not weights there
-        # reflecting, like rescaling, lets the other users' updates set what one user adds
-        direction_action="reject" if user else cfg.direction_outliers,
+        direction_action=cfg.direction_outliers,  # "reflect" only without DP (config)
         max_weight_factor=cfg.max_weight_factor,  # moot under user-level DP: every weight is 1
     )
