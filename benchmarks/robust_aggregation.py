@@ -34,7 +34,8 @@ task, the mean relative change over seeds with the smallest and largest.
 
 The attackers are fixed for a run and drawn by the seed among clients of very unequal size,
 so they may hold much more than 10% of the users (printed per seed). Their data is lost to the
-federation with their updates, whatever the defence: when every sign-flipped update is rejected,
+federation with their updates under any defence that drops them (``--direction-outliers reflect``
+keeps a flipped update negated, i.e. as its honest one): when every sign-flipped update is rejected,
 that run is FedAvg over the honest clients alone, bit for bit, and a second table measures each
 attack against it.
 
@@ -239,7 +240,8 @@ def main() -> None:
     _table(f"against the same strategy's clean run, over {len(by_seed)} seed(s)", changes)
     _table("on the honest clients' test users only, against the same strategy's clean run", honest)
     _table("against the same strategy's sign-flip run (when it rejected every flipped update:\n"
-           "FedAvg over the honest clients alone, the best a defence can do)", vs_flip)  # fmt: skip
+           "FedAvg over the honest clients alone, the best a defence that drops them can do)",
+           vs_flip)  # fmt: skip
     print(f"results: {out}")
 
 
