@@ -118,20 +118,22 @@ def steering(u: np.ndarray, sizes: np.ndarray, k: int, norm_factor: float = 3.0)
     allowed = norm_factor * scale * stated**slope  # the largest norm the rule passes unchanged
     reach = np.abs(u).max(axis=0)
 
-    def attacked(target: int) -> tuple[np.ndarray, np.ndarray]:
+    def attacked(target: int) -> np.ndarray:
+        """Every row's cosine with the median, honest rows first, when aimed at ``target``."""
         a = -np.sign(u[target]) * reach
         a *= allowed / max(float(np.linalg.norm(a)), 1e-30)
         rows = np.vstack([u, np.repeat(a[None], k, 0)])
         median = np.median(rows, axis=0)
-        return rows, rows @ median / (np.linalg.norm(rows, axis=1) * np.linalg.norm(median) + 1e-30)
+        return rows @ median / (np.linalg.norm(rows, axis=1) * np.linalg.norm(median) + 1e-30)
 
-    pushed = [j for j in range(len(u)) if attacked(j)[1][j] < 0]
+    cosines = [attacked(j) for j in range(len(u))]
+    pushed = [j for j in range(len(u)) if cosines[j][j] < 0]
     head = (f"{k} steering: {len(pushed)} of {len(u)} honest clients pushable below cosine 0 "
             f"({sizes[pushed].sum() / sizes.sum():.1%} of the users)")  # fmt: skip
     if not pushed:
         return head
     target = max(pushed, key=lambda j: sizes[j])
-    _, cos = attacked(target)
+    cos = cosines[target]
     below = np.flatnonzero(cos[: len(u)] < 0)
     return (
         f"{head}; aimed at the largest of them ({sizes[target]} users, cosine {cos[target]:.3f}): "

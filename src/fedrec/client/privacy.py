@@ -423,10 +423,11 @@ def site_lines(ledger: Ledger) -> list[dict]:
 def split_lines(lines: list[dict], client: str, run_id: str) -> tuple[list[dict], list[dict]]:
     """(``client``'s lines of run ``run_id``, every other line: on a site ledger, the site's
     earlier runs, which its lifetime budget composes with)."""
-    mine = [e.get("client") == client and e.get("run_id") == run_id for e in lines]
-    return [e for e, m in zip(lines, mine, strict=True) if m], [
-        e for e, m in zip(lines, mine, strict=True) if not m
-    ]
+    own: list[dict] = []
+    others: list[dict] = []
+    for e in lines:
+        (own if e.get("client") == client and e.get("run_id") == run_id else others).append(e)
+    return own, others
 
 
 def _state_from_ledger(

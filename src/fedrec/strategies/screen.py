@@ -310,7 +310,7 @@ class UpdateScreen:
         reference: dict[str, np.ndarray],
         sound: list[Message],
         norms: dict[int, dict[str, float]],
-    ) -> dict[int, str]:
+    ) -> dict[int, dict[str, float]]:
         """{reply: {task: cosine}} for every task in which a reply's update has cosine below
         ``min_cosine`` with the round's coordinate-wise median update."""
         if self.min_cosine <= -1 or len(sound) < MIN_FOR_MEDIAN:
