@@ -59,6 +59,15 @@ class MaskedInput:
 
 
 @dataclass(frozen=True)
+class OpenedShares:
+    """What ``open_shares`` agreed for one round: per neighbour that sent shares, the key of
+    the pairwise mask. Kept in memory for the one message that trains and masks."""
+
+    round_id: str
+    pairwise: dict[int, bytes] = field(repr=False)
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
     survivors: tuple[int, ...]  # send their seed shares (this client included)
     dropped: tuple[int, ...]  # send their mask-key shares
@@ -197,10 +206,15 @@ class SecAggClient:
         vectors: Mapping[str, NDArray],
         rng: np.random.Generator | None = None,
     ) -> MaskedInput:
-        """Open the shares sent to this client, then mask the update ``vectors``.
+        """Open the shares sent to this client, then mask the update ``vectors``
+        (``open_shares`` then ``mask``; a ClientApp trains between the two)."""
+        return self.mask(self.open_shares(sealed), vectors, rng)
 
-        ``vectors`` must already be clipped and noised for DP: what leaves here is a
-        post-processing of them.
+    def open_shares(self, sealed: Mapping[int, bytes]) -> OpenedShares:
+        """Check and open the shares sent to this client, and agree the pairwise mask keys.
+
+        Everything in this stage that a peer's bad share or key can make fail happens here, so
+        a client checks it before it trains: a round that cannot be masked spends no budget.
         """
         self._advance("masked_input")
         s = self.state
@@ -215,13 +229,32 @@ class SecAggClient:
             s.share_owners.append(src)
             s.seed_shares.append(seed_share)
             s.key_shares.append(key_share)
+        pairwise = {
+            v: pairwise_key(s.mask_sk, s.peer_mask_pk[s.peer_ids.index(v)], s.round_id)
+            for v in sorted(sealed)
+        }
+        return OpenedShares(s.round_id, pairwise)
+
+    def mask(
+        self,
+        opened: OpenedShares,
+        vectors: Mapping[str, NDArray],
+        rng: np.random.Generator | None = None,
+    ) -> MaskedInput:
+        """Mask the update ``vectors`` with the keys ``open_shares`` agreed.
+
+        ``vectors`` must already be clipped and noised for DP: what leaves here is a
+        post-processing of them.
+        """
+        s = self.state
+        if s.stage != "masked_input" or opened.round_id != s.round_id or not s.seed:
+            raise SecAggError(f"node {s.node_id}: mask needs this round's open_shares first")
         cfg = self.config
         flat = flatten(vectors)
         y = quantize(flat, cfg, rng or np.random.default_rng())
         y += crypto.mask(s.seed, flat.size, cfg.modulus, purpose=f"self/{s.round_id}")
-        for v in sorted(sealed):
-            pk = s.peer_mask_pk[s.peer_ids.index(v)]
-            p = pairwise_mask(s.mask_sk, pk, s.round_id, flat.size, cfg.modulus)
+        for v, key in sorted(opened.pairwise.items()):
+            p = crypto.mask(key, flat.size, cfg.modulus, purpose="pairwise")
             y = y + p if s.node_id > v else y - p  # wraps mod the word, a multiple of M
         y &= cfg.word()(cfg.modulus - 1)
         return MaskedInput(layout_of(vectors), y)
@@ -256,9 +289,13 @@ class SecAggClient:
             )
 
 
+def pairwise_key(secret: bytes, peer_pk: bytes, round_id: str) -> bytes:
+    """The key of the mask two clients share: their X25519 agreement, bound to the round."""
+    return crypto.agree(secret, peer_pk, purpose="mask", round_id=round_id)
+
+
 def pairwise_mask(
     secret: bytes, peer_pk: bytes, round_id: str, size: int, modulus: int
 ) -> NDArray[np.unsignedinteger]:
-    """The mask two clients share: expanded from their X25519 agreement, bound to the round."""
-    key = crypto.agree(secret, peer_pk, purpose="mask", round_id=round_id)
-    return crypto.mask(key, size, modulus, purpose="pairwise")
+    """The mask two clients share, expanded from ``pairwise_key``."""
+    return crypto.mask(pairwise_key(secret, peer_pk, round_id), size, modulus, purpose="pairwise")

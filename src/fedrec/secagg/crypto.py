@@ -54,6 +54,17 @@ def agree(secret: bytes, peer_public: bytes, *, purpose: str, round_id: str) -> 
     return _derive(shared, f"fedrec-secagg/{purpose}/{round_id}")
 
 
+def usable_public_key(public: bytes) -> bool:
+    """Whether an X25519 agreement with ``public`` works: a malformed or low-order key (whose
+    agreement is all zeros, which ``cryptography`` refuses) fails with every peer's secret, so
+    the server can drop its sender before any peer tries it."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
+
+
 def _derive(material: bytes, info: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info.encode()).derive(
         material

@@ -183,11 +183,14 @@ def _step(
                 f"the round's threshold {client.state.threshold} is below the {need} "
                 "contributors this client's noise share needs; not training this round"
             )
+        # open and check the peers' shares and keys before training, so that a peer's bad
+        # share or key makes this client refuse with its budget unspent
+        opened = client.open_shares(sealed)
         try:
             update = update_fn(msg, context)
         except Exception as err:  # a refusal or a failed training: answer, never raise
             raise SecAggError(f"no update: {type(err).__name__}: {err}") from err
-        masked = client.masked_input(sealed, update.arrays)
+        masked = client.mask(opened, update.arrays)
         reply = wire.masked_to_record(masked, client.config.modulus)
         for key, record in update.records.items():
             if key in reply:

@@ -62,6 +62,8 @@ class SecAggConfig:
             raise ValueError(f"modulus must be a power of two in [4, 2**64], got {m!r}.")
         if self.quantization_range > m // 2:
             raise ValueError("quantization_range must be at most modulus / 2 (two clients).")
+        if self.quantization_range > 2**53:  # rounding runs in float64: levels - 1 must be exact
+            raise ValueError("quantization_range must be at most 2**53 (float64's exact integers).")
         if self.threshold is not None and self.threshold < 2:
             raise ValueError(
                 f"threshold must be >= 2 (one share alone would reveal the secret), "

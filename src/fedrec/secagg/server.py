@@ -218,12 +218,17 @@ class SecAggServer:
 
 
 def _distinct_keys(adverts: Mapping[int, KeyAdvert]) -> dict[int, KeyAdvert]:
-    """Adverts of 32-byte keys that nobody else used: one bad advert must not stop its peers."""
+    """Adverts of usable 32-byte keys that nobody else used: one bad advert must not stop its
+    peers (a low-order key would make every neighbour's agreement with it fail)."""
     seen = Counter(k for a in adverts.values() for k in (a.enc_pk, a.mask_pk))
     good = {}
     for u, a in adverts.items():
         sizes = {len(a.enc_pk), len(a.mask_pk), len(a.seed_commitment)}
-        if sizes != {crypto.SEED_BYTES} or seen[a.enc_pk] + seen[a.mask_pk] != 2:
+        if (
+            sizes != {crypto.SEED_BYTES}
+            or seen[a.enc_pk] + seen[a.mask_pk] != 2
+            or not (crypto.usable_public_key(a.enc_pk) and crypto.usable_public_key(a.mask_pk))
+        ):
             log.warning("secagg setup: node %d advertised malformed or reused keys; dropping it", u)
         else:
             good[u] = a

@@ -93,9 +93,9 @@ def resume_state(
         entry["skipped_rounds"] = skipped
         progress.round = skipped[-1]  # consumed: the next round is the one after them
         log.warning(
-            "skipping round(s) %s: the server had begun them, and under distributed noise a "
-            "client's update carries only its share of the noise, so it is never sent twice; "
-            "clients that released them keep those releases in their epsilon",
+            "skipping round(s) %s: the server had begun them, and under secure aggregation a "
+            "client's update is never sent into a second sum (the two sums' difference would "
+            "show it); clients that released them keep those releases in their epsilon",
             ", ".join(map(str, skipped)),
         )
         save_checkpoint(run, cfg, arrays, strategy, progress)  # a second crash keeps the skip
@@ -103,11 +103,15 @@ def resume_state(
 
 
 def rounds_to_skip(run: RunDir, cfg: FedrecConfig, checkpointed: int) -> list[int]:
-    """The rounds past the checkpoint that a resume must not ask again: under distributed
-    noise, every round the server had begun, since any client may have released it (each
-    client would refuse it again: client/privacy.py; the run would stop there). Under local
-    noise a client re-sends the update it released, so those rounds are simply repeated."""
-    if not cfg.privacy.distributed:
+    """The rounds past the checkpoint that a resume must not ask again: under secure
+    aggregation, every round the server had begun, since any client may have sent its masked
+    update into it. Asked again, a client would send the same update (its kept reply under
+    record-level DP, the same seeded training without DP) into a sum over another set of
+    survivors, and the two sums' difference would show single updates: unnoised without DP,
+    holding only a share of the noise under distributed noise (where each client would refuse
+    it anyway: client/privacy.py). Without secure aggregation a client re-sends the update it
+    released, which the server has seen already, so those rounds are simply repeated."""
+    if not cfg.secure_aggregation:
         return []
     return list(range(checkpointed + 1, last_round_started(run) + 1))
 

@@ -219,9 +219,10 @@ def test_rounds_go_on_with_the_clients_that_answered_in_time(tmp_path, monkeypat
 
 
 def test_a_resume_under_distributed_noise_skips_the_rounds_begun_past_the_checkpoint(tmp_path):
-    """started.json says round 3 began; the checkpoint is after round 1. Under distributed noise
-    rounds 2 and 3 are skipped (any client may have released them) and the skip is checkpointed
-    at once, so a second crash cannot lose it; under local noise nothing is skipped."""
+    """started.json says round 3 began; the checkpoint is after round 1. Under secure
+    aggregation (with distributed noise, with local noise, without DP) rounds 2 and 3 are
+    skipped (any client may have sent its update into a sum) and the skip is checkpointed at
+    once, so a second crash cannot lose it; without secure aggregation nothing is skipped."""
     from fedrec.server.checkpoint import mark_round_started
     from fedrec.server.resume import resume_state
 
@@ -231,6 +232,14 @@ def test_a_resume_under_distributed_noise_skips_the_rounds_begun_past_the_checkp
     mark_round_started(run, 3)
     _, progress = resume_state(run, local, Observed(make_strategy(local, 3)), None, _arrays(0))
     assert progress.round == 1 and "skipped_rounds" not in progress.resumes[-1]
+    for name, over in [("local-secagg", {"privacy.mode": "record"}), ("plain-secagg", {})]:
+        masked = _cfg(tmp_path / name, secure_aggregation=True, **over)
+        run = create_run_dir(masked)
+        save_checkpoint(run, masked, _arrays(1), Observed(make_strategy(masked, 3)), _progress(1))
+        mark_round_started(run, 3)
+        _, progress = resume_state(run, masked, Observed(make_strategy(masked, 3)), None,
+                                   _arrays(0))
+        assert progress.round == 3 and progress.resumes[-1]["skipped_rounds"] == [2, 3], name
 
     distributed = _cfg(tmp_path, strategy="fedadam", secure_aggregation=True,
                        **{"privacy.mode": "record", "privacy.noise": "distributed"})  # fmt: skip

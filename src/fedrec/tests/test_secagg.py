@@ -120,19 +120,21 @@ def test_a_ring_split_by_dropouts_is_not_unmasked():
 
 
 def test_a_malformed_advert_or_masked_input_drops_only_its_sender():
-    inputs = _inputs(6, seed=16)
-    bad_key, bad_vector = sorted(inputs)[0], sorted(inputs)[1]
+    inputs = _inputs(7, seed=16)
+    bad_key, bad_vector, low_order = sorted(inputs)[:3]
 
     def spoil(stage, replies):
         if stage == "setup":
             replies[bad_key] = dataclasses.replace(replies[bad_key], mask_pk=b"short")
+            # a low-order X25519 point: every agreement with it is all zeros, which fails
+            replies[low_order] = dataclasses.replace(replies[low_order], enc_pk=bytes(32))
         if stage == "masked_input":
             m = replies[bad_vector]
             replies[bad_vector] = dataclasses.replace(m, vector=m.vector[:-1])
 
     result = run_local_round(CFG, inputs, seed=17, tamper=spoil)
-    _assert_sum(result, inputs, set(inputs) - {bad_key, bad_vector})
-    assert result.dropped["setup"] == (bad_key,)
+    _assert_sum(result, inputs, set(inputs) - {bad_key, bad_vector, low_order})
+    assert result.dropped["setup"] == (bad_key, low_order)
     assert result.dropped["masked_input"] == (bad_vector,)
 
 
@@ -196,6 +198,7 @@ def test_out_of_range_inputs_are_clipped_and_nan_refused():
         ({"threshold": 1}, "threshold must be >= 2"),
         ({"clipping_range": 0.0}, "clipping_range"),
         ({"quantization_range": 2**31 + 1, "modulus": 2**32}, "at most modulus / 2"),
+        ({"quantization_range": 2**60, "modulus": 2**64}, "at most 2\\*\\*53"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, match):
@@ -286,6 +289,37 @@ def test_a_client_needing_more_contributors_than_the_threshold_refuses_before_tr
         out = _in_process_round(inputs, ctxs, update_fn, config, need=lambda msg: 4)
         assert sorted(trained) == sorted(inputs)
         _assert_sum(out.result, inputs, set(inputs))
+
+
+def test_a_peers_bad_share_makes_its_receivers_refuse_before_training(task_identity):
+    """A client opens its peers' shares before it trains: one peer sending garbage shares
+    costs the others no budget (they refuse with nothing trained), and the round goes on
+    without the receivers that cannot open them."""
+    inputs = _inputs(5, seed=23)
+    ctxs = {u: Context(1, u, {}, RecordDict(), {}) for u in inputs}
+    liar = sorted(inputs)[0]
+    trained = []
+
+    def update_fn(msg, ctx):
+        trained.append(ctx.node_id)
+        return ClientUpdate(inputs[ctx.node_id])
+
+    class SpoilingGrid:
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = [handle_secagg(m, ctxs[m.metadata.dst_node_id], update_fn)
+                       for m in messages]
+            for reply in replies:
+                if reply.metadata.src_node_id == liar and reply.content["secagg"]["stage"] \
+                        == "share_keys":
+                    reply.content["secagg"]["sealed"] = [
+                        bytes(len(b)) for b in reply.content["secagg"]["sealed"]]
+            return replies
+
+    with pytest.raises(TooFewSurvivors):  # everyone but the liar refuses: 1 of 5 left
+        secagg_aggregate(SpoilingGrid(), list(inputs), config=CFG, round_id=4)
+    assert trained == [liar]
+    refusers = set(inputs) - {liar}
+    assert all(ctxs[u].state["secagg-state"]["stage"] == "share_keys" for u in refusers)
 
 
 def _client_vector(partition: int) -> np.ndarray:
