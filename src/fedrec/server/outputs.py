@@ -236,10 +236,10 @@ def privacy_summary(
             "ledger lines received with the clients' replies: a lower bound (a release whose "
             "reply never arrived is only in its site's ledger; audit the sites' ledgers)"
         )
-    for entry in entries:
-        client = per_client.setdefault(entry["client"], {})
-        client[entry["task"]] = entry["epsilon"]
-        client["composed"] = entry["epsilon_composed"]
+    for entry in entries:  # cumulative figures: the largest is the latest (received lines may
+        client = per_client.setdefault(entry["client"], {})  # come in any order or be stale)
+        for key, eps in ((entry["task"], entry["epsilon"]), ("composed", entry["epsilon_composed"])):
+            client[key] = max(client.get(key, 0.0), eps)
     composed = [c["composed"] for c in per_client.values()]
     return {
         "mode": cfg.privacy.mode,

@@ -93,6 +93,11 @@ class Observed(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = canonical_order(replies)
         rlog = RoundLog(server_round)
+        # every reply's ledger lines, a rejected reply's too: its client released the update
+        # (and ledgered it) whether or not the screen keeps it
+        for msg in replies:
+            if not msg.has_error():
+                rlog.ledger_entries += _ledger_lines(msg)
         if self.screen is not None and self._sent is not None:
             # a node that came online after the round was sampled: asked again
             self._learn_counts({m.metadata.src_node_id for m in replies if not m.has_error()})
@@ -113,8 +118,6 @@ class Observed(Strategy):
                 rlog.failures.append((msg.metadata.src_node_id, msg.error.code, msg.error.reason))
             else:
                 rlog.replies += 1
-                if "ledger" in msg.content:
-                    rlog.ledger_entries += [str(e) for e in msg.content["ledger"]["entries"]]
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if metrics is not None:
             rlog.metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
@@ -132,6 +135,18 @@ class Observed(Strategy):
         return self.inner.aggregate_evaluate(server_round, replies)
 
 
+def _ledger_lines(msg: Message) -> list[str]:
+    """The ledger lines a reply carries (none when its ``ledger`` record is malformed)."""
+    record = msg.content.config_records.get("ledger")
+    entries = record.get("entries") if record is not None else None
+    if not isinstance(entries, list):
+        if "ledger" in msg.content:
+            log.warning("node %d sent a malformed ledger record; its lines are not counted",
+                        msg.metadata.src_node_id)
+        return []
+    return [e for e in entries if isinstance(e, str)]
+
+
 def canonical_order(replies: Iterable[Message]) -> list[Message]:
     """``replies`` sorted by content (the update's digest, then the metrics); error replies,
     which no strategy aggregates, first in arrival order."""
@@ -140,6 +155,10 @@ def canonical_order(replies: Iterable[Message]) -> list[Message]:
         if msg.has_error() or ARRAYS_KEY not in msg.content:
             return "", ""
         metrics = msg.content.metric_records.get("metrics")
-        return arrays_digest(msg.content[ARRAYS_KEY]), repr(sorted((metrics or {}).items()))
+        try:
+            digest = arrays_digest(msg.content[ARRAYS_KEY])
+        except Exception:  # undecodable arrays from a broken or hostile client: the screen
+            digest = "~"  # rejects them; here they only must not stop the sort (last, in order)
+        return digest, repr(sorted((metrics or {}).items()))
 
     return sorted(replies, key=key)

@@ -4,8 +4,15 @@ A reply is rejected (and logged with the client's node id and the reason) when
 
 - it does not hold one ArrayRecord under ``arrays`` and one MetricRecord whose weight is a finite
   positive number (Flower's strategies would otherwise abort the whole round);
-- its keys, shapes or dtypes differ from the global model the round sent;
+- its keys, shapes or dtypes (as declared and as decoded) differ from the global model the round
+  sent (a kept reply's arrays are put in the global model's key order: strategies that work by
+  position, FedAvgM's momentum, Krum's distances, Flower's DP wrappers, take the order of the
+  first reply);
 - any value is NaN or infinite;
+- a metric is not a number, a count or time (``num-examples``, ``*-seconds``, ``*.steps``) is
+  negative or not finite, a loss is infinite (NaN is a loss no batch measured), or its metric
+  names differ from those most replies of the round carry (Flower's metric aggregation would
+  otherwise abort the round); its ``ledger`` record is not a list of lines;
 - a task's update norm ``||w_client - w_global||`` is far above what an honest client sends:
   above the clipping norm when every honest client clips its whole update to it (user-level DP
   with client-side clipping), otherwise above ``norm_factor`` times the norm the round's
@@ -68,7 +75,7 @@ aggregator should average.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -159,7 +166,18 @@ class UpdateScreen:
                 sizes[id(msg)] = _size(msg.content)
             else:
                 rejected.append((msg.metadata.src_node_id, reason))
+        names = Counter(_metric_names(m) for m in kept if id(m) in norms).most_common(1)
+        for msg in [m for m in kept if id(m) in norms and _metric_names(m) != names[0][0]]:
+            kept.remove(msg)
+            del norms[id(msg)], sizes[id(msg)]
+            odd = sorted(_metric_names(msg) ^ names[0][0])
+            rejected.append((msg.metadata.src_node_id,
+                             f"metric names differ from the round's ({odd[:3]})"))
         sound = [m for m in kept if id(m) in norms]
+        for msg in sound:  # the global model's key order (strategies may work by position)
+            record = msg.content.array_records[ARRAYS_KEY]
+            if list(record) != list(reference):
+                msg.content[ARRAYS_KEY] = ArrayRecord({k: record[k] for k in reference})
         rescaled = self._cap_registered(sound, registered or {})
         for i, why in self._cap_weights(sound).items():
             rescaled[i] = "; ".join(filter(None, (rescaled.get(i), why)))
@@ -264,7 +282,11 @@ class UpdateScreen:
                 values = arr.numpy()
             except Exception as err:  # undecodable bytes from a broken or hostile client
                 return f"'{key}' cannot be decoded ({type(err).__name__})", {}
-            if values.shape != ref.shape or not np.isfinite(values).all():
+            if values.dtype != ref.dtype:  # the declared dtype is only a label
+                return f"'{key}' decodes as {values.dtype}, expected {ref.dtype}", {}
+            if values.shape != ref.shape:
+                return f"'{key}' decodes to shape {values.shape}, expected {ref.shape}", {}
+            if not np.isfinite(values).all():
                 return f"'{key}' holds NaN or Inf", {}
             diff = values.astype(np.float64) - ref
             squares[key.split(SEP, 1)[0]] += float(np.dot(diff.ravel(), diff.ravel()))
@@ -423,7 +445,24 @@ def _records_problem(content: RecordDict, weight_key: str) -> str | None:
     if weight_key == UNIFORM_WEIGHT_KEY and weight != 1:
         return (f"weight '{weight_key}' is {weight!r}, not 1: under user-level DP the noise is "
                 "calibrated for an unweighted mean of the clipped updates")
+    for key, value in next(iter(content.metric_records.values())).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric '{key}' is {type(value).__name__}, not a number"
+        summed = key == SIZE_KEY or key.endswith(("-seconds", ".steps"))
+        if (summed and not (_finite(value) and value >= 0)) or (
+            not summed and value in (math.inf, -math.inf)
+        ):
+            return f"metric '{key}' is {value!r}"
+    if "ledger" in content:
+        record = content.config_records.get("ledger")
+        entries = record.get("entries") if record is not None else None
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            return "its 'ledger' record is not a list of ledger lines"
     return None
+
+
+def _metric_names(msg: Message) -> frozenset[str]:
+    return frozenset(next(iter(msg.content.metric_records.values())))
 
 
 def _finite(value: float) -> bool:

@@ -97,6 +97,85 @@ def test_replies_flower_would_choke_on_are_rejected(weight, extra):
     assert len(kept) == 4 and rejected[0][0] == 7
 
 
+def _relabelled(data, **attrs):
+    """An Array whose declared fields say one thing and whose bytes another."""
+    arr = Array(np.asarray(data))
+    for name, value in attrs.items():
+        setattr(arr, name, value)
+    return arr
+
+
+def _with_array(node, key, arr):
+    reply = _reply(node)
+    reply.content[ARRAYS_KEY][key] = arr
+    return reply
+
+
+def _with_metrics(node, **metrics):
+    reply = _reply(node)
+    for name, value in metrics.items():
+        reply.content["metrics"][name] = value
+    return reply
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [  # a label says float32, the bytes are float64: kept, it would make the model float64
+        (lambda: _with_array(9, "ranking/w", _relabelled(
+            GLOBAL["ranking/w"].astype(np.float64), dtype="float32")), "decodes as float64"),
+        (lambda: _with_array(9, "ranking/w", _relabelled(["a", "b", "c"], dtype="float32")),
+         "decodes as <U1"),
+        (lambda: _with_array(9, "ranking/w", _relabelled(GLOBAL["ranking/w"],
+                                                        stype="torch.Tensor")), "cannot be decoded"),
+        (lambda: _with_metrics(9, **{"recall.loss": [0.5, 0.1]}), "not a number"),
+        (lambda: _with_metrics(9, **{"recall-seconds": float("inf")}), "recall-seconds"),
+        (lambda: _with_metrics(9, **{"recall.loss": float("-inf")}), "recall.loss"),
+        (lambda: _with_metrics(9, **{"extra": 1.0}), "metric names differ"),
+        (lambda: _reply(9, extra_records={"ledger": ConfigRecord({"entries": "abc"})}),
+         "'ledger' record"),
+    ],
+)
+def test_replies_that_would_crash_or_poison_the_round_are_rejected(make, match):
+    """Each of these crashed the server or slipped a float64 array into the global model, and
+    none of them stops Observed: the others are aggregated as if it had not been sent."""
+    bad = make()
+    kept, rejected = UpdateScreen().screen(_sent(), [*_honest(), bad])
+    assert len(kept) == 4 and [n for n, _ in rejected] == [9]
+    assert match in rejected[0][1]
+    strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
+                               min_train_nodes=1), screen=UpdateScreen())
+    strategy._sent = _sent()
+    arrays, _ = strategy.aggregate_train(1, [*_honest(), make()])
+    expected = FedAvg(arrayrecord_key=ARRAYS_KEY).aggregate_train(1, _honest())[0]
+    for key in GLOBAL:
+        assert arrays[key].numpy().dtype == GLOBAL[key].dtype
+        np.testing.assert_allclose(arrays[key].numpy(), expected[key].numpy(), rtol=1e-6)
+
+
+def test_a_kept_reply_is_put_in_the_global_models_key_order():
+    """Strategies that work by position (FedAvgM's momentum, Krum) take the first reply's
+    order: a reply listing the same arrays in another order must not mix the tasks."""
+    reordered = _reply(1)
+    record = reordered.content[ARRAYS_KEY]
+    reordered.content[ARRAYS_KEY] = ArrayRecord({k: record[k] for k in reversed(list(record))})
+    kept, rejected = UpdateScreen().screen(_sent(), [reordered, *_honest()[1:]])
+    assert rejected == [] and all(list(m.content[ARRAYS_KEY]) == list(GLOBAL) for m in kept)
+
+
+def test_a_rejected_replys_ledger_lines_are_still_counted():
+    """Its client released the update and ledgered it, kept or not: the run's summary must
+    count that epsilon."""
+    strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
+                               min_train_nodes=1), screen=UpdateScreen(norm_action="reject"))
+    strategy._sent = _sent()
+    bad = _bad("huge norm")
+    bad.content["ledger"] = ConfigRecord({"entries": ["line of node 99"]})
+    strategy.aggregate_train(1, [*_honest(), bad])
+    rlog = strategy.rounds[1]
+    assert [n for n, _ in rlog.rejected] == [99]
+    assert rlog.ledger_entries.count("x") == 4 and "line of node 99" in rlog.ledger_entries
+
+
 def test_clipping_bound_applies_when_clients_clip_their_whole_update():
     screen = UpdateScreen(norm_bound=1.0, norm_factor=0)
     small = _reply(1, step=0.01)  # norm ~0.05
