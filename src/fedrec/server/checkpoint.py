@@ -151,7 +151,11 @@ def restore(ckpt: Checkpoint, strategy: Strategy) -> None:
     version, internal, gauss = ckpt.rng["python"]
     random.setstate((version, tuple(internal), gauss))
     key = ckpt.rng["rng|numpy"]
-    np.random.set_state(("MT19937", key[:-1].astype(np.uint32), int(key[-1]), 0, 0.0))
+    # the Gaussian numpy caches from the pair it drew last (absent from older checkpoints)
+    has_gauss, cached = ckpt.rng.get("rng|numpy-gauss", np.zeros(2))
+    np.random.set_state(
+        ("MT19937", key[:-1].astype(np.uint32), int(key[-1]), int(has_gauss), float(cached))
+    )
     torch.set_rng_state(torch.from_numpy(ckpt.rng["rng|torch"].copy()))
 
 
@@ -212,9 +216,10 @@ def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _rng_arrays() -> dict[str, np.ndarray]:
-    _, key, pos, *_ = cast(tuple, np.random.get_state())
+    _, key, pos, has_gauss, cached = cast(tuple, np.random.get_state())
     return {
         "rng|numpy": np.append(key.astype(np.int64), pos),
+        "rng|numpy-gauss": np.array([has_gauss, cached], dtype=np.float64),
         "rng|torch": torch.get_rng_state().numpy().copy(),
     }
 

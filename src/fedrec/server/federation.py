@@ -28,17 +28,13 @@ from fedrec.server.checkpoint import Progress, mark_round_started, save_checkpoi
 from fedrec.server.fusion import FederatedFusion, SiteDPFusion, federated_fusion, site_dp_fusion
 from fedrec.server.prompt_grid import prompt
 from fedrec.server.resume import resume_state
-from fedrec.server.rounds import run_rounds, wait_for_nodes
+from fedrec.server.rounds import TooFewClients, run_rounds, wait_for_nodes
 from fedrec.server.secure_grid import SecureAggregationGrid
 from fedrec.strategies import Observed, RoundLog, make_screen, make_strategy
 from fedrec.strategies.records import pack, unpack_into
 from fedrec.workload import build_workload
 
 log = logging.getLogger(__name__)
-
-
-class TooFewClients(RuntimeError):
-    """Fewer clients than ``min_train_clients`` answered: the federation cannot go on."""
 
 
 @dataclass
@@ -153,6 +149,7 @@ def run_federation(
             train_config=train_config,
             after_round=after_round,
             before_round=lambda server_round: mark_round_started(run, server_round),
+            min_nodes=min(cfg.min_train_clients, work.partition.n_clients),
         )
     except (TooFewClients, PrivacyBudgetExhausted, SecAggError) as err:
         # SecAggError: too few clients survived a round's protocol (dropouts; or, under

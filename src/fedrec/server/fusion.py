@@ -61,12 +61,24 @@ def federated_fusion(grid: Grid, cfg: FedrecConfig, models: dict) -> FederatedFu
     total = np.zeros((len(cand.normalizations), len(cand.grid)))
     users = answered = 0
     for reply in grid.send_and_receive(messages, timeout=FUSION_TIMEOUT_S):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("fusion: node %s failed: %s", reply.metadata.src_node_id,
-                        reply.error.reason)
+            log.warning("fusion: node %s failed: %s", node, reply.error.reason)
             continue
-        total += reply.content[SUMS_KEY][SUMS_KEY].numpy()
-        users += int(reply.content[USERS_KEY][USERS_KEY])
+        try:
+            sums = np.asarray(reply.content[SUMS_KEY][SUMS_KEY].numpy(), dtype=np.float64)
+            n = reply.content[USERS_KEY][USERS_KEY]
+        except Exception as err:  # a hostile or broken client's reply: never the server's crash
+            log.warning("fusion: node %s sent a malformed reply (%r); left out", node, err)
+            continue
+        # each user's NDCG@10 lies in [0, 1]: sums outside [0, users] are no client's
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or sums.shape != total.shape \
+                or not (np.isfinite(sums).all() and sums.min() >= 0 and sums.max() <= n):
+            log.warning("fusion: node %s sent sums of shape %s for %r users (expected %s, each "
+                        "in [0, users]); left out", node, sums.shape, n, total.shape)
+            continue
+        total += sums
+        users += n
         answered += 1
     if users == 0:
         raise RuntimeError("federated fusion: no client returned validation sums")

@@ -24,6 +24,11 @@ POLL_S = 0.2
 AfterRound = Callable[[int, ArrayRecord], None]
 
 
+class TooFewClients(RuntimeError):
+    """Fewer clients than ``min_train_clients`` answered, or are connected to ask: the
+    federation cannot go on."""
+
+
 def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> int:
     """Wait until ``expected`` nodes are connected or ``timeout`` passed; returns how many are."""
     deadline = time.monotonic() + timeout
@@ -44,10 +49,18 @@ def run_rounds(
     train_config: ConfigRecord,
     after_round: AfterRound,
     before_round: Callable[[int], None] | None = None,
+    min_nodes: int = 0,
 ) -> ArrayRecord:
     """Train ``rounds``; ``before_round(round)`` runs before a round's first message is sent,
-    ``after_round(round, global arrays)`` after its aggregation."""
+    ``after_round(round, global arrays)`` after its aggregation. A round that finds fewer than
+    ``min_nodes`` nodes connected within ``timeout`` raises ``TooFewClients`` (Flower's own
+    sampling would wait for them for ever)."""
     for server_round in rounds:
+        if min_nodes and (n := wait_for_nodes(grid, min_nodes, timeout)) < min_nodes:
+            raise TooFewClients(
+                f"round {server_round}: only {n} client(s) connected after {timeout:.0f} s; "
+                f"at least {min_nodes} needed"
+            )
         log.info("round %d/%d", server_round, rounds.stop - 1)
         if before_round is not None:
             before_round(server_round)

@@ -2,6 +2,7 @@
 
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -59,14 +60,16 @@ def test_checkpoint_round_trip_restores_models_strategy_rng_and_progress(tmp_pat
     cfg = _cfg(tmp_path, strategy="fedadam")
     run = create_run_dir(cfg)
     random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    np.random.normal()  # numpy now holds the second of a pair of Gaussians (user-level noise)
     save_checkpoint(run, cfg, _arrays(0), _fedadam(cfg), _progress())
-    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    expected = (random.random(), np.random.normal(), np.random.rand(), torch.rand(1).item())
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
 
     fresh = Observed(make_strategy(cfg, 3))
     ckpt = load_checkpoint(run, cfg)
     restore(ckpt, fresh)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(1).item())
+    assert got == expected
     assert list(ckpt.arrays) == list(KEYS)
     for k in KEYS:
         np.testing.assert_array_equal(ckpt.arrays[k].numpy(), _arrays(0)[k].numpy())
@@ -194,6 +197,27 @@ class _Grid:
                 Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
             )
         return replies
+
+
+def test_a_round_with_too_few_nodes_connected_stops_instead_of_waiting_for_ever(
+    tmp_path, monkeypatch
+):
+    """Flower's sampling waits for min_available_nodes with no timeout: a deployment whose
+    sites died would never write its summary. The round waits round_timeout, then stops."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.server.rounds import TooFewClients, run_rounds
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = _cfg(tmp_path, min_train_clients=3)
+    strategy = Observed(make_strategy(cfg, 5))  # min_available_nodes = 3
+    grid = _Grid(nodes=[11, 12], late=set())
+    started = time.monotonic()
+    with pytest.raises(TooFewClients, match="round 2: only 2 client.* at least 3"):
+        run_rounds(strategy, grid, _arrays(0), rounds=range(2, 4), timeout=0.5,
+                   train_config=ConfigRecord(), after_round=lambda r, a: None, min_nodes=3)
+    assert time.monotonic() - started < 5 and grid.timeouts == []
 
 
 def test_rounds_go_on_with_the_clients_that_answered_in_time(tmp_path, monkeypatch):

@@ -92,3 +92,48 @@ def test_a_dp_client_answers_fusion_queries_only_when_the_run_asks_for_the_feder
         reply = query(settings, **{"budget-epsilon": "8.0"})
         assert reply.has_error() and "lifetime epsilon budget" in reply.error.reason
     assert len(sent) == 2
+
+
+def test_the_server_leaves_out_replies_no_honest_client_sends(monkeypatch) -> None:
+    """A wrong shape crashed the server after the last round, and one sum of 1e300 decided
+    the choice (and reported a validation NDCG of 3e298): every user's NDCG lies in [0, 1], so
+    a reply's sums must lie in [0, its users]."""
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.app import Message as FlowerMessage
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fedrec.server.fusion as server_fusion
+    from fedrec.client.fusion_query import SUMS_KEY, USERS_KEY
+    from fedrec.config import load_config
+    from fedrec.fusion.federated import GRID_STEP
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    for attr in ("_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 0)
+    monkeypatch.setattr(server_fusion, "pack", lambda models: ArrayRecord())
+    tasks = ["a", "b", "noise"]
+    cand = Candidates.make(tasks, GRID_STEP)
+    scores = _scores(300, seed=0)
+    honest = [client_sums({t: v[rows] for t, v in scores.items()}, 0, cand)
+              for rows in np.array_split(np.arange(300), 3)]
+    shape = honest[0][0].shape
+    hostile = [(np.zeros((1, 2)), 10), (np.full(shape, 1e300), 100), (np.zeros(shape), 0),
+               (np.full(shape, 50.0), 10), (np.full(shape, np.nan), 100)]
+
+    class Grid:
+        def get_node_ids(self):
+            return list(range(1, len(honest) + len(hostile) + 1))
+
+        def send_and_receive(self, messages, *, timeout=None):
+            out = []
+            for msg, (sums, users) in zip(messages, [*honest, *hostile], strict=True):
+                content = RecordDict({SUMS_KEY: ArrayRecord({SUMS_KEY: Array(sums)}),
+                                      USERS_KEY: MetricRecord({USERS_KEY: users})})
+                out.append(FlowerMessage(content, reply_to=msg))
+            return out
+
+    cfg = load_config(None, {"dataset": "synthetic", "partition": "site"})
+    result = server_fusion.federated_fusion(Grid(), cfg, dict.fromkeys(tasks))
+    fuser, ndcg = choose(sum(s for s, _ in honest), 300, cand)
+    assert (result.clients, result.failed, result.users) == (3, 5, 300)
+    assert result.validation_ndcg == pytest.approx(ndcg) and result.fuser.weights == fuser.weights

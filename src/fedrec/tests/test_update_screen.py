@@ -710,3 +710,20 @@ class _NoNodes:
 
     def get_nodes(self):
         raise AssertionError("not called")
+
+
+def test_krum_assumes_the_malicious_nodes_the_rounds_replies_allow():
+    """Sampling 11 of 943 clients: from all 943 Flower's Krum would assume 235 malicious and
+    compare each update with its nearest neighbour only, so two colluders sending one update
+    (at distance 0 from each other) would always be chosen."""
+    from fedrec.strategies import make_strategy
+
+    strategy = make_strategy(load_config(None, {"strategy": "krum"}), 943)
+    rng = np.random.default_rng(3)
+    honest = [_reply(n, {k: v + 0.05 * rng.normal(size=v.shape).astype(np.float32)
+                         for k, v in GLOBAL.items()}) for n in range(1, 10)]
+    twin = {k: v + 3.0 for k, v in GLOBAL.items()}
+    arrays, _ = strategy.aggregate_train(1, [*honest, _reply(20, twin), _reply(21, twin)])
+    assert strategy.num_malicious_nodes == 2
+    moved = np.abs(arrays["ranking/w"].numpy() - GLOBAL["ranking/w"]).max()
+    assert moved < 0.5  # an honest update (noise 0.05), not the colluders' (+3)
