@@ -41,7 +41,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedrec.client.errors import PrivacyRefusal
-from fedrec.client.privacy import client_name, lifetime_epsilon, site_lines, split_lines
+from fedrec.client.privacy import (
+    client_name,
+    lifetime_delta,
+    lifetime_epsilon,
+    site_lines,
+    split_lines,
+)
 from fedrec.client.replay import DIRNAME
 from fedrec.config import FedrecConfig
 from fedrec.errors import LedgerError
@@ -100,7 +106,8 @@ def site_fusion_release(
             f"({path}) are gone; drawing the noise again would be a second release"
         )
     if kept is None:
-        _check_budget(state, prior, fit.noise_multiplier, cfg, lifetime_budget, name)
+        _check_budget(state, prior, fit.noise_multiplier, cfg, lifetime_budget, name,
+                      lifetime_delta(cfg, others))
         sums = _draw(exact_sums(cands), fit.noise_multiplier * fit.clipping_norm)
         kept = (sums, fit.noise_multiplier, fit.clipping_norm)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +165,7 @@ def _check_budget(
     cfg: FedrecConfig,
     lifetime_budget: float,
     name: str,
+    at_delta: float,
 ) -> None:
     """PrivacyRefusal if the release would take this run's or the site's lifetime epsilon
     past its budget (the checks ``ClientPrivacy.before_round`` makes before a round)."""
@@ -172,11 +180,11 @@ def _check_budget(
             f"{name}: the DP fusion release would raise this run's epsilon to {spent:.3f} > "
             f"budget {p.epsilon:g} (delta {p.delta:g}); no sums sent"
         )
-    lifetime = lifetime_epsilon(prior, trial, cfg, lifetime_budget)
+    lifetime = lifetime_epsilon(prior, trial, cfg, lifetime_budget, delta=at_delta)
     if lifetime is not None and lifetime > lifetime_budget:
         raise PrivacyRefusal(
             f"{name}: the DP fusion release would raise the site's lifetime epsilon to "
-            f"{lifetime:.3f} > its budget {lifetime_budget:g}; no sums sent"
+            f"{lifetime:.3f} > its budget {lifetime_budget:g} (delta {at_delta:g}); no sums sent"
         )
 
 

@@ -71,6 +71,7 @@ class ClientPrivacy:
     global_digest: str = ""  # of the global model this round trains from
     prior: list[HistoryItem] = field(default_factory=list)  # the site's releases in other runs
     budget: float | None = None  # the site's lifetime budget; None: the run's privacy.epsilon
+    lifetime_delta: float | None = None  # the delta of the lifetime epsilon (lifetime_delta())
 
     @property
     def lifetime_budget(self) -> float:
@@ -145,14 +146,15 @@ class ClientPrivacy:
     def _check_lifetime(self, server_round: int, trial: ClientPrivacyState) -> None:
         """PrivacyRefusal if the site's releases in all runs plus this round exceed its budget."""
         p, budget = self.cfg.privacy, self.lifetime_budget
-        lifetime = lifetime_epsilon(self.prior, trial, self.cfg, budget)
+        delta = p.delta if self.lifetime_delta is None else self.lifetime_delta
+        lifetime = lifetime_epsilon(self.prior, trial, self.cfg, budget, delta=delta)
         if lifetime is None:
             return
         if lifetime > budget:
             raise PrivacyRefusal(
                 f"client {self.client}: round {server_round} would raise the site's lifetime "
                 f"epsilon (all runs in {self.ledger.path if self.ledger else 'its ledger'}) to "
-                f"{lifetime:.3f} > lifetime budget {budget:g} (delta {p.delta:g}); refusing to "
+                f"{lifetime:.3f} > lifetime budget {budget:g} (delta {delta:g}); refusing to "
                 "train"
             )
         log.info(
@@ -196,18 +198,31 @@ class ClientPrivacy:
         )
 
 
+def lifetime_delta(cfg: FedrecConfig, others: Sequence[Mapping]) -> float:
+    """The delta a site's lifetime epsilon is stated at: the smallest of this run's and of the
+    site's earlier releases (``others``: their ledger lines). The server sets each run's delta;
+    at a larger one the same releases look cheaper, so a run asking for one must not lower
+    what the earlier runs count against the lifetime budget (``--budget-delta`` caps it too)."""
+    return min([cfg.privacy.delta, *(float(e["delta"]) for e in others)])
+
+
 def lifetime_epsilon(
-    prior: Sequence[HistoryItem], trial: ClientPrivacyState, cfg: FedrecConfig, budget: float
+    prior: Sequence[HistoryItem],
+    trial: ClientPrivacyState,
+    cfg: FedrecConfig,
+    budget: float,
+    *,
+    delta: float,
 ) -> float | None:
     """Epsilon of a site's releases in other runs (``prior``) composed with this run's
-    (``trial``, the next release recorded), at the run's delta; None when nothing came before
-    this run and the lifetime ``budget`` is at least the run's epsilon: the run's own budget
-    check is then the tighter one."""
+    (``trial``, the next release recorded), at ``delta`` (``lifetime_delta``); None when
+    nothing came before this run and the lifetime ``budget`` is at least the run's epsilon: the
+    run's own budget check is then the tighter one."""
     p = cfg.privacy
     if not prior and budget >= p.epsilon:
         return None
     hist = [*prior, *trial.composed_history()]
-    return epsilon_opacus(hist, delta=p.delta, accountant=trial.accountant)  # type: ignore[arg-type]
+    return epsilon_opacus(hist, delta=delta, accountant=trial.accountant)  # type: ignore[arg-type]
 
 
 def client_privacy(
@@ -334,6 +349,14 @@ def privacy_controller(
     lines = site_lines(ledger) if site and ledger else ledger.read() if ledger else []
     own, others = split_lines(lines, name, run_id)
     prior = [history_item(e) for e in others] if site else []
+    at_delta = lifetime_delta(cfg, others) if site else p.delta
+    if changed := sorted({float(e["delta"]) for e in own} - {p.delta}):
+        # one run, one delta: its epsilons are checked and reported at the run's delta, and a
+        # server raising it mid-run would make this run's releases look cheaper
+        raise PrivacyRefusal(
+            f"{name}: this run's earlier releases are at delta {changed[0]:g}; this message "
+            f"asks for privacy.delta {p.delta:g}; refusing to train at another delta"
+        )
     if STATE_KEY in context.state:
         rec = context.state[STATE_KEY]
         state = ClientPrivacyState.from_json(str(rec["state"]))
@@ -341,7 +364,7 @@ def privacy_controller(
     else:
         state = ClientPrivacyState(accountant=p.accountant)
         lifetime = p.epsilon if budget is None else budget
-        sigmas = _calibrate(cfg, plan, task_shares, name, prior, lifetime, reserve)
+        sigmas = _calibrate(cfg, plan, task_shares, name, prior, lifetime, reserve, at_delta)
         log.info("%s: calibrated noise multipliers %s", name, sigmas)
     if ledger is not None:
         state = _state_from_ledger(own, state, name, p.accountant)
@@ -357,6 +380,7 @@ def privacy_controller(
         released=frozenset(str(e.get("hash")) for e in own),
         prior=prior,
         budget=budget,
+        lifetime_delta=at_delta,
     )
     ctl._save()
     return ctl
@@ -370,16 +394,19 @@ def _calibrate(
     prior: list[HistoryItem],
     budget: float,
     reserve: Sequence[HistoryItem] = (),
+    at_delta: float | None = None,
 ) -> dict[str, float]:
     """Noise for this run's plan within the run's epsilon and, with the site's releases in other
-    runs (``prior``), within the lifetime ``budget``. Epsilon decreases in every task's noise,
-    so the larger multiplier per task of the two calibrations meets both budgets."""
+    runs (``prior``), within the lifetime ``budget`` at ``at_delta`` (default the run's delta).
+    Epsilon decreases in every task's noise, so the larger multiplier per task of the two
+    calibrations meets both budgets."""
     p = cfg.privacy
+    at_delta = p.delta if at_delta is None else at_delta
 
-    def calibrate(epsilon: float, spent: list[HistoryItem]) -> dict[str, float]:
+    def calibrate(epsilon: float, spent: list[HistoryItem], delta: float) -> dict[str, float]:
         return calibrate_noise(  # a hair under budget so float noise never refuses a planned round
             epsilon=epsilon * CALIBRATION_MARGIN,
-            delta=p.delta,
+            delta=delta,
             sample_rate={t: q for t, (q, _) in plan.items()},
             steps_per_round={t: s for t, (_, s) in plan.items()},
             rounds=cfg.rounds,
@@ -388,18 +415,18 @@ def _calibrate(
             spent=spent,
         )
 
-    sigmas = calibrate(p.epsilon, list(reserve))
+    sigmas = calibrate(p.epsilon, list(reserve), p.delta)
     if not prior and budget >= p.epsilon:
         return sigmas
     if p.distributed:  # every client must add the same share: refusals guard the
         return sigmas  # site's lifetime budget (before_round), more noise here would not count
-    spent = epsilon_opacus(prior, delta=p.delta, accountant=p.accountant)  # type: ignore[arg-type]
+    spent = epsilon_opacus(prior, delta=at_delta, accountant=p.accountant)  # type: ignore[arg-type]
     try:
-        lifetime = calibrate(budget, [*prior, *reserve])
+        lifetime = calibrate(budget, [*prior, *reserve], at_delta)
     except PrivacyError as err:
         raise PrivacyRefusal(
             f"{client}: the site's earlier runs spent lifetime epsilon {spent:.3f} of its "
-            f"lifetime budget {budget:g} (delta {p.delta:g}); what remains cannot cover this "
+            f"lifetime budget {budget:g} (delta {at_delta:g}); what remains cannot cover this "
             f"run's {cfg.rounds} rounds: {err}"
         ) from err
     log.info("%s: earlier runs spent lifetime epsilon %.3f of %g", client, spent, budget)

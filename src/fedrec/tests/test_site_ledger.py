@@ -535,3 +535,39 @@ def test_a_users_dp_fusion_negatives_depend_on_that_user_alone() -> None:
     seen = [set(work.dataset.interactions["item"][work.dataset.interactions["user"] == u])
             for u in work.valid.users[:5]]  # fmt: skip
     assert all(not (set(full[i, 1:]) & seen[i]) for i in range(5))
+
+
+def test_a_run_at_a_larger_delta_cannot_make_the_sites_earlier_runs_look_cheaper(
+    tmp_path, data
+) -> None:
+    """Without --budget-delta the server sets each run's delta. Run A spends a lifetime budget
+    of 2 at delta 1e-5; run B asks for delta 1e-2, at which A's releases cost less than 2. The
+    lifetime is composed at the smallest delta of the site's runs, so B is refused, and the
+    audit states the lifetime at 1e-5 too."""
+    ledger = tmp_path / "privacy_ledger-acme.jsonl"
+    tight = replace(_cfg(), privacy=replace(_cfg().privacy, epsilon=2.0, delta=1e-5))
+    _run(tight, data, ledger, "run-a", budget=2.0, rounds=1)
+    first = read_ledger(ledger)
+    spent = _items(first)
+    assert epsilon_opacus(spent, delta=1e-5, accountant="prv") > 1.9  # A used its budget
+    assert epsilon_opacus(spent, delta=1e-2, accountant="prv") < 1.5  # cheaper at 1e-2
+    loose = replace(tight, privacy=replace(tight.privacy, delta=1e-2))
+    with pytest.raises(PrivacyRefusal, match="lifetime .*delta 1e-05"):
+        _run(loose, data, ledger, "run-b", budget=2.0, rounds=1)
+    assert read_ledger(ledger) == first  # nothing released, nothing written
+    lifetime = [r for r in audit_ledger(ledger, site=True).rows if r.run == LIFETIME]
+    assert lifetime and all(r.delta == 1e-5 for r in lifetime)
+
+
+def test_a_run_whose_delta_changes_mid_run_is_refused(tmp_path, data) -> None:
+    """One run, one delta: a server raising it after round 1 would make the run's own
+    releases look cheaper at each check."""
+    ledger = tmp_path / "privacy_ledger-acme.jsonl"
+    cfg = _cfg(rounds=2)
+    ctx = _context()
+    ctl = client_privacy(cfg, ctx, 0, data, ledger_path=str(ledger), run_id="run-a", site=True)
+    ctl.before_round(1)
+    ctl.after_round(1, _round(ctl))
+    raised = replace(cfg, privacy=replace(cfg.privacy, delta=1e-2))
+    with pytest.raises(PrivacyRefusal, match="earlier releases are at delta 0.001"):
+        client_privacy(raised, ctx, 0, data, ledger_path=str(ledger), run_id="run-a", site=True)
