@@ -60,6 +60,13 @@ def create_run_dir(cfg: FedrecConfig, path: str | Path | None = None) -> RunDir:
     run = RunDir(Path(path or cfg.out or default_run_path(cfg)))
     if run.summary.exists():
         raise FileExistsError(f"{run.path}: holds a finished run; pass a new --out directory")
+    left = [p.name for p in (run.incomplete_marker(), run.ledger, run.path / "checkpoint")
+            if p.exists()]
+    if left:  # a new run there would take over its ledger (clients rebuild epsilon from it)
+        raise FileExistsError(
+            f"{run.path}: holds an unfinished run ({', '.join(left)}); continue it with "
+            "--resume (fedrec server resume when deployed) or pass a new --out directory"
+        )
     run.path.mkdir(parents=True, exist_ok=True)
     run.config.write_text(cfg.to_toml())
     run.incomplete_marker().write_text("this run has not finished (or failed)\n")

@@ -80,6 +80,21 @@ def test_checkpoint_round_trip_restores_models_strategy_rng_and_progress(tmp_pat
     assert manifest["round"] == 2 and manifest["ledger"] == {"lines": 0, "head": ""}
 
 
+def test_a_new_run_is_refused_where_an_unfinished_one_left_its_files(tmp_path):
+    """A fresh run in a crashed run's directory would take over its ledger: its clients would
+    rebuild their epsilon from the old lines, and the audit hold them to the new config."""
+    cfg = _cfg(tmp_path, **{"privacy.mode": "record"})
+    run = create_run_dir(cfg)
+    with pytest.raises(FileExistsError, match="unfinished run .*INCOMPLETE.*--resume"):
+        create_run_dir(cfg)
+    run.incomplete_marker().unlink()
+    run.ledger.write_text("")
+    with pytest.raises(FileExistsError, match="privacy_ledger.jsonl"):
+        create_run_dir(cfg)
+    run.ledger.unlink()
+    assert create_run_dir(cfg).path == run.path  # an emptied directory may be used again
+
+
 def test_fedavgm_momentum_survives_a_checkpoint(tmp_path):
     cfg = _cfg(tmp_path, strategy="fedavgm", server_momentum=0.7)
     run = create_run_dir(cfg)
