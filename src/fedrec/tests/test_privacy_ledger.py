@@ -138,6 +138,39 @@ def test_truncated_last_line_is_detected(tmp_path: Path) -> None:
         read_ledger(path)
 
 
+def test_a_half_written_last_line_is_moved_aside_by_fedrec_ledger_trim(tmp_path: Path) -> None:
+    """A crash mid-append left a partial line, which blocked every later append (and so every
+    client) for good. `fedrec ledger trim` moves it aside, kept, and only that line."""
+    from fedrec.cli import main
+
+    path = _ledger(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])
+    complete = data[: data.rfind(b"\n", 0, len(data) - 1) + 1]
+    with pytest.raises(LedgerError, match="fedrec ledger trim"):
+        Ledger(path, RUN).append(_fields(5))
+    assert main(["ledger", "trim", str(path)]) == 0
+    assert path.read_bytes() == complete
+    (aside,) = tmp_path.glob(f"{path.name}.partial-*")
+    assert complete + aside.read_bytes() == data[: len(data) - 40]  # nothing lost
+    Ledger(path, RUN).append(_fields(4))  # the chain goes on from line 4
+    assert verify_chain(path, run_id=RUN).ok and len(read_ledger(path)) == 5
+    assert main(["ledger", "trim", str(path)]) == 0  # complete: nothing to move
+    assert len(list(tmp_path.glob(f"{path.name}.partial-*"))) == 1
+
+
+def test_trim_moves_nothing_when_the_complete_lines_do_not_chain(tmp_path: Path) -> None:
+    path = _ledger(tmp_path)
+    lines = _lines(path)
+    tampered = b"".join([lines[0], lines[2], lines[1], *lines[3:]])[:-40]  # swapped, then cut
+    path.write_bytes(tampered)
+    from fedrec.privacy.ledger import set_aside_partial_line
+
+    with pytest.raises(LedgerError, match="do not chain"):
+        set_aside_partial_line(path)
+    assert path.read_bytes() == tampered and not list(tmp_path.glob("*.partial-*"))
+
+
 def test_foreign_line_is_detected(tmp_path: Path) -> None:
     path = _ledger(tmp_path, 3)
     other = _ledger(tmp_path, 4, run_id="run-b")
