@@ -154,6 +154,9 @@ def _fault_summary(result: FederationResult) -> dict[str, Any]:
         out["resumes"] = result.resumes
     if result.skipped_rounds:
         out["skipped_rounds"] = result.skipped_rounds
+    if unchanged := [r for r, rlog in sorted(result.rounds.items()) if not rlog.aggregated]:
+        # counted in "rounds" (the round ran) but the global model did not move
+        out["rounds_without_update"] = unchanged
     if result.registered_users:  # the counts weights were capped at: docs/partner-site.md
         out["registered_users"] = {str(n): c for n, c in result.registered_users.items()}
     return out

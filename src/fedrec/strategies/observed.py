@@ -42,6 +42,9 @@ class RoundLog:
     rescaled: list[tuple[int, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     ledger_entries: list[str] = field(default_factory=list)
+    # False when the strategy returned no new model: Flower's user-level DP wrappers skip a
+    # round (no release, the global model unchanged) when a sampled reply is missing or rejected
+    aggregated: bool = True
 
 
 class Observed(Strategy):
@@ -119,6 +122,7 @@ class Observed(Strategy):
             else:
                 rlog.replies += 1
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        rlog.aggregated = arrays is not None
         if metrics is not None:
             rlog.metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         self.rounds[server_round] = rlog

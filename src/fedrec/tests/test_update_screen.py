@@ -727,3 +727,22 @@ def test_krum_assumes_the_malicious_nodes_the_rounds_replies_allow():
     assert strategy.num_malicious_nodes == 2
     moved = np.abs(arrays["ranking/w"].numpy() - GLOBAL["ranking/w"]).max()
     assert moved < 0.5  # an honest update (noise 0.05), not the colluders' (+3)
+
+
+def test_a_round_whose_strategy_returns_no_model_is_marked_so():
+    """Flower's user-level DP wrapper skips a round (no release, no new model) when a sampled
+    reply is missing: the round ran, but summary.json must not let it pass for an update."""
+    from fedrec.server.federation import FederationResult
+    from fedrec.server.outputs import _fault_summary
+
+    strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
+                               min_train_nodes=1), screen=UpdateScreen())
+    strategy._sent = _sent()
+    ins = Message(RecordDict(), dst_node_id=5, message_type="train")
+    arrays, _ = strategy.aggregate_train(1, [Message(Error(code=1, reason="gone"), reply_to=ins)])
+    assert arrays is None and strategy.rounds[1].aggregated is False
+    strategy.aggregate_train(2, _honest())
+    assert strategy.rounds[2].aggregated is True
+    fields = FederationResult.__dataclass_fields__
+    result = FederationResult(**{k: None for k in fields} | {"rounds": strategy.rounds})
+    assert _fault_summary(result)["rounds_without_update"] == [1]
