@@ -260,7 +260,10 @@ def calibrate_noise(
         hist = [*prior, *((sigmas[t], rates[t], per_round[t] * n) for t in shares)]
         return epsilon_opacus(hist, delta=dlt, accountant=acct)  # type: ignore[arg-type]
 
-    _refuse_if_infeasible(eps, cap, n_rounds, lambda n: composed({t: cap for t in shares}, n))
+    _refuse_if_infeasible(
+        eps, cap, n_rounds, lambda n: composed({t: cap for t in shares}, n),
+        epsilon_opacus(prior, delta=dlt, accountant=acct) if prior else 0.0,  # type: ignore[arg-type]
+    )
     base = {
         t: _sigma_alone(eps * s, dlt * s, rates[t], per_round[t] * n_rounds)
         for t, s in shares.items()
@@ -303,20 +306,31 @@ def _per_task(
 
 
 def _refuse_if_infeasible(
-    eps: float, cap: float, rounds: int, eps_at_cap: Callable[[int], float]
+    eps: float,
+    cap: float,
+    rounds: int,
+    eps_at_cap: Callable[[int], float],
+    spent_eps: float = 0.0,
 ) -> None:
+    spent = (
+        f" Of that, {spent_eps:.3g} is spent or set aside before any round (a site's "
+        "earlier runs, or the DP fusion fit's reserve, which fusion_fit = 'fixed' or a larger "
+        "privacy.fusion_noise frees)."
+        if spent_eps > 0 else ""
+    )
     one = eps_at_cap(1)
     if one > eps:
         raise PrivacyError(
             f"epsilon={eps:g} is too small for even one round: with noise multiplier {cap:g} on "
-            f"every task one round already costs epsilon {one:.3g}. Raise epsilon, or lower the "
-            "sample rate or the steps per round."
+            f"every task one round already costs epsilon {one:.3g}.{spent} Raise epsilon, or "
+            "lower the sample rate or the steps per round."
         )
     total = eps_at_cap(rounds)
     if total > eps:
         raise PrivacyError(
             f"epsilon={eps:g} is too small for {rounds} rounds: with noise multiplier {cap:g} "
-            f"on every task they cost epsilon {total:.3g}. Raise epsilon or train fewer rounds."
+            f"on every task they cost epsilon {total:.3g}.{spent} Raise epsilon or train fewer "
+            "rounds."
         )
 
 

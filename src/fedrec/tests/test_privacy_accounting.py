@@ -126,6 +126,14 @@ def test_budget_too_small_for_one_round() -> None:
         )
 
 
+def test_a_budget_the_reserve_eats_says_so() -> None:
+    """With the DP fusion fit's reserve (one release at multiplier 8) an epsilon of 0.1 fails:
+    the message must name the reserve, which no lower sample rate or fewer steps can free."""
+    with pytest.raises(PrivacyError, match="0.307 is spent or set aside .*fusion_fit"):
+        calibrate_noise(epsilon=0.1, delta=1e-3, sample_rate=0.3, steps_per_round=4,
+                        rounds=12, task_shares=SHARES, accountant="rdp", spent=[(8.0, 1.0, 1)])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
