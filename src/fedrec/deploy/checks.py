@@ -111,8 +111,8 @@ def check_data(path: Path) -> Path:
         raise DeployError(f"--data {path}: no such file or folder")
     if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
         raise DeployError(f"--data {path}: not readable by this user; fix its permissions")
-    try:
-        load_dataset(str(path))
+    try:  # resolved: a folder named like a dataset ("synthetic", "ml-100k") is still a folder
+        load_dataset(str(path.resolve()))
     except (DataError, OSError) as err:
         raise DeployError(f"--data {path}: {err}") from err
     return path.resolve()
@@ -149,6 +149,8 @@ def probe_superlink(
 def check_port_free(host: str, port: int) -> None:
     """Refuse to start a SuperLink on a port something else already holds."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # as the SuperLink's own server binds: a port left in TIME_WAIT by a stopped one is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as err:
@@ -159,7 +161,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def _handshake(sock: socket.socket, host: str, where: str, ca_cert: Path, timeout: float) -> None:
-    context = ssl.create_default_context(cafile=str(ca_cert))
+    try:
+        context = ssl.create_default_context(cafile=str(ca_cert))
+    except (OSError, ssl.SSLError) as err:  # missing, unreadable or not PEM
+        raise DeployError(f"{ca_cert}: not a CA certificate this machine can load ({err})") from err
     sock.settimeout(timeout)
     try:
         with context.wrap_socket(sock, server_hostname=host):
@@ -175,6 +180,8 @@ def _handshake(sock: socket.socket, host: str, where: str, ca_cert: Path, timeou
         ) from err
     except TimeoutError:
         raise DeployError(f"SuperLink {where}: no TLS answer within {timeout:.0f} s") from None
+    except OSError as err:  # e.g. the connection reset during the handshake
+        raise DeployError(f"SuperLink {where}: TLS handshake failed ({err})") from err
 
 
 def _speaks_tls(sock: socket.socket, host: str, timeout: float) -> bool:

@@ -62,6 +62,10 @@ def _certs(subparsers: Any) -> Any:
     s.add_argument("--public-key", help="register the partner's own OpenSSH public key instead")
     s.add_argument("--users", type=int, help=USERS_HELP)
     s.set_defaults(func=cmd_certs_add_partner)
+    s = sub.add_parser("remove-partner", help="stop registering a partner's key")
+    s.add_argument("name")
+    s.add_argument("--dir", required=True, help="the directory made by 'certs init'")
+    s.set_defaults(func=cmd_certs_remove_partner)
     s = sub.add_parser("set-users", help="register how many users a partner's data holds")
     s.add_argument("name")
     s.add_argument("users", type=int, nargs="?", help=USERS_HELP + " (omit with --clear)")
@@ -193,6 +197,19 @@ def cmd_certs_add_partner(args: argparse.Namespace) -> int:
     entry = add_partner(args.dir, args.name, public_key=args.public_key, users=args.users)
     users = f", {args.users} users registered" if args.users is not None else ""
     console.print(f"[green]added[/] partner {args.name}: {entry['fingerprint']}{users}")
+    return 0
+
+
+def cmd_certs_remove_partner(args: argparse.Namespace) -> int:
+    from fedrec.deploy.partners import remove_partner
+
+    entry = remove_partner(args.dir, args.name)
+    console.print(
+        f"[green]removed[/] partner {args.name} ({entry['fingerprint']}): 'fedrec server start' "
+        "and 'server register' no longer register its key. On a running SuperLink, also "
+        "unregister its node: 'flwr supernode ls fedrec', then 'flwr supernode unregister "
+        "NODE_ID fedrec'"
+    )
     return 0
 
 

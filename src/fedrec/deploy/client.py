@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,17 +109,32 @@ def guard_dir(partner: Partner) -> Path:
     return write_shims(home / f"fedrec-guard-{tag}")
 
 
+def check_guard_first(env: Mapping[str, str], guard: Path) -> None:
+    """Refuse to start unless every task the SuperExec may start resolves to the guard's script
+    on ``env``'s PATH (a ':' in the Flower home's path, for one, would split the guard's folder
+    and let the unguarded executables be found first: failing open)."""
+    from fedrec.deploy.guard import KINDS
+
+    for name in KINDS.values():
+        found = shutil.which(name, path=env.get("PATH", ""))
+        if found is None or Path(found).resolve().parent != guard.resolve():
+            raise DeployError(
+                f"the guard would not run: '{name}' resolves to {found} on the SuperNode's PATH, "
+                f"not to the guard's {guard} (a ':' in --flwr-home's path splits it); choose a "
+                "Flower home without ':'"
+            )
+
+
 def start_supernode(partner: Partner, *, echo: bool = True) -> Child:
     """Check, launch, and wait until the SuperLink has accepted this node."""
     data = preflight(partner)
     if partner.guard and (problem := check_importable()):  # else every task would die unanswered
         raise DeployError(problem)
-    env = launch.child_env(
-        os.environ,
-        flwr_home=partner.flwr_home,
-        bins=launch.bin_dir(),
-        guard=guard_dir(partner) if partner.guard else None,
-    )
+    guard = guard_dir(partner) if partner.guard else None
+    env = launch.child_env(os.environ, flwr_home=partner.flwr_home, bins=launch.bin_dir(),
+                           guard=guard)  # fmt: skip
+    if guard is not None:
+        check_guard_first(env, guard)
     child = Child(supernode_command(partner, data), env, echo=echo)
     try:
         child.wait_until(

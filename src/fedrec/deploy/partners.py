@@ -33,6 +33,7 @@ from fedrec.deploy.errors import DeployError
 CURVE = ec.SECP384R1  # a NIST curve, as Flower's SuperNode authentication requires
 NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")  # P-256/384/521; flwr also takes 192/224
 USERS = "users"  # the manifest key of a partner's registered user count
+REMOVED = "removed"  # the manifest key of when a partner was removed (fedrec certs remove-partner)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
@@ -76,12 +77,16 @@ def add_partner(
     if name in manifest["partners"] or d.partner_pub(name).exists():
         raise DeployError(f"partner {name!r} already exists in {d.path}; choose another name")
     d.partner_pub(name).parent.mkdir(parents=True, exist_ok=True)
-    if public_key is None:
-        key = ec.generate_private_key(CURVE())
+    key = ec.generate_private_key(CURVE()) if public_key is None else None
+    pub = _ssh_public(key.public_key()) if key else _read_ssh_public(Path(public_key))
+    # one key, one partner: the SuperLink knows a node by its key, and the registered user
+    # counts are keyed by its fingerprint (a removed partner's key stays taken)
+    for other, e in manifest["partners"].items():
+        if e.get("fingerprint") == ssh_fingerprint(pub):
+            raise DeployError(f"this public key is already partner {other!r}'s; every "
+                              "partner needs its own key pair")  # fmt: skip
+    if key is not None:
         write_new(d.partner_key(name), _ssh_private(key), PRIVATE)
-        pub = _ssh_public(key.public_key())
-    else:
-        pub = _read_ssh_public(Path(public_key))
     write_new(d.partner_pub(name), pub, PUBLIC)
     ids = [int(p.get("id", -1)) for p in manifest["partners"].values()]
     entry = {
@@ -96,6 +101,30 @@ def add_partner(
     manifest["partners"][name] = entry
     save_manifest(d, manifest)
     return entry
+
+
+def remove_partner(
+    directory: str | Path, name: str, *, now: dt.datetime | None = None
+) -> dict[str, Any]:
+    """Mark partner ``name`` removed: ``fedrec server start`` and ``server register`` no longer
+    register its key, and its registered user count no longer applies. Its entry and key files
+    stay (its id and fingerprint are what its ledger lines and the SuperLink's logs name), and
+    neither its name nor its key can be added again."""
+    d = CertDir(Path(directory))
+    manifest = read_manifest(d.path)
+    entry = manifest["partners"].get(name)
+    if entry is None:
+        raise DeployError(f"partner {name!r} is not in {d.manifest}")
+    if entry.get(REMOVED):
+        raise DeployError(f"partner {name!r} was removed already ({entry[REMOVED]})")
+    entry[REMOVED] = iso(now or dt.datetime.now(dt.UTC))
+    save_manifest(d, manifest)
+    return entry
+
+
+def active_partners(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's partners that were not removed."""
+    return {n: e for n, e in manifest["partners"].items() if not e.get(REMOVED)}
 
 
 def set_users(directory: str | Path, name: str, users: int | None) -> dict[str, Any]:

@@ -26,8 +26,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _REASONS = (  # Flower's output line -> what the partner should do
     (
         "[code: 2004]",
-        "the SuperLink refused this partner's key (not registered); ask the "
-        "platform team to run 'fedrec server register'",
+        "the SuperLink refused this partner's key: not registered (ask the platform team to "
+        "run 'fedrec server register'), removed, or a node with this key is still online (a "
+        "SuperNode restarted right after a crash: wait about a minute for the SuperLink to "
+        "mark the old one offline; or a second SuperNode started with the same key)",
     ),
     ("CERTIFICATE_VERIFY_FAILED", "the SuperLink's certificate is not trusted with this CA"),
     ("Unable to parse the private key", "the private key file is not one Flower can load"),

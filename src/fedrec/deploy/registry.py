@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedrec.deploy.certdir import read_manifest
 from fedrec.deploy.errors import DeployError
-from fedrec.deploy.partners import USERS, check_users, ssh_fingerprint
+from fedrec.deploy.partners import USERS, active_partners, check_users, ssh_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,15 @@ class Registry:
 def load_registry(certs_dir: str | Path) -> Registry:
     """The counts registered in a certificate directory's manifest (DeployError if unreadable
     or a count is not a positive integer)."""
-    partners = read_manifest(certs_dir)["partners"]
+    partners = active_partners(read_manifest(certs_dir))
     users: dict[str, int] = {}
     names: dict[str, str] = {}
     for name, entry in partners.items():
         if USERS not in entry:
             continue
+        if str(entry["fingerprint"]) in names:
+            raise DeployError(f"{certs_dir}: partners {names[str(entry['fingerprint'])]!r} and "
+                              f"{name!r} share one public key; each needs its own")
         try:
             users[str(entry["fingerprint"])] = check_users(entry[USERS])
         except DeployError as err:

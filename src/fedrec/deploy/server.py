@@ -23,6 +23,7 @@ from fedrec.deploy import launch
 from fedrec.deploy.certdir import CertDir, read_manifest
 from fedrec.deploy.checks import check_port_free, check_server_files, probe_superlink
 from fedrec.deploy.errors import DeployError
+from fedrec.deploy.partners import active_partners
 from fedrec.deploy.process import Child, failure_reason, port_open
 from fedrec.deploy.registry import load_registry
 
@@ -90,10 +91,14 @@ def register_partners(site: Site, names: list[str] | None = None) -> dict[str, s
         raise DeployError(
             "--insecure SuperLinks do not authenticate SuperNodes; nothing to register"
         )
-    partners = read_manifest(site.certs.path)["partners"]
-    unknown = sorted(set(names or []) - set(partners))
+    manifest = read_manifest(site.certs.path)
+    partners = active_partners(manifest)
+    unknown = sorted(set(names or []) - set(manifest["partners"]))
     if unknown:
         raise DeployError(f"partner {unknown[0]!r} is not in {site.certs.manifest}")
+    if removed := sorted(set(names or []) - set(partners)):
+        raise DeployError(f"partner {removed[0]!r} was removed (fedrec certs remove-partner); "
+                          "a partner coming back needs a new name and key pair")
     host, port = launch.parse_address(site.local)
     probe_superlink(host, port, ca_cert=site.certs.ca_cert)
     write_connection(site)

@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -26,7 +27,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from fedrec.deploy import CertDir, DeployError, add_partner, export_partner, init_certs
+from fedrec.deploy import (
+    CertDir,
+    DeployError,
+    add_partner,
+    export_partner,
+    init_certs,
+    read_manifest,
+)
 from fedrec.deploy.checks import (
     check_data,
     check_partner_files,
@@ -345,3 +353,90 @@ def test_port_in_use_is_refused_before_launch():
         held.listen(1)
         with pytest.raises(DeployError, match="cannot listen on"):
             check_port_free("127.0.0.1", held.getsockname()[1])
+
+
+def test_a_missing_ca_file_or_a_reset_handshake_is_a_clear_error(live_server, tmp_path):
+    with pytest.raises(DeployError, match="not a CA certificate this machine can load"):
+        probe_superlink("127.0.0.1", live_server, ca_cert=tmp_path / "nope.pem")
+    with socket.socket() as rude:  # accepts, then resets the connection during the handshake
+        rude.bind(("127.0.0.1", 0))
+        rude.listen(1)
+
+        def reset() -> None:
+            conn, _ = rude.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.recv(1)
+            conn.close()
+
+        thread = threading.Thread(target=reset, daemon=True)
+        thread.start()
+        certs = CertDir(tmp_path / "c")
+        init_certs(certs.path, [])
+        with pytest.raises(DeployError, match="TLS handshake failed|TLS failed"):
+            probe_superlink("127.0.0.1", rude.getsockname()[1], ca_cert=certs.ca_cert,
+                            timeout=5)  # fmt: skip
+        thread.join()
+
+
+def test_a_port_a_stopped_server_left_in_time_wait_counts_as_free():
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the server side closes first: its end of the pair is in TIME_WAIT
+        client.close()
+    check_port_free("127.0.0.1", port)
+
+
+def test_a_data_folder_named_like_a_dataset_is_checked_as_a_folder(tmp_path, monkeypatch):
+    (tmp_path / "synthetic").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DeployError, match="synthetic"):
+        check_data(Path("synthetic"))  # empty: no interactions, not the built-in generator
+
+
+def test_one_key_one_partner_and_a_removed_partner_stays_removed(tmp_path, capsys):
+    from fedrec.cli import main
+    from fedrec.deploy.partners import active_partners, remove_partner
+    from fedrec.deploy.registry import load_registry
+
+    d = CertDir(tmp_path / "c")
+    init_certs(d.path, ["acme"])
+    with pytest.raises(DeployError, match="already partner 'acme'"):
+        add_partner(d.path, "initech", public_key=d.partner_pub("acme"))
+    assert "initech" not in read_manifest(d.path)["partners"]
+    assert not d.partner_pub("initech").exists()
+    add_partner(d.path, "globex", users=40)
+    assert main(["certs", "remove-partner", "globex", "--dir", str(d.path)]) == 0
+    assert "no longer register" in capsys.readouterr().err
+    assert set(active_partners(read_manifest(d.path))) == {"acme"}
+    assert load_registry(d.path).users == {}  # its count no longer applies
+    with pytest.raises(DeployError, match="removed already"):
+        remove_partner(d.path, "globex")
+    with pytest.raises(DeployError, match="already exists"):
+        add_partner(d.path, "globex")
+    with pytest.raises(DeployError, match="already partner 'globex'"):
+        add_partner(d.path, "globex2", public_key=d.partner_pub("globex"))
+
+
+def test_a_site_refuses_to_start_when_the_guard_would_not_be_found_first(tmp_path):
+    """A ':' in the Flower home's path split the guard's folder on PATH: the unguarded
+    flwr-clientapp was found first, and the site ran without its guard, saying it had one."""
+    import os
+
+    from fedrec.deploy import launch
+    from fedrec.deploy.client import check_guard_first
+    from fedrec.deploy.guard import write_shims
+
+    for name, ok in [("home", True), ("home:site", False)]:
+        guard = write_shims(tmp_path / name / "guard")
+        env = launch.child_env(os.environ, flwr_home=tmp_path / name, bins=launch.bin_dir(),
+                               guard=guard)  # fmt: skip
+        if ok:
+            check_guard_first(env, guard)
+        else:
+            with pytest.raises(DeployError, match="the guard would not run"):
+                check_guard_first(env, guard)
