@@ -36,7 +36,9 @@ def slowdown(cfg: FedrecConfig, repeats: int = 7) -> dict[str, float]:
     fight each other and swamp the ratio with noise. Three kinds alternate in each repeat:
     plain, DP-SGD as fedrec trains (one backward pass: fedrec.clipping), and DP-SGD with
     Opacus's own two passes (``DPTensorFastGradientClipping.backward``, reproduced in
-    ``_opacus_two_pass``), so both ratios come from the same run."""
+    ``_opacus_two_pass``), so both ratios come from the same run; a fourth kind draws the noise
+    (and the negatives) as partner sites and ``secure_rng`` runs do, from a CSPRNG
+    (``fedrec.dp_noise``), where the others use seeded torch generators."""
     import torch
 
     torch.set_num_threads(1)
@@ -44,12 +46,13 @@ def slowdown(cfg: FedrecConfig, repeats: int = 7) -> dict[str, float]:
     sizes = [len(work.partition.users_of(c)) for c in range(work.partition.n_clients)]
     data = work.client_data(max(range(len(sizes)), key=sizes.__getitem__))
     ratios = {}
-    kinds = ("plain", "dp", "dp-two-pass")
+    kinds = ("plain", "dp", "dp-secure", "dp-two-pass")
     for task, model in build_task_models(cfg, work.spec, 0, item_text=work.item_text(cfg.text)).items():
         times: dict[str, list[float]] = {k: [] for k in kinds}
         for r in range(repeats):
             for kind in kinds:
-                dp = DPSGDParams(1.0, 1.0, noise_seed=r) if kind != "plain" else None
+                seed = None if kind == "dp-secure" else r
+                dp = DPSGDParams(1.0, 1.0, noise_seed=seed) if kind != "plain" else None
                 with _two_pass(kind == "dp-two-pass"):
                     t0 = time.perf_counter()
                     train_task(model, data, cfg.tasks[task], seed=r, dp=dp)
@@ -58,7 +61,9 @@ def slowdown(cfg: FedrecConfig, repeats: int = 7) -> dict[str, float]:
         ratios[task] = med["dp"] / med["plain"]
         print(
             f"{task:9} epoch on {data.n_users} users: plain {med['plain']:.2f} s, DP {med['dp']:.2f} s "
-            f"(slowdown {ratios[task]:.2f}x), DP with Opacus's two passes {med['dp-two-pass']:.2f} s "
+            f"(slowdown {ratios[task]:.2f}x), with secure noise {med['dp-secure']:.2f} s "
+            f"({med['dp-secure'] / med['plain']:.2f}x), DP with Opacus's two passes "
+            f"{med['dp-two-pass']:.2f} s "
             f"({med['dp-two-pass'] / med['plain']:.2f}x); one pass / two: "
             f"{med['dp'] / med['dp-two-pass']:.2f}"
         )

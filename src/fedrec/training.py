@@ -19,6 +19,7 @@ from torch import nn
 
 from fedrec.config import TaskConfig
 from fedrec.data.sequences import Sequences
+from fedrec.dp_noise import dp_optimizer, entropy_generator, seed_torch_from_entropy
 from fedrec.models.base import TaskModel
 from fedrec.models.batching import make_sequence_batch
 
@@ -88,8 +89,13 @@ def train_task(
     """
     if data.n_users == 0:
         raise ValueError("no users to train on: the client's partition is empty")
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    if dp is not None and dp.noise_seed is None:
+        # unpredictable: the negatives and dropout too, not only the noise (fedrec.dp_noise)
+        seed_torch_from_entropy()
+        gen = entropy_generator()
+    else:
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     optimizer: torch.optim.Optimizer
     if dp is not None and dp.contributors > 0:  # one step of the shared noisy gradient sum
@@ -174,24 +180,20 @@ def _train_private(
     users, each client's Poisson sample at the same rate (Kairouz et al. 2021 do this with
     discrete noise; fedrec's Gaussian is continuous, see docs/distributed-dp.md).
     """
-    from opacus.optimizers import DPOptimizerFastGradientClipping
-
     from fedrec.clipping import BookkeepingClipper
 
-    noise_gen = noise_generator(dp)
     sampler = poisson_sampler(dp, rng)
     expected = q * data.n_users
     noise_multiplier = dp.noise_multiplier
     if dp.contributors > 0:  # distributed: the sum of clipped gradients plus a noise share
         expected, noise_multiplier = 1, dp.noise_multiplier / math.sqrt(dp.contributors)
     gsm = BookkeepingClipper(model, max_grad_norm=dp.clipping_norm)
-    dp_opt = DPOptimizerFastGradientClipping(
+    dp_opt = dp_optimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=dp.clipping_norm,
         expected_batch_size=max(1, round(expected)),
-        loss_reduction="mean",
-        generator=noise_gen,
+        noise_seed=dp.noise_seed,
     )
     losses: list[float] = []
     try:
@@ -225,13 +227,6 @@ def poisson_sampler(dp: DPSGDParams, seeded: np.random.Generator) -> np.random.G
     subsampling assumes the sample is secret: a server that knows the seed could recompute which
     users every step used, and the epsilon of the ledger would not hold."""
     return seeded if dp.noise_seed is not None else np.random.default_rng(_entropy_seed())
-
-
-def noise_generator(dp: DPSGDParams) -> torch.Generator:
-    """The Gaussian noise's generator: seeded by ``dp.noise_seed``, else from OS entropy."""
-    gen = torch.Generator()
-    gen.manual_seed(dp.noise_seed if dp.noise_seed is not None else _entropy_seed())
-    return gen
 
 
 def _entropy_seed() -> int:

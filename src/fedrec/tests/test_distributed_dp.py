@@ -49,14 +49,19 @@ def test_one_distributed_step_moves_by_minus_the_gradient_sum_over_the_batch_siz
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("contributors", [1, 4, 16])
-def test_each_client_adds_the_noise_divided_by_the_root_of_the_contributors(small, contributors):
+@pytest.mark.parametrize(("contributors", "noise_seed"), [(1, 3), (4, 3), (16, 3), (4, None)])
+def test_each_client_adds_the_noise_divided_by_the_root_of_the_contributors(
+    small, contributors, noise_seed
+):
+    """Seeded noise (simulations) and the CSPRNG's (noise_seed None: secure_rng, every partner
+    site; fedrec.dp_noise) alike."""
     data, spec = small
     cfg = TaskConfig(lr=0.01, batch_size=4, local_epochs=1, dim=16, negatives=4)
     model = build_task_models(FedrecConfig(), spec, 0)["personal"]
     before = [p.detach().clone() for p in model.parameters()]
     # a rate so low the Poisson batch is empty: the update is the noise share alone
-    dp = DPSGDParams(2.0, 0.5, noise_seed=3, contributors=contributors, sample_rate=1e-12)
+    dp = DPSGDParams(2.0, 0.5, noise_seed=noise_seed, contributors=contributors,
+                     sample_rate=1e-12)  # fmt: skip
     train_task(model, data, cfg, seed=1, dp=dp)
     noise = _delta(before, model) * -cfg.batch_size
     want = 2.0 * 0.5 / contributors**0.5

@@ -38,15 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from fedrec.dp_noise import dp_optimizer
 from fedrec.text.encoder import mean_pool
 from fedrec.text.items import TextError, clean_texts, first_indices
-from fedrec.training import (
-    DPSGDParams,
-    TrainStats,
-    noise_generator,
-    noise_only_step,
-    poisson_sampler,
-)
+from fedrec.training import DPSGDParams, TrainStats, noise_only_step, poisson_sampler
 
 log = logging.getLogger(__name__)
 
@@ -347,9 +342,7 @@ class AdapterTrainer:
 
     def _make_private(self, dp: DPSGDParams) -> None:
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        from opacus.optimizers import DPOptimizerFastGradientClipping
 
-        noise_gen = noise_generator(dp)
         self.gsm = GradSampleModuleFastGradientClipping(
             self.objective,
             batch_first=True,
@@ -357,13 +350,12 @@ class AdapterTrainer:
             max_grad_norm=dp.clipping_norm,
             use_ghost_clipping=self.cfg.ghost_clipping,
         )
-        self.dp_opt = DPOptimizerFastGradientClipping(
+        self.dp_opt = dp_optimizer(  # noise from a CSPRNG unless seeded (fedrec.dp_noise)
             self.optimizer,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.clipping_norm,
             expected_batch_size=max(1, round(self.cfg.sample_rate * self.n_users)),
-            loss_reduction="mean",
-            generator=noise_gen,
+            noise_seed=dp.noise_seed,
         )
 
     def make_batch(self, users: np.ndarray, rng: np.random.Generator) -> UserTextBatch:
@@ -411,7 +403,9 @@ class AdapterTrainer:
         if len(users) == 0:
             noise_only_step(self.model, self.dp_opt)
             return None
-        per_user = self.gsm(self.make_batch(users, self.rng))  # (U,)
+        # each user's target from the sampler's stream: secret whenever the noise is, since a
+        # known stream handed out by position would tie a user's example to who else is in it
+        per_user = self.gsm(self.make_batch(users, self.sampler))  # (U,)
         with warnings.catch_warnings():  # the first adapter's input is frozen: benign
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             DPTensorFastGradientClipping(self.gsm, self.dp_opt, per_user, "mean").backward()
