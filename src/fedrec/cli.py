@@ -64,12 +64,22 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
+def _config_dp_mode(path: str | None) -> str | None:
+    """The DP mode a config file sets ('record' or 'user'), or None (none, or no file)."""
+    if not path:
+        return None
+    mode = load_config(path, {}).privacy.mode
+    return mode if mode != "none" else None
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     keys = ("dataset", "partition", "clients", "rounds", "seed", "out", "strategy")
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "epsilon", None) is not None:
         out["privacy.epsilon"] = args.epsilon
-        out["privacy.mode"] = args.dp or "record"
+        # --epsilon turns DP on; it keeps the mode a config file chose (user-level must not
+        # become record-level behind the user's back), else record-level
+        out["privacy.mode"] = args.dp or _config_dp_mode(getattr(args, "config", None)) or "record"
     elif getattr(args, "dp", None) is not None:
         out["privacy.mode"] = args.dp
     if getattr(args, "delta", None) is not None:

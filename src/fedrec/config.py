@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -329,33 +329,78 @@ def _validate(cfg: FedrecConfig) -> None:
 
 def from_dict(data: Mapping[str, Any]) -> FedrecConfig:
     """Build a config from nested plain data (TOML or JSON); unknown keys are errors."""
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {k.replace("-", "_"): v for k, v in _table(data, "the config").items()}
     _reject_unknown(data, FedrecConfig, "")
     kwargs = dict(data)
     if "tasks" in data:
         default_tasks = FedrecConfig().tasks
         tasks = {}
-        for name, values in data["tasks"].items():
+        for name, values in _table(data["tasks"], "tasks").items():
             if name not in TASKS:
                 raise ConfigError(f"config field 'tasks.{name}' is not a task; use {TASKS}")
-            values = {k.replace("-", "_"): v for k, v in values.items()}
+            values = {k.replace("-", "_"): v for k, v in _table(values, f"tasks.{name}").items()}
             _reject_unknown(values, TaskConfig, f"tasks.{name}.")
+            _check_types(values, TaskConfig, f"tasks.{name}.")
             tasks[name] = replace(default_tasks.get(name, TaskConfig()), **values)
         kwargs["tasks"] = tasks
     if "privacy" in data:
-        values = {k.replace("-", "_"): v for k, v in data["privacy"].items()}
+        values = {k.replace("-", "_"): v for k, v in _table(data["privacy"], "privacy").items()}
         _reject_unknown(values, PrivacyConfig, "privacy.")
         if "task_shares" in values:
-            values["task_shares"] = tuple(float(x) for x in values["task_shares"])
+            shares = values["task_shares"]
+            if not isinstance(shares, (list, tuple)) or len(shares) != len(TASKS) or not all(
+                _is_number(x) for x in shares
+            ):
+                raise ConfigError(f"config field 'privacy.task_shares' must be {len(TASKS)} "
+                                  f"numbers, one per task {TASKS}; got {shares!r}")  # fmt: skip
+            values["task_shares"] = tuple(float(x) for x in shares)
+        _check_types(values, PrivacyConfig, "privacy.")
         kwargs["privacy"] = PrivacyConfig(**values)
     if "text" in data:
-        values = {k.replace("-", "_"): v for k, v in data["text"].items()}
+        values = {k.replace("-", "_"): v for k, v in _table(data["text"], "text").items()}
         _reject_unknown(values, TextConfig, "text.")
+        _check_types(values, TextConfig, "text.")
         kwargs["text"] = TextConfig(**values)
+    _check_types({k: v for k, v in kwargs.items() if k not in ("tasks", "privacy", "text")},
+                 FedrecConfig, "")  # fmt: skip
     try:
         return FedrecConfig(**kwargs)
     except TypeError as err:  # a wrongly typed value
         raise ConfigError(f"invalid config: {err}") from err
+
+
+def _table(value: Any, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config field '{name}' must be a table ([{name}] in TOML), "
+                          f"got {value!r}")  # fmt: skip
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_SCALARS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", _is_number),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _check_types(values: Mapping[str, Any], cls: type, prefix: str) -> None:
+    """Each value of a plain field (int, float, bool, str, or one of them or None) must be of
+    that type: a TOML "false" is a truthy string, and 2.5 rounds is a crash much later."""
+    hints = {f.name: str(f.type) for f in fields(cls)}
+    for key, value in values.items():
+        allowed = [t.strip() for t in hints.get(key, "").split("|")]
+        if not allowed or not set(allowed) <= {*_SCALARS, "None"}:
+            continue  # not a plain field: its own checks apply
+        if value is None and "None" in allowed:
+            continue
+        if not any(_SCALARS[t][1](value) for t in allowed if t in _SCALARS):
+            want = " or ".join(_SCALARS[t][0] for t in allowed if t in _SCALARS)
+            raise ConfigError(f"config field '{prefix}{key}' must be {want}, got {value!r}")
 
 
 def from_json(text: str) -> FedrecConfig:

@@ -42,9 +42,20 @@ def add_parsers(subparsers: Any) -> None:
     s = subparsers.add_parser("serve", help="serve a run's recommender over HTTP (FastAPI)")
     s.add_argument("run_dir", help="a finished run directory (config.toml, models/)")
     s.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    s.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     s.add_argument("--recall-index", choices=RECALL_INDEXES, default="auto", help=RECALL_INDEX_HELP)
     s.set_defaults(func=cmd_serve)
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1-65535 (a larger one wrapped around silently)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return port
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -85,7 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def user_history(work: Workload, user_id: str) -> tuple[list[int], dict[str, str]]:
-    """The user's training-split items (oldest first) and their categorical features."""
+    """All the user's items (oldest first) and their categorical features: serving comes after
+    evaluation, so the validation and test items, the user's latest, are history too (they
+    were left out of the input and could be recommended back)."""
     users = work.dataset.users
     match = users.index[users["user_id"].astype(str) == str(user_id)]
     if len(match) == 0:
@@ -93,8 +106,8 @@ def user_history(work: Workload, user_id: str) -> tuple[list[int], dict[str, str
         raise RecommendError(f"unknown user {user_id!r}; the dataset's user ids look like "
                              f"{examples}")
     row = int(match[0])
-    train = work.split.train
-    mine = train[train["user"] == row].sort_values("timestamp", kind="stable")
+    events = work.dataset.interactions
+    mine = events[events["user"] == row].sort_values("timestamp", kind="stable")
     feats = {f: str(users.at[row, f]) for f in work.dataset.user_features}
     return mine["item"].astype(int).tolist(), feats
 

@@ -106,6 +106,11 @@ def build_workload(cfg: FedrecConfig) -> Workload:
 def _build_cached(dataset: str, partition: str, clients: int, seed: int, max_len: int) -> Workload:
     ds = load_dataset(dataset, seed=seed)
     split = leave_last_out(ds.interactions)
+    if split.valid.empty or split.test.empty:
+        raise DataError(
+            f"{ds.name}: no user has 3 or more interactions, so none can hold out a validation "
+            "and a test item (leave-last-out); models could be trained but never evaluated"
+        )
     part = make_partition(ds, partition, clients or None, seed)
     feats = ds.user_feature_codes()
     train = LocalData(build_sequences(split.train, max_len, np.arange(ds.num_users)), feats)

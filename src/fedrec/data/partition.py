@@ -9,6 +9,7 @@ item categories (the usual non-IID benchmark, Hsu et al. 2019, arXiv:1909.06335)
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,7 +127,7 @@ def partition_dirichlet(ds: Dataset, n_clients: int, alpha: float, seed: int = 0
     """Non-IID users: per category c, client shares p_c ~ Dir(alpha); each user draws its
     client from p of its dominant category (users without events: uniform). Smaller alpha
     means more skew. Empty clients then get a user from the largest client."""
-    if n_clients < 1 or alpha <= 0:
+    if n_clients < 1 or not math.isfinite(alpha) or alpha <= 0:
         raise DataError(f"partition: dirichlet needs n_clients >= 1 and alpha > 0 "
                         f"(got {n_clients}, {alpha}); e.g. dirichlet:0.5 with --clients 4")
     if n_clients > ds.num_users:

@@ -212,6 +212,11 @@ def _interactions(raw: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
     out["rating"] = out["rating"].astype(np.float32)
     if "site" in raw:
         out["site"] = coerce.labels(raw["site"], UNKNOWN).to_numpy()
+    if (dup := out.duplicated(["user", "item", "timestamp"])).any():
+        # a logged-twice event would be its own held-out item's history (inflated metrics)
+        log.warning("interactions: %d rows repeat a (user, item, timestamp) already seen; kept "
+                    "the first of each", int(dup.sum()))
+        out = out[~dup.to_numpy()]
     order = np.lexsort((out["timestamp"].to_numpy(), out["user"].to_numpy()))
     return out.iloc[order].reset_index(drop=True)
 

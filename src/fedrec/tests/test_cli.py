@@ -47,3 +47,22 @@ def test_a_user_error_exits_the_real_process_with_code_2_and_no_traceback(tmp_pa
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "rounds" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_epsilon_keeps_the_dp_mode_a_config_file_chose(tmp_path):
+    """--epsilon with a config file asking for user-level DP switched it to record-level, a
+    different guarantee, without a word."""
+    from fedrec.cli import _overrides, build_parser
+    from fedrec.config import load_config
+
+    toml = tmp_path / "user.toml"
+    toml.write_text('[privacy]\nmode = "user"\n')
+    parse = build_parser().parse_args
+    for argv, mode in [
+        (["simulate", "--config", str(toml), "--epsilon", "2"], "user"),
+        (["simulate", "--config", str(toml), "--epsilon", "2", "--dp", "record"], "record"),
+        (["simulate", "--epsilon", "2"], "record"),
+    ]:
+        args = parse(argv)
+        cfg = load_config(args.config, _overrides(args))
+        assert (cfg.privacy.mode, cfg.privacy.epsilon) == (mode, 2.0), argv

@@ -93,3 +93,28 @@ def test_a_field_added_later_is_written_only_when_set():
     on = load_config(None, {"register_users": True})
     assert json.loads(on.to_json())["register_users"] is True
     assert from_json(on.to_json()) == on and on.to_json() != default.to_json()
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("privacy = 5", "'privacy' must be a table"),
+        ('text = "beside"', "'text' must be a table"),
+        ("[tasks]\nrecall = 3", "'tasks.recall' must be a table"),
+        ("[privacy]\ntask_shares = 3", "task_shares' must be 3 numbers"),
+        ('[privacy]\ntask_shares = ["a", "b", "c"]', "task_shares' must be 3 numbers"),
+        ("[privacy]\ntask_shares = [1.0]", "task_shares' must be 3 numbers"),
+        ("rounds = 2.5", "'rounds' must be an integer"),
+        ("rounds = true", "'rounds' must be an integer"),
+        ("dataset = 5", "'dataset' must be a string"),
+        ('secure_aggregation = "false"', "'secure_aggregation' must be true or false"),
+        ("[tasks.recall]\ndim = 2.5", "'tasks.recall.dim' must be an integer"),
+        ('[privacy]\nepsilon = "8"', "'privacy.epsilon' must be a number"),
+    ],
+)
+def test_a_wrongly_shaped_or_typed_toml_value_is_a_config_error(tmp_path, toml, needle):
+    """Each was a traceback, a truthy string ("false"), or a crash later in the run."""
+    path = tmp_path / "c.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path)

@@ -105,3 +105,9 @@ def test_make_partition_specs_and_min_users() -> None:
         check_min_users(make_partition(ds, "column:job"), 2)
     with pytest.raises(DataError, match=r"client indices must be in \[0, 1\)"):
         Partition(np.array([0, 1]), ("only",))
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0.0])
+def test_dirichlet_refuses_an_alpha_that_is_not_a_positive_number(alpha) -> None:
+    with pytest.raises(DataError, match="alpha > 0"):  # nan and inf became a uniform split
+        partition_dirichlet(synthetic_ecommerce(n_users=50, seed=0), 3, alpha)

@@ -119,3 +119,13 @@ def test_repr_is_short() -> None:
     ds = build_dataset("toy", *raw_tables())
     assert isinstance(ds, Dataset)
     assert repr(ds) == "Dataset('toy', users=2, items=3, interactions=4, categories=3)"
+
+
+def test_an_event_logged_twice_is_kept_once(caplog) -> None:
+    """A repeated last event would be its own held-out item's history."""
+    inter, items, users = raw_tables()
+    doubled = pd.concat([inter, inter.iloc[[0]]], ignore_index=True)
+    with caplog.at_level("WARNING", logger="fedrec.data.schema"):
+        ds = build_dataset("dup", doubled, items, users)
+    assert len(ds.interactions) == len(inter)
+    assert "1 rows repeat" in caplog.text

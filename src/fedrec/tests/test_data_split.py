@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from fedrec.data import leave_last_out
 
@@ -36,3 +37,16 @@ def test_partition_of_rows() -> None:
 def test_empty_input() -> None:
     split = leave_last_out(frame().iloc[:0])
     assert len(split.train) == len(split.valid) == len(split.test) == 0
+
+
+def test_a_dataset_no_user_can_be_evaluated_on_is_refused_before_training(tmp_path):
+    """Every user with two events: training ran, then scoring crashed on empty arrays."""
+    from fedrec.config import load_config
+    from fedrec.data import DataError
+    from fedrec.workload import build_workload
+
+    csv = tmp_path / "two.csv"
+    rows = [f"u{u},i{(u + k) % 30},{1000 * u + k},s{u % 3}" for u in range(60) for k in range(2)]
+    csv.write_text("user,item,timestamp,site\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="no user has 3 or more interactions"):
+        build_workload(load_config(None, {"dataset": str(csv), "partition": "site"}))

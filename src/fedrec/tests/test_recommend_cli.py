@@ -50,3 +50,30 @@ def test_user_and_history_are_mutually_exclusive_and_one_is_required():
         _run("recommend", "run", "--user", "u", "--history", "h")
     with pytest.raises(SystemExit):
         _run("recommend", "run")
+
+
+def test_a_dataset_users_history_holds_every_item_they_have_seen():
+    """It held the training split only: the user's two latest items were missing from the
+    input and came back among the recommendations."""
+    from fedrec.fusion.pipeline import Recommender
+    from fedrec.recommend_cli import _workload, user_history
+
+    run = small_run()
+    work = _workload(str(run))
+    items, _ = user_history(work, "user-0")
+    events = work.dataset.interactions
+    mine = events[events["user"] == 0].sort_values("timestamp", kind="stable")
+    assert items == mine["item"].astype(int).tolist()
+    latest = set(work.split.valid.query("user == 0")["item"]) | set(
+        work.split.test.query("user == 0")["item"])
+    assert latest and latest <= set(items)
+    rows = Recommender.from_run_dir(str(run)).recommend(list(items), 50, exclude_seen=True)
+    ids = work.dataset.items["item_id"].astype(str).tolist()
+    assert not {ids[i] for i in set(items)} & {r["item"] for r in rows}
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "http"])
+def test_serve_refuses_a_port_outside_1_to_65535(port, capsys):
+    with pytest.raises(SystemExit):  # 70000 wrapped around to 4464 silently
+        _run("serve", "run", "--port", port)
+    assert "not a port" in capsys.readouterr().err
