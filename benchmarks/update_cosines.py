@@ -23,6 +23,12 @@ hold (the K colluders are added to the honest clients); aimed at the largest of 
 of the users whose updates then fall below 0, and the colluders' own cosine. Under
 ``direction_outliers = "reject"`` a pushed honest update is left out of the round, as if its
 client had dropped out; under ``"reflect"`` it enters negated, at its client's full weight.
+
+That attacker knows the target's update, noise included: only the target and the server see
+it. ``--blind`` (with ``--dp-noise``) aims the same attack with what colluding clients could
+know at best, the target's data and the global model but not its noise: the update the target
+would send without noise (each client also trained with noise multiplier 0, its own Poisson
+draws); the honest updates it is measured against are the noisy ones.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ def main() -> None:
     parser.add_argument("--partition", help="e.g. user (one client per user: cross-device)")
     parser.add_argument("--steer", type=int, nargs="*", default=[],
                         help="colluding clients steering the median (module doc)")
+    parser.add_argument("--blind", action="store_true",
+                        help="with --dp-noise: aim --steer without the target's noise")
     args = parser.parse_args()
     torch.set_num_threads(1)
     over = {"text.mode": args.text} | ({"partition": args.partition} if args.partition else {})
@@ -63,16 +71,22 @@ def main() -> None:
     smallest = np.argsort(sizes)[:3]
     largest = int(np.argmax(sizes))
     dp = {t: DPSGDParams(args.dp_noise, 1.0) for t in models} if args.dp_noise else None
+    if args.blind and dp is None:
+        parser.error("--blind needs --dp-noise (without noise the attacker's aim is the update)")
+    noiseless = {t: DPSGDParams(0.0, 1.0) for t in models}
     state = {t: {k: v.clone() for k, v in m.state_dict().items()} for t, m in models.items()}
     for r in range(1, args.rounds + 1):
         start = {t: flat(m) for t, m in models.items()}
         updates: dict[str, list[np.ndarray]] = {t: [] for t in models}
+        aims: dict[str, list[np.ndarray]] = {t: [] for t in models}  # --blind: noise-free
         for c, data in enumerate(clients):
-            for t, m in models.items():
-                m.load_state_dict(state[t])
-            train_round(cfg, models, data, server_round=r, client_seed=c, dp=dp)
-            for t, m in models.items():
-                updates[t].append(flat(m) - start[t])
+            for kind, noise, out in [(0, dp, updates), (1, noiseless, aims)][: 1 + args.blind]:
+                for t, m in models.items():
+                    m.load_state_dict(state[t])
+                train_round(cfg, models, data, server_round=r, client_seed=c + 1000 * kind,
+                            dp=noise)  # fmt: skip
+                for t, m in models.items():
+                    out[t].append(flat(m) - start[t])
         for t, m in models.items():
             u = np.stack(updates[t])
             median = np.median(u, axis=0)
@@ -102,25 +116,33 @@ def main() -> None:
             )
             for k in args.steer:
                 print(f"round {r} {t:8} {steering(u, sizes, k)}", flush=True)
+                if args.blind:  # the same attack without the target's noise, side by side
+                    blind = steering(u, sizes, k, aim=np.stack(aims[t]))
+                    print(f"round {r} {t:8} blind: {blind}", flush=True)
             new = start[t] + weights @ u  # FedAvg, weighted by users
             m.load_state_dict(state[t])
             torch.nn.utils.vector_to_parameters(torch.from_numpy(new).float(), m.parameters())
             state[t] = {k: v.clone() for k, v in m.state_dict().items()}
 
 
-def steering(u: np.ndarray, sizes: np.ndarray, k: int, norm_factor: float = 3.0) -> str:
+def steering(
+    u: np.ndarray, sizes: np.ndarray, k: int, norm_factor: float = 3.0,
+    aim: np.ndarray | None = None,
+) -> str:
     """What ``k`` clients steering the coordinate-wise median do to the direction rule (module
-    doc); ``u`` Float[n, P] the honest updates, ``sizes`` their users."""
+    doc); ``u`` Float[n, P] the honest updates, ``sizes`` their users; ``aim`` Float[n, P] what
+    the attackers know of each (default: ``u`` itself)."""
+    aim = u if aim is None else aim
     norms = np.linalg.norm(u, axis=1)
     predicted, slope = predicted_norms(norms, sizes)
     stated = float(np.median(sizes))  # the attackers state a typical size
     scale = float(np.median(predicted / sizes**slope))
     allowed = norm_factor * scale * stated**slope  # the largest norm the rule passes unchanged
-    reach = np.abs(u).max(axis=0)
+    reach = np.abs(aim).max(axis=0)
 
     def attacked(target: int) -> np.ndarray:
         """Every row's cosine with the median, honest rows first, when aimed at ``target``."""
-        a = -np.sign(u[target]) * reach
+        a = -np.sign(aim[target]) * reach
         a *= allowed / max(float(np.linalg.norm(a)), 1e-30)
         rows = np.vstack([u, np.repeat(a[None], k, 0)])
         median = np.median(rows, axis=0)
