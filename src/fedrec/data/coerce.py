@@ -30,7 +30,11 @@ def raw_ids(values: pd.Series, where: str) -> pd.Series:
         raise DataError(f"{where}: {int(missing.sum())} ids are missing; drop or fill those rows")
     if pd.api.types.is_float_dtype(values) and bool(np.all(np.mod(values, 1) == 0)):
         values = values.astype(np.int64)
-    return values.astype(str).reset_index(drop=True)
+    text = values.astype(str).str.strip()  # " 1" in a CSV is user 1, not another user
+    if (text == "").any():
+        raise DataError(f"{where}: {int((text == '').sum())} ids are blank; drop or fill those "
+                        "rows")  # fmt: skip
+    return text.reset_index(drop=True)
 
 
 def require_unique(ids: pd.Series, where: str) -> None:
@@ -44,8 +48,9 @@ def require_unique(ids: pd.Series, where: str) -> None:
 def sorted_unique_ids(ids: pd.Series) -> pd.Series:
     """Distinct ids in natural order: numerically when all are integers, else as text."""
     uniq = pd.Series(pd.unique(ids), dtype=str)
-    if bool(uniq.str.fullmatch(r"-?\d+").all()):
-        return uniq.iloc[np.argsort(uniq.astype(np.int64).to_numpy(), kind="stable")]
+    if bool(uniq.str.fullmatch(r"-?\d+").all()):  # as Python ints: any size (2^64 ids too)
+        numbers = np.array([int(x) for x in uniq], dtype=object)
+        return uniq.iloc[np.argsort(numbers, kind="stable")]
     return uniq.sort_values(kind="stable")
 
 
@@ -61,6 +66,14 @@ def _numeric(values: pd.Series, where: str, fix: str) -> pd.Series:
     if bad.any():
         raise DataError(f"{where}: non-numeric values such as {examples(values[bad])}; {fix}")
     return num
+
+
+def time_order(values: pd.Series) -> np.ndarray:
+    """A key that orders the events as their timestamps do, finer than the whole seconds
+    ``timestamps`` keeps (two events in one second keep their sub-second order)."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return np.asarray(values.astype("int64"), dtype=np.int64)
+    return np.asarray(pd.to_numeric(values, errors="coerce"), dtype=np.float64)
 
 
 def timestamps(values: pd.Series, where: str) -> np.ndarray:

@@ -89,7 +89,7 @@ def _require(frame: pd.DataFrame, table: str, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(f"{table}: column {missing[0]!r} is missing; "
-                        f"add it or map it with --columns {missing[0]}=<name>")
+                        f"add it, or rename the file's column to {missing[0]!r}")
 
 
 def _no_nans(frame: pd.DataFrame, table: str, columns: Sequence[str]) -> None:
@@ -212,12 +212,15 @@ def _interactions(raw: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
     out["rating"] = out["rating"].astype(np.float32)
     if "site" in raw:
         out["site"] = coerce.labels(raw["site"], UNKNOWN).to_numpy()
-    if (dup := out.duplicated(["user", "item", "timestamp"])).any():
+    precise = coerce.time_order(raw["timestamp"].reset_index(drop=True))
+    key = pd.DataFrame({"user": out["user"], "item": out["item"], "time": precise})
+    if (dup := key.duplicated().to_numpy()).any():
         # a logged-twice event would be its own held-out item's history (inflated metrics)
         log.warning("interactions: %d rows repeat a (user, item, timestamp) already seen; kept "
                     "the first of each", int(dup.sum()))
-        out = out[~dup.to_numpy()]
-    order = np.lexsort((out["timestamp"].to_numpy(), out["user"].to_numpy()))
+        out, precise = out[~dup], precise[~dup]
+    # by user, then time to below the second the timestamps keep (ties: row order)
+    order = np.lexsort((precise, out["user"].to_numpy()))
     return out.iloc[order].reset_index(drop=True)
 
 

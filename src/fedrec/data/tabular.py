@@ -57,7 +57,8 @@ def _column(frame: pd.DataFrame, path: Path, key: str, columns: Mapping[str, str
     if col not in frame.columns:
         have = ", ".join(map(str, frame.columns[:8]))
         raise DataError(f"{path.name}: column {col!r} ({key}) is missing (columns: {have}); "
-                        f"map it with --columns {key}=<name>")
+                        f"name the file's {key} column {key!r}, or map it in Python: "
+                        f"load_table(..., columns={{{key!r}: '<name>'}})")
     return col
 
 
@@ -121,7 +122,7 @@ def load_table(interactions_path: str | Path, items_path: str | Path | None = No
     columns = dict(columns or {})
     unknown = sorted(set(columns) - set(KNOWN_KEYS))
     if unknown:
-        raise DataError(f"--columns: unknown name {unknown[0]!r}; use one of "
+        raise DataError(f"columns: unknown name {unknown[0]!r}; use one of "
                         f"{', '.join(KNOWN_KEYS)}")
     path = Path(interactions_path)
     inter = _interactions(path, columns)

@@ -90,7 +90,7 @@ def test_bad_raw_values_raise_one_line(table: str, column: str, value: object,
 
 def test_missing_column_and_empty_interactions() -> None:
     inter, items, users = raw_tables()
-    with pytest.raises(DataError, match=r"column 'timestamp' is missing; .*--columns"):
+    with pytest.raises(DataError, match=r"column 'timestamp' is missing; .*rename the file's column"):
         build_dataset("toy", inter.drop(columns="timestamp"))
     with pytest.raises(DataError, match=r"no interactions"):
         build_dataset("toy", inter.iloc[:0], items, users)
@@ -129,3 +129,18 @@ def test_an_event_logged_twice_is_kept_once(caplog) -> None:
         ds = build_dataset("dup", doubled, items, users)
     assert len(ds.interactions) == len(inter)
     assert "1 rows repeat" in caplog.text
+
+
+def test_ids_are_stripped_any_size_and_sub_second_order_is_kept() -> None:
+    """' 1' was another user than '1'; an id of 2^64 crashed the sort; events 0.1 s, 5.9 s
+    and 5.3 s apart (file order a, c, b) held out b, floored to the same second as c."""
+    inter = pd.DataFrame({
+        "user": [" 1", "1", "1", str(2**64)],
+        "item": ["a", "c", "b", "a"],
+        "timestamp": [0.1, 5.9, 5.3, 1.0],
+    })
+    ds = build_dataset("fine", inter)
+    assert ds.users["user_id"].tolist() == ["1", str(2**64)]
+    mine = ds.interactions[ds.interactions["user"] == 0]
+    items = ds.items["item_id"].to_numpy()
+    assert items[mine["item"].to_numpy()].tolist() == ["a", "b", "c"]  # c is the latest

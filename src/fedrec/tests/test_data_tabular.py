@@ -48,13 +48,13 @@ def test_parquet_with_default_names(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "columns", "message"), [
     (EVENTS, {"user": "customer", "item": "sku"},
-     r"events.csv: column 'timestamp' \(timestamp\) is missing .* --columns timestamp=<name>"),
+     r"events.csv: column 'timestamp' \(timestamp\) is missing .* columns=\{'timestamp': '<name>'\}"),
     (EVENTS.replace(",30,", ",noon,"), MAPPING,
      r"events.csv: column 'ts': non-numeric values such as 'noon'; convert them to Unix"),
     (EVENTS.replace(",4,", ",four,"), MAPPING,
      r"events.csv: column 'stars': non-numeric values such as 'four'"),
     (EVENTS, {**MAPPING, "site": "store"}, r"column 'store' \(site\) is missing"),
-    (EVENTS, {**MAPPING, "colour": "x"}, r"--columns: unknown name 'colour'"),
+    (EVENTS, {**MAPPING, "colour": "x"}, r"columns: unknown name 'colour'"),
     ('a,b\n"1,2\n', {}, r"events.csv: cannot read .*valid CSV or Parquet"),
 ])
 def test_bad_files_name_file_and_column(tmp_path: Path, text: str, columns: dict[str, str],
