@@ -53,13 +53,13 @@ class SecureGaussian:
 
     def standard_normal(self, n: int) -> np.ndarray:
         """``n`` float64 N(0, 1) samples, each the sum of four Box-Muller draws over 2."""
-        pairs = (_DRAWS * n + 1) // 2
+        pairs = _DRAWS // 2 * n  # a pair of uniforms gives two Gaussians (cosine and sine)
         raw = np.frombuffer(self._stream.update(bytes(16 * pairs)), dtype=np.uint64)
         u = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * _U53  # in (0, 1), never 0
         radius = np.sqrt(-2.0 * np.log(u[:pairs]))
         angle = _TWO_PI * u[pairs:]
-        draws = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[: _DRAWS * n]
-        return draws.reshape(n, _DRAWS).sum(axis=1) / 2.0
+        cos, sin = radius * np.cos(angle), radius * np.sin(angle)
+        return (cos[:n] + cos[n:] + sin[:n] + sin[n:]) / 2.0
 
     def like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """Noise of standard deviation ``std`` with ``reference``'s shape, dtype and device."""
@@ -78,10 +78,18 @@ class SecureNoiseOptimizer(DPOptimizerFastGradientClipping):
 
     def add_noise(self) -> None:  # Opacus's, with the noise from the CSPRNG
         multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        std = multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = self.gaussian.like(p.summed_grad, multiplier * self.max_grad_norm)
-            p.grad = (p.summed_grad + noise).view_as(p)
+        # one draw for every parameter of the step (a call per small tensor costs more than
+        # its samples), handed out in order
+        z = self.gaussian.standard_normal(sum(p.summed_grad.numel() for p in self.params))
+        start = 0
+        for p in self.params:
+            g = p.summed_grad
+            part = torch.from_numpy(z[start : start + g.numel()] * std).reshape(g.shape)
+            start += g.numel()
+            p.grad = (g + part.to(dtype=g.dtype, device=g.device)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 
