@@ -405,7 +405,8 @@ def _calibrate(
 
     def calibrate(epsilon: float, spent: list[HistoryItem], delta: float) -> dict[str, float]:
         return calibrate_noise(  # a hair under budget so float noise never refuses a planned round
-            epsilon=epsilon * CALIBRATION_MARGIN,
+            epsilon=epsilon,
+            margin=CALIBRATION_MARGIN,
             delta=delta,
             sample_rate={t: q for t, (q, _) in plan.items()},
             steps_per_round={t: s for t, (_, s) in plan.items()},

@@ -220,6 +220,7 @@ def calibrate_noise(
     accountant: Literal["prv", "rdp"] = "prv",
     max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
     spent: History = (),
+    margin: float = 1.0,
 ) -> dict[str, float]:
     """Noise multiplier per task so that all tasks over all rounds together stay in budget.
 
@@ -243,8 +244,12 @@ def calibrate_noise(
     ``spent``: releases already made on the same records (e.g. a site's earlier runs). It is
     composed into every evaluation, so ``spent`` plus the planned rounds stay within (epsilon,
     delta) together: tight composition of the whole history, not ``epsilon - eps(spent)``.
+
+    ``margin`` (at most 1): calibrate to ``margin * epsilon``, a hair under the budget, while
+    errors state the budget as given.
     """
-    eps, dlt = check_epsilon(epsilon), check_delta(delta)
+    stated, dlt = check_epsilon(epsilon), check_delta(delta)
+    eps = stated * margin
     n_rounds = check_count(rounds, name="rounds")
     acct = check_accountant(accountant)
     cap = check_positive("max_noise_multiplier", max_noise_multiplier, fix="use e.g. 50")
@@ -263,6 +268,7 @@ def calibrate_noise(
     _refuse_if_infeasible(
         eps, cap, n_rounds, lambda n: composed({t: cap for t in shares}, n),
         epsilon_opacus(prior, delta=dlt, accountant=acct) if prior else 0.0,  # type: ignore[arg-type]
+        stated,
     )
     base = {
         t: _sigma_alone(eps * s, dlt * s, rates[t], per_round[t] * n_rounds)
@@ -311,7 +317,9 @@ def _refuse_if_infeasible(
     rounds: int,
     eps_at_cap: Callable[[int], float],
     spent_eps: float = 0.0,
+    stated: float | None = None,
 ) -> None:
+    shown = eps if stated is None else stated  # the budget as the user gave it
     spent = (
         f" Of that, {spent_eps:.3g} is spent or set aside before any round (a site's "
         "earlier runs, or the DP fusion fit's reserve, which fusion_fit = 'fixed' or a larger "
@@ -321,14 +329,14 @@ def _refuse_if_infeasible(
     one = eps_at_cap(1)
     if one > eps:
         raise PrivacyError(
-            f"epsilon={eps:g} is too small for even one round: with noise multiplier {cap:g} on "
+            f"epsilon={shown:g} is too small for even one round: with noise multiplier {cap:g} on "
             f"every task one round already costs epsilon {one:.3g}.{spent} Raise epsilon, or "
             "lower the sample rate or the steps per round."
         )
     total = eps_at_cap(rounds)
     if total > eps:
         raise PrivacyError(
-            f"epsilon={eps:g} is too small for {rounds} rounds: with noise multiplier {cap:g} "
+            f"epsilon={shown:g} is too small for {rounds} rounds: with noise multiplier {cap:g} "
             f"on every task they cost epsilon {total:.3g}.{spent} Raise epsilon or train fewer "
             "rounds."
         )
