@@ -64,6 +64,17 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
+def _load(args: argparse.Namespace) -> FedrecConfig:
+    """The run's config from --config and the flags, a dataset path made absolute: the run
+    directory's config.toml must name the same data from wherever it is read (fedrec
+    recommend and serve rebuild the catalogue from it)."""
+    cfg = load_config(args.config, _overrides(args))
+    path = Path(cfg.dataset).expanduser()
+    if cfg.dataset != "ml-100k" and not cfg.dataset.startswith("synthetic") and path.exists():
+        cfg = dataclasses.replace(cfg, dataset=str(path.resolve()))
+    return cfg
+
+
 def _config_dp_mode(path: str | None) -> str | None:
     """The DP mode a config file sets ('record' or 'user'), or None (none, or no file)."""
     if not path:
@@ -102,7 +113,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedrec.progress import RoundProgress
     from fedrec.simulation import simulate
 
-    cfg = _resume_config(args) if args.resume else load_config(args.config, _overrides(args))
+    cfg = _resume_config(args) if args.resume else _load(args)
     console.print(
         f"[bold]fedrec simulate[/]: {cfg.dataset}, partition {cfg.partition}, "
         f"{cfg.rounds} rounds, strategy {cfg.strategy}"
@@ -136,7 +147,7 @@ def _resume_config(args: argparse.Namespace) -> FedrecConfig:
 def cmd_train_central(args: argparse.Namespace) -> int:
     from fedrec.central import run_central
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = _load(args)
     run, summary = run_central(cfg, console)
     _print_summary(summary)
     console.print(f"[green]results:[/] {run.path}")
@@ -346,7 +357,7 @@ def cmd_text_adapt(args: argparse.Namespace) -> int:
     from fedrec.text.adapt import AdaptConfig
     from fedrec.text.adapt_run import simulate_adapter
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = _load(args)
     try:
         acfg = AdaptConfig(
             **{k: getattr(args, k) for k in ADAPT_FLAGS if getattr(args, k) is not None}

@@ -76,7 +76,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     err.print(f"{who}: {len(history)} items in the history; fusion "
               f"{rec.fuser.method} over {', '.join(rec.models)}")
-    Console().print(recommendation_table(rows, f"top {args.k} for {who}"))
+    if sys.stdout.isatty():
+        Console().print(recommendation_table(rows, f"top {args.k} for {who}"))
+    else:  # piped: tab-separated, every id whole
+        print(recommendation_tsv(rows))
     return 0
 
 
@@ -125,12 +128,25 @@ def read_history(path: str) -> list[str | int]:
     return [line for line in lines if line]
 
 
+def recommendation_tsv(rows: list[Recommendation]) -> str:
+    """Rank, item, title, category, fused score, then each task's score, tab-separated."""
+    parts = list(rows[0]["explanation"]) if rows else []
+    lines = ["\t".join(["rank", "item", "title", "category", "score", *parts])]
+    for i, r in enumerate(rows, 1):
+        cells = [str(i), r["item"], r["title"], r["category"], f"{r['score']:.6f}"]
+        lines.append("\t".join([*cells, *(f"{r['explanation'][t]:.6f}" for t in parts)]))
+    return "\n".join(lines)
+
+
 def recommendation_table(rows: list[Recommendation], title: str) -> Table:
     """A rich table: rank, item, title, category, fused score, then each task's score."""
     table = Table(title=title)
     parts = list(rows[0]["explanation"]) if rows else []
     for col in ("#", "item", "title", "category", "score", *parts):
-        table.add_column(col, justify="right" if col not in ("title", "category") else "left")
+        table.add_column(  # an item id is folded, never cut short: it must stay copyable
+            col, justify="right" if col not in ("title", "category") else "left",
+            overflow="fold" if col == "item" else "ellipsis", min_width=4 if col == "item" else None,
+        )
     for i, r in enumerate(rows, 1):
         expl = [f"{r['explanation'][t]:.3f}" for t in parts]
         table.add_row(str(i), r["item"], r["title"], r["category"], f"{r['score']:.3f}", *expl)

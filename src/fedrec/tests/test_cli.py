@@ -70,3 +70,17 @@ def test_epsilon_keeps_the_dp_mode_a_config_file_chose(tmp_path):
         args = parse(argv)
         cfg = load_config(args.config, _overrides(args))
         assert (cfg.privacy.mode, cfg.privacy.epsilon) == (mode, 2.0), argv
+
+
+def test_a_relative_dataset_path_is_kept_absolute_in_the_run_config(tmp_path, monkeypatch):
+    """fedrec recommend / serve rebuild the catalogue from the run's config.toml: a relative
+    path there named nothing once read from another directory."""
+    from fedrec.cli import _load, build_parser
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "small.csv").write_text("user,item,timestamp\n1,2,3\n")
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["simulate", "--dataset", "d/small.csv"])
+    assert _load(args).dataset == str(tmp_path.resolve() / "d" / "small.csv")
+    named = build_parser().parse_args(["simulate", "--dataset", "synthetic:users=50"])
+    assert _load(named).dataset == "synthetic:users=50"

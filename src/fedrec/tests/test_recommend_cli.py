@@ -18,10 +18,20 @@ def _run(*argv: str) -> int:
     return args.func(args)
 
 
-def test_recommend_for_a_dataset_user_prints_a_table(capsys):
+def test_recommend_for_a_dataset_user_prints_a_table(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)  # a terminal: the table
     assert _run("recommend", str(small_run()), "--user", "user-0", "-k", "3") == 0
     out = capsys.readouterr().out
     assert "top 3 for user user-0" in out and "recall" in out and "personal" in out
+
+
+def test_piped_recommendations_are_tab_separated_with_whole_ids(capsys):
+    """The table cut long ids short ('item-1…'); piped output is for programs."""
+    assert _run("recommend", str(small_run()), "--user", "user-0", "-k", "3") == 0
+    header, *rows = capsys.readouterr().out.strip().split("\n")
+    assert header.split("\t") == ["rank", "item", "title", "category", "score", "recall",
+                                   "ranking", "personal"]
+    assert len(rows) == 3 and all(r.split("\t")[1].startswith("item-") for r in rows)
 
 
 def test_recommend_for_a_history_file_skips_blanks_and_comments(tmp_path, capsys):
