@@ -10,11 +10,11 @@ DP. Prints test HR@10 per task every few epochs.
 
 ``--unit bucket:K`` makes the DP example one of K buckets of a user's training interactions
 (each interaction's bucket a hash of user, item and timestamp, so it depends on no other
-interaction; the most recent ``max_len`` of a bucket, ordered by time): removing or changing one
+interaction; the most recent ``max_len`` of a bucket, ordered by time): adding or removing one
 interaction changes one example, which is a substitution, not an addition or removal: the noise
 is calibrated so that two add/remove steps (RDP's weak triangle inequality, Mironov 2017,
-Proposition 11) meet the budget, and the guarantee covers an interaction (a rating), not a
-user's whole history.
+Proposition 11) meet the budget, and the guarantee covers adding or removing an interaction (a
+rating), not a user's whole history (changing one may move it to another bucket: two examples).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from fedrec.workload import build_workload
 
 def run_central(cfg: FedrecConfig, console: Console) -> tuple[RunDir, dict[str, Any]]:
     work = build_workload(cfg)
-    run = create_run_dir(cfg, cfg.out or default_run_path(cfg, "central"))
+    run = create_run_dir(cfg, cfg.out or default_run_path(cfg, "central"), resumable=False)
 
     def on_epoch(task: str, epoch: int, loss: float) -> None:
         console.print(f"{task}: epoch {epoch}/{cfg.rounds} loss {loss:.4f}")

@@ -35,7 +35,10 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strategy", help="fedavg | fedavgm | fedprox | fedadam | fedmedian | fedtrimmedavg | krum"
     )
-    p.add_argument("--epsilon", type=float, help="per-client DP budget; turns record-level DP on")
+    p.add_argument(
+        "--epsilon", type=float,
+        help="per-client DP budget; turns DP on (record-level unless --dp or --config says not)",
+    )
     p.add_argument("--delta", type=float, help="DP delta (below 1 / users of the smallest client)")
     p.add_argument(
         "--dp",
@@ -70,7 +73,8 @@ def _load(args: argparse.Namespace) -> FedrecConfig:
     recommend and serve rebuild the catalogue from it)."""
     cfg = load_config(args.config, _overrides(args))
     path = Path(cfg.dataset).expanduser()
-    if cfg.dataset != "ml-100k" and not cfg.dataset.startswith("synthetic") and path.exists():
+    named = cfg.dataset in ("ml-100k", "synthetic") or cfg.dataset.startswith("synthetic:")
+    if not named and path.exists():
         cfg = dataclasses.replace(cfg, dataset=str(path.resolve()))
     return cfg
 

@@ -348,11 +348,12 @@ def from_dict(data: Mapping[str, Any]) -> FedrecConfig:
         _reject_unknown(values, PrivacyConfig, "privacy.")
         if "task_shares" in values:
             shares = values["task_shares"]
-            if not isinstance(shares, (list, tuple)) or len(shares) != len(TASKS) or not all(
+            tasks = list(kwargs.get("tasks", FedrecConfig().tasks))  # paired in this order
+            if not isinstance(shares, (list, tuple)) or len(shares) < len(tasks) or not all(
                 _is_number(x) for x in shares
-            ):
-                raise ConfigError(f"config field 'privacy.task_shares' must be {len(TASKS)} "
-                                  f"numbers, one per task {TASKS}; got {shares!r}")  # fmt: skip
+            ):  # the first len(tasks) pair with the run's tasks in order; the rest are unused
+                raise ConfigError(f"config field 'privacy.task_shares' must be numbers, one per "
+                                  f"task of the run in order {tasks}; got {shares!r}")
             values["task_shares"] = tuple(float(x) for x in shares)
         _check_types(values, PrivacyConfig, "privacy.")
         kwargs["privacy"] = PrivacyConfig(**values)

@@ -132,8 +132,13 @@ def recommendation_tsv(rows: list[Recommendation]) -> str:
     """Rank, item, title, category, fused score, then each task's score, tab-separated."""
     parts = list(rows[0]["explanation"]) if rows else []
     lines = ["\t".join(["rank", "item", "title", "category", "score", *parts])]
+
+    def cell(text: str) -> str:  # a tab or a line break in a title would split the row
+        return " ".join(str(text).split())
+
     for i, r in enumerate(rows, 1):
-        cells = [str(i), r["item"], r["title"], r["category"], f"{r['score']:.6f}"]
+        cells = [str(i), cell(r["item"]), cell(r["title"]), cell(r["category"]),
+                 f"{r['score']:.6f}"]  # fmt: skip
         lines.append("\t".join([*cells, *(f"{r['explanation'][t]:.6f}" for t in parts)]))
     return "\n".join(lines)
 

@@ -51,21 +51,27 @@ class RunDir:
 
 
 def default_run_path(cfg: FedrecConfig, kind: str = "sim") -> Path:
-    name = cfg.dataset.replace("/", "_").replace(":", "_").strip("._") or "data"
-    return Path("runs") / f"{kind}-{Path(name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path(cfg.dataset).name if "/" in cfg.dataset else cfg.dataset  # a path: its file
+    name = base.replace(":", "_").strip("._") or "data"
+    return Path("runs") / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def create_run_dir(cfg: FedrecConfig, path: str | Path | None = None) -> RunDir:
-    """Make the directory, write the resolved config, mark it incomplete until finished."""
+def create_run_dir(
+    cfg: FedrecConfig, path: str | Path | None = None, *, resumable: bool = True
+) -> RunDir:
+    """Make the directory, write the resolved config, mark it incomplete until finished.
+    ``resumable``: whether the command that makes it can continue an unfinished one."""
     run = RunDir(Path(path or cfg.out or default_run_path(cfg)))
     if run.summary.exists():
         raise FileExistsError(f"{run.path}: holds a finished run; pass a new --out directory")
     left = [p.name for p in (run.incomplete_marker(), run.ledger, run.path / "checkpoint")
             if p.exists()]
     if left:  # a new run there would take over its ledger (clients rebuild epsilon from it)
+        how = ("continue it with --resume (fedrec server resume when deployed) or "
+               if resumable else "delete it or ")  # fmt: skip
         raise FileExistsError(
-            f"{run.path}: holds an unfinished run ({', '.join(left)}); continue it with "
-            "--resume (fedrec server resume when deployed) or pass a new --out directory"
+            f"{run.path}: holds an unfinished run ({', '.join(left)}); {how}pass a new --out "
+            "directory"
         )
     run.path.mkdir(parents=True, exist_ok=True)
     run.config.write_text(cfg.to_toml())

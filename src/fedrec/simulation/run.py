@@ -43,7 +43,6 @@ def check_inputs(cfg: FedrecConfig) -> int:
         validate_budget(
             epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, min_records=min(sizes)
         )
-        _calibrate_smallest(cfg, min(sizes))
         if cfg.text.mode != "content":
             log.warning(
                 "record-level DP with item-ID models: on small silos they fall below popularity "
@@ -52,18 +51,6 @@ def check_inputs(cfg: FedrecConfig) -> int:
             )
     work.item_text(cfg.text)  # TextError (bad model folder) before any client starts; cached
     return work.partition.n_clients
-
-
-def _calibrate_smallest(cfg: FedrecConfig, n_users: int) -> None:
-    """PrivacyError now, before a run directory exists, when the smallest client (the largest
-    sample rate) cannot calibrate its noise within the budget: every client would otherwise
-    refuse round 1 and the run stop there. One calibration, a few seconds."""
-    from fedrec.client.privacy import _calibrate, client_name, release_plan
-    from fedrec.config import fusion_reserve
-
-    shares = dict(zip(cfg.tasks, cfg.privacy.task_shares, strict=False))
-    plan = release_plan(cfg, n_users)
-    _calibrate(cfg, plan, shares, client_name(0), [], cfg.privacy.epsilon, fusion_reserve(cfg))
 
 
 def with_contributors(cfg: FedrecConfig, n_clients: int) -> FedrecConfig:

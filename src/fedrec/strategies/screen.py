@@ -10,9 +10,9 @@ A reply is rejected (and logged with the client's node id and the reason) when
   first reply);
 - any value is NaN or infinite;
 - a metric is not a number, a count or time (``num-examples``, ``*-seconds``, ``*.steps``) is
-  negative or not finite, a loss is infinite (NaN is a loss no batch measured), or its metric
-  names differ from those most replies of the round carry (Flower's metric aggregation would
-  otherwise abort the round); its ``ledger`` record is not a list of lines;
+  negative or not finite, or a loss is infinite (NaN is a loss no batch measured); its
+  ``ledger`` record is not a list of lines (metrics only some replies carry are dropped from
+  the kept replies: Flower's metric aggregation would otherwise abort the round);
 - a task's update norm ``||w_client - w_global||`` is far above what an honest client sends:
   above the clipping norm when every honest client clips its whole update to it (user-level DP
   with client-side clipping), otherwise above ``norm_factor`` times the norm the round's
@@ -75,7 +75,7 @@ aggregator should average.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -166,14 +166,15 @@ class UpdateScreen:
                 sizes[id(msg)] = _size(msg.content)
             else:
                 rejected.append((msg.metadata.src_node_id, reason))
-        names = Counter(_metric_names(m) for m in kept if id(m) in norms).most_common(1)
-        for msg in [m for m in kept if id(m) in norms and _metric_names(m) != names[0][0]]:
-            kept.remove(msg)
-            del norms[id(msg)], sizes[id(msg)]
-            odd = sorted(_metric_names(msg) ^ names[0][0])
-            rejected.append((msg.metadata.src_node_id,
-                             f"metric names differ from the round's ({odd[:3]})"))
         sound = [m for m in kept if id(m) in norms]
+        # Flower aggregates a metric only if every reply has it (else the round aborts): keep
+        # the names all sound replies share. Not a majority's names: colluders adding a name
+        # would make an honest reply the odd one out. The weight is in every sound reply.
+        common = frozenset.intersection(*map(_metric_names, sound)) if sound else frozenset()
+        for msg in sound:
+            record = next(iter(msg.content.metric_records.values()))
+            for name in sorted(set(record) - common):
+                del record[name]
         for msg in sound:  # the global model's key order (strategies may work by position)
             record = msg.content.array_records[ARRAYS_KEY]
             if list(record) != list(reference):

@@ -132,6 +132,10 @@ def test_a_budget_the_reserve_eats_says_so() -> None:
     with pytest.raises(PrivacyError, match="0.307 is spent or set aside .*fusion_fit"):
         calibrate_noise(epsilon=0.1, delta=1e-3, sample_rate=0.3, steps_per_round=4,
                         rounds=12, task_shares=SHARES, accountant="rdp", spent=[(8.0, 1.0, 1)])
+    with pytest.raises(PrivacyError, match=r"^epsilon=0.1 is too small"):  # not 0.0999
+        calibrate_noise(epsilon=0.1, delta=1e-3, sample_rate=0.3, steps_per_round=4,
+                        rounds=12, task_shares=SHARES, accountant="rdp", spent=[(8.0, 1.0, 1)],
+                        margin=0.999)
 
 
 @pytest.mark.parametrize(
