@@ -10,8 +10,8 @@ build for current torch. So:
 
 * **The noise** comes from AES-256-CTR keyed with 32 bytes of OS entropy (a cryptographically
   secure generator; ``cryptography`` is a dependency already), turned into Gaussians by
-  Marsaglia's polar method in float32 (as torch draws them for float32 parameters), and each
-  sample is the sum of four such draws over 2, as Opacus's ``secure_mode`` does against floating-point attacks on the Gaussian's
+  Box-Muller in float32 (as torch draws them for float32 parameters), and each sample is the
+  sum of four such draws over 2, as Opacus's ``secure_mode`` does against floating-point attacks on the Gaussian's
   representation (Holohan and Braghin 2021, section 5.1; attack: Jin et al. 2022).
 * **The rest of a step's randomness** (the training negatives, dropout masks) is not the noise,
   but the sensitivity argument needs it secret too: negatives are handed out by position in the
@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-_DISC = np.pi / 4  # the share of the square's pairs inside the unit disc
-_U24 = np.float32(2.0 / (1 << 24))  # 24-bit uniforms on (-1, 1): float32's exact integers
+_TWO_PI = np.float32(2 * np.pi)
+_U24 = np.float32(1.0 / (1 << 24))  # 24-bit uniforms: float32's exact integers
 _DRAWS = 4  # Gaussians summed per sample (Opacus secure_mode's 2n, n = 2)
 # torch's CPU generator state (CPUGeneratorImplState, torch 2.x): the initial seed (u64), left
 # (i32), seeded (i32), next (u64), then the 624 words of MT19937, each in a u64 slot
@@ -52,27 +52,17 @@ class SecureGaussian:
         self._stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
 
     def standard_normal(self, n: int) -> np.ndarray:
-        """``n`` float32 N(0, 1) samples, each the sum of four draws over 2, by Marsaglia's
-        polar method (a pair of uniforms in the unit disc gives two Gaussians, no
-        trigonometry) in float32 on 24-bit uniforms, as torch draws ``torch.normal`` for the
-        float32 parameters Opacus's ``secure_mode`` noises (float64 took twice as long)."""
-        need = _DRAWS // 2 * n  # accepted pairs
-        parts: list[np.ndarray] = []
-        have = 0
-        while have < need:
-            m = int((need - have) / _DISC * 1.02) + 16  # about pi/4 of the pairs land in the disc
-            raw = np.frombuffer(self._stream.update(bytes(8 * m)), dtype=np.uint32)
-            v = ((raw >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * _U24 - np.float32(1)
-            x, y = v[:m], v[m:]
-            s = x * x + y * y
-            inside = (s < 1) & (s > 0)
-            x, y, s = x[inside], y[inside], s[inside]
-            f = np.sqrt(np.float32(-2) * np.log(s) / s)
-            parts.append(np.stack([x * f, y * f]))
-            have += int(inside.sum())
-        z = np.concatenate(parts, axis=1)[:, :need]  # (2, need): two Gaussians per pair
-        half = need // 2
-        return (z[0, :half] + z[0, half:] + z[1, :half] + z[1, half:]) / np.float32(2)
+        """``n`` float32 N(0, 1) samples, each the sum of four Box-Muller draws over 2, in
+        float32 on 24-bit uniforms, as torch draws ``torch.normal`` for the float32 parameters
+        Opacus's ``secure_mode`` noises (float64 took twice as long, the polar method's
+        rejection longer still)."""
+        pairs = _DRAWS // 2 * n  # a pair of uniforms gives two Gaussians (cosine and sine)
+        raw = np.frombuffer(self._stream.update(bytes(8 * pairs)), dtype=np.uint32)
+        u = ((raw >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * _U24  # (0, 1)
+        radius = np.sqrt(np.float32(-2) * np.log(u[:pairs]))
+        angle = _TWO_PI * u[pairs:]
+        cos, sin = radius * np.cos(angle), radius * np.sin(angle)
+        return (cos[:n] + cos[n:] + sin[:n] + sin[n:]) / np.float32(2)
 
     def like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """Noise of standard deviation ``std`` with ``reference``'s shape, dtype and device."""
