@@ -24,7 +24,7 @@ demo: setup
 # the files with the most slow tests first (src/fedrec/tests/conftest.py; --no-loadscope-reorder keeps that
 # order): much of the suite waits on subprocesses, Ray's start-up and Flower's polling, which
 # the other workers' tests fill (each worker runs one BLAS thread and one Ray actor per
-# simulation: src/fedrec/tests/conftest.py). A clean-clone run on a 2-core machine: about 13-14 min
+# simulation: src/fedrec/tests/conftest.py). A clean-clone run on a 2-core machine: about 9-14 min
 # of tests (README "Development"). (--dist loadgroup would keep the deployment files on one worker, but
 # with pytest 9.2 and xdist 3.8 it does not group even a file marked xdist_group; they bind
 # ports picked free.)
