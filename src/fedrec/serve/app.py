@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -79,6 +80,14 @@ def create_app_for(rec: Recommender) -> FastAPI:
     @app.exception_handler(RecommendError)
     async def bad_request(request: Request, err: RecommendError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(err)})
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 echoes the input, and a NaN in it cannot be written as JSON (a
+        # 500): say where and what, never the value
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))}
+                  for e in err.errors()]
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.get("/health")
     def health() -> Health:

@@ -51,6 +51,8 @@ def test_cold_start_with_a_category(client):
         ({"history": ["item-1"], "kk": 3}, 422, "kk"),
         (b"{not json", 422, "JSON decode error"),
         (b"[]", 422, "valid dictionary"),
+        # a NaN: FastAPI's own 422 echoed it and could not write it as JSON (a 500)
+        (b'{"history": ["item-1"], "k": NaN}', 422, "finite number"),
     ],
 )
 def test_bad_requests_get_a_clear_4xx_and_the_server_stays_up(client, body, status, needle):
