@@ -169,6 +169,13 @@ def _step(
         if setup.node_id != msg.metadata.dst_node_id:
             raise SecAggError(f"setup addressed to node {setup.node_id}, received by another")
         return wire.advert_to_record(client.setup(setup))
+    # every later stage belongs to the round this client set up (the server sends each
+    # stage's messages in the round's group): a late message of another round is refused
+    if str(msg.metadata.group_id) != client.state.round_id:
+        raise SecAggError(
+            f"a '{stage}' message of round '{msg.metadata.group_id}'; this client is in round "
+            f"'{client.state.round_id or 'none'}'"
+        )
     if stage == "share_keys":
         return wire.sealed_to_record(
             "share_keys", client.share_keys(wire.keys_from_record(content))

@@ -433,3 +433,29 @@ def test_a_sites_key_exchange_messages_load_no_training_stack(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "['setup', 'share_keys'] []"
+
+
+def test_a_stage_message_of_another_round_is_refused(task_identity):
+    """Stage messages carry their round as Flower's group id: a late one from an earlier
+    round is not processed against the current round's keys."""
+    from flwr.app import Message
+
+    from fedrec.secagg import SecAggServer, plan_round, wire
+    from fedrec.secagg.flower import MESSAGE_TYPE
+
+    plan = plan_round(CFG, [1, 2, 3], "7")
+    server = SecAggServer(plan, CFG)
+    ctxs = {u: Context(1, u, {}, RecordDict(), {}) for u in plan.node_ids}
+    adverts = {}
+    for u, setup in server.setup().items():
+        msg = Message(wire.setup_to_record(setup), dst_node_id=u, message_type=MESSAGE_TYPE,
+                      group_id="7")  # fmt: skip
+        adverts[u] = wire.advert_from_record(handle_secagg(msg, ctxs[u], None).content)
+    keys = server.collect_keys(adverts)
+    for group, refused in [("6", True), ("7", False)]:
+        msg = Message(wire.keys_to_record(keys[1]), dst_node_id=1, message_type=MESSAGE_TYPE,
+                      group_id=group)  # fmt: skip
+        reply = handle_secagg(msg, ctxs[1], None)
+        assert reply.has_error() is refused
+        if refused:
+            assert "of round '6'" in reply.error.reason and "in round '7'" in reply.error.reason
