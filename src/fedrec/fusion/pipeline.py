@@ -41,6 +41,7 @@ from fedrec.rundir import RunDir, write_json_atomic
 from fedrec.workload import build_workload
 
 FUSION_FILE = "fusion.json"
+CATALOGUE_FILE = "catalogue.json"  # the item ids the run's models index, as a digest
 DEFAULT_RECALL_SIZE = 200  # candidates the rankers see: enough for k <= 50 after filtering
 MAX_SHOWN = 10  # unknown ids named in an error message
 
@@ -159,6 +160,7 @@ class Recommender:
         if missing:
             raise RecommendError(f"{run.path}: no saved model for {missing}; did the run finish?")
         work = build_workload(cfg)
+        _check_catalogue(run.path, work.dataset.items["item_id"], cfg.dataset)
         names = [*cfg.tasks, *([PRIOR] if (run.models / PRIOR).is_dir() else [])]
         models = {t: load_model(run.models / t) for t in names}
         private = cfg.privacy.mode != "none"
@@ -298,6 +300,34 @@ class Recommender:
         return Recommendation(item=str(c.item_ids[item]), title=str(c.titles[item]),
                               category=str(c.categories[item]), score=float(score),
                               explanation=explanation)
+
+
+def _catalogue_digest(item_ids: pd.Series) -> dict[str, Any]:
+    import hashlib
+
+    joined = "\n".join(item_ids.astype(str)).encode()
+    return {"items": int(len(item_ids)), "sha256": hashlib.sha256(joined).hexdigest()}
+
+
+def save_catalogue_digest(run_dir: str | Path, item_ids: pd.Series) -> Path:
+    """Write the digest of the item ids the run's models index (``catalogue.json``): serving
+    rebuilds the catalogue from the run's dataset, and must refuse data that changed since."""
+    path = Path(run_dir) / CATALOGUE_FILE
+    write_json_atomic(path, _catalogue_digest(item_ids))
+    return path
+
+
+def _check_catalogue(run_dir: Path, item_ids: pd.Series, dataset: str) -> None:
+    path = run_dir / CATALOGUE_FILE
+    if not path.is_file():  # a run from before the digest existed
+        return
+    want, have = json.loads(path.read_text()), _catalogue_digest(item_ids)
+    if want != have:
+        raise RecommendError(
+            f"{run_dir}: its models index {want['items']} items, but {dataset} now gives "
+            f"{have['items']} items or other ids (catalogue digest {have['sha256'][:12]}, the "
+            f"run's {want['sha256'][:12]}): serve it with the data it was trained on"
+        )
 
 
 def save_fuser(run_dir: str | Path, fuser: Fuser) -> Path:

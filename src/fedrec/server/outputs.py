@@ -13,7 +13,7 @@ from fedrec.config import FedrecConfig, fusion_fit_mode, releases_outside_ledger
 from fedrec.fusion.dp import DPFusion, dp_fusion_fit
 from fedrec.fusion.evaluate import fuse_and_evaluate
 from fedrec.fusion.fusers import fuser_from_dict
-from fedrec.fusion.pipeline import save_fuser
+from fedrec.fusion.pipeline import save_catalogue_digest, save_fuser
 from fedrec.fusion.prior import PRIOR, content_prior
 from fedrec.models.registry import save_model
 from fedrec.report import write_report
@@ -49,6 +49,7 @@ def write_outputs(
     eval_seconds = result.eval_seconds + time.perf_counter() - t0
     for task, model in result.models.items():
         save_model(model, run.models / task)
+    save_catalogue_digest(run.path, work.dataset.items["item_id"])
     mode = fusion_fit_mode(cfg)
     stage({"fixed": "fusion (equal weights, measured on test)",
            "dp": "fusion (one DP release of validation sums, measured on test)"}.get(

@@ -85,3 +85,32 @@ def test_serve_refuses_a_port_outside_1_to_65535(port, capsys):
     with pytest.raises(SystemExit):  # 70000 wrapped around to 4464 silently
         _run("serve", "run", "--port", port)
     assert "not a port" in capsys.readouterr().err
+
+
+def test_serving_refuses_data_that_changed_since_the_run(tmp_path):
+    """Serving rebuilds the catalogue from the run's dataset: an item id renamed in the file
+    shifted every index after it, and the models scored the wrong items without a word."""
+    from fedrec.client.local import build_task_models
+    from fedrec.config import load_config
+    from fedrec.fusion.pipeline import Recommender, save_catalogue_digest
+    from fedrec.models.registry import save_model
+    from fedrec.tests.test_fusion_run import SMALL
+    from fedrec.workload import build_workload
+
+    csv = tmp_path / "events.csv"
+    rows = [f"u{u},i{5 * u + k},{100 * u + k}" for u in range(40) for k in range(5)]
+    csv.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    cfg = load_config(None, {**SMALL, "dataset": str(csv), "partition": "user", "out": str(run)})
+    work = build_workload(cfg)
+    for task, model in build_task_models(cfg, work.spec, 0).items():
+        save_model(model, run / "models" / task)
+    (run / "config.toml").write_text(cfg.to_toml())
+    save_catalogue_digest(run, work.dataset.items["item_id"])
+    assert Recommender.from_run_dir(run).recommend(["i1"], 3)  # the data it trained on
+    csv.write_text(csv.read_text().replace("i13,", "i13b,"))
+    from fedrec.workload import _build_cached
+
+    _build_cached.cache_clear()  # a new process would read the file afresh
+    with pytest.raises(RecommendError, match="serve it with the data it was trained on"):
+        Recommender.from_run_dir(run)
