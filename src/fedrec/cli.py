@@ -72,9 +72,10 @@ def _load(args: argparse.Namespace) -> FedrecConfig:
     directory's config.toml must name the same data from wherever it is read (fedrec
     recommend and serve rebuild the catalogue from it)."""
     cfg = load_config(args.config, _overrides(args))
+    from fedrec.data.registry import is_dataset_name
+
     path = Path(cfg.dataset).expanduser()
-    named = cfg.dataset in ("ml-100k", "synthetic") or cfg.dataset.startswith("synthetic:")
-    if not named and path.exists():
+    if not is_dataset_name(cfg.dataset) and path.exists():
         cfg = dataclasses.replace(cfg, dataset=str(path.resolve()))
     return cfg
 

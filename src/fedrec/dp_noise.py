@@ -64,14 +64,6 @@ class SecureGaussian:
         cos, sin = radius * np.cos(angle), radius * np.sin(angle)
         return (cos[:n] + cos[n:] + sin[:n] + sin[n:]) / np.float32(2)
 
-    def like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
-        """Noise of standard deviation ``std`` with ``reference``'s shape, dtype and device."""
-        if std == 0:
-            return torch.zeros_like(reference)
-        z = self.standard_normal(reference.numel()).reshape(tuple(reference.shape))
-        return torch.from_numpy(z * np.float32(std)).to(dtype=reference.dtype,
-                                                         device=reference.device)
-
 
 class SecureNoiseOptimizer(DPOptimizerFastGradientClipping):
     """Opacus's optimizer for clipped gradients, its noise drawn by ``SecureGaussian``."""

@@ -44,7 +44,7 @@ from fedrec.privacy import (
     validate_budget,
     verify_chain,
 )
-from fedrec.privacy.accounting import history_item
+from fedrec.privacy.accounting import history_item, smallest_delta
 from fedrec.privacy.claims import Expected
 from fedrec.privacy.entry import DISTRIBUTED
 from fedrec.privacy.errors import check_epsilon
@@ -203,7 +203,7 @@ def lifetime_delta(cfg: FedrecConfig, others: Sequence[Mapping]) -> float:
     site's earlier releases (``others``: their ledger lines). The server sets each run's delta;
     at a larger one the same releases look cheaper, so a run asking for one must not lower
     what the earlier runs count against the lifetime budget (``--budget-delta`` caps it too)."""
-    return min([cfg.privacy.delta, *(float(e["delta"]) for e in others)])
+    return smallest_delta(others, cfg.privacy.delta)
 
 
 def lifetime_epsilon(

@@ -61,6 +61,12 @@ def _from_folder(folder: Path, columns: Mapping[str, str] | None) -> Dataset:
     return tabular.load_table(inter, items, users, columns)
 
 
+def is_dataset_name(name_or_path: str) -> bool:
+    """Whether ``load_dataset`` reads this as a built-in name rather than a path."""
+    kind, sep, spec = name_or_path.partition(":")
+    return name_or_path == "ml-100k" or (kind == "synthetic" and (sep == "" or bool(spec)))
+
+
 def load_dataset(name_or_path: str, *, seed: int = 0, columns: Mapping[str, str] | None = None,
                  cache_dir: Path | None = None) -> Dataset:
     """Load by name ('ml-100k', 'synthetic', 'synthetic:users=2000,...') or by path.
@@ -71,9 +77,8 @@ def load_dataset(name_or_path: str, *, seed: int = 0, columns: Mapping[str, str]
     """
     if name_or_path == "ml-100k":
         return movielens.load_ml100k_parquet(movielens.fetch_ml100k(cache_dir))
-    kind, sep, spec = name_or_path.partition(":")
-    if kind == "synthetic" and (sep == "" or spec):
-        options = _synthetic_options(spec)
+    if is_dataset_name(name_or_path):  # synthetic[:options]
+        options = _synthetic_options(name_or_path.partition(":")[2])
         return synthetic.synthetic_ecommerce(seed=seed, **options)  # type: ignore[arg-type]
     path = Path(name_or_path).expanduser()
     if path.is_dir():

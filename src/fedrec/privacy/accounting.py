@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import dp_accounting
@@ -55,6 +55,13 @@ Canonical = tuple[HistoryItem, ...]
 def history_item(entry: Mapping[str, Any]) -> HistoryItem:
     """The accountant's item of one ledger line (its release's noise, sample rate and steps)."""
     return (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+
+
+def smallest_delta(entries: Iterable[Mapping[str, Any]], *deltas: float) -> float:
+    """The delta a site's lifetime epsilon is stated at: the smallest of its ledger lines' and
+    of ``deltas`` (a run about to release). At a larger delta the same releases look cheaper,
+    and each run's delta is the server's to choose."""
+    return min([*deltas, *(float(e["delta"]) for e in entries)])
 
 
 PLD_DISCRETIZATION = 1e-4

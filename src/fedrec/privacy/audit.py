@@ -41,6 +41,7 @@ from fedrec.privacy.accounting import (
     epsilon_dp_accounting,
     epsilon_opacus,
     history_item,
+    smallest_delta,
 )
 from fedrec.privacy.ledger import ChainReport, verify_chain
 
@@ -174,7 +175,7 @@ def _lifetime_problems(entries: list[dict[str, Any]]) -> list[str]:
         if i + 1 < len(entries) and entries[i + 1]["run_id"] == e["run_id"]:
             continue
         hist = [history_item(x) for x in entries[: i + 1]]
-        delta = min(float(x["delta"]) for x in entries[: i + 1])
+        delta = smallest_delta(entries[: i + 1])
         eps = epsilon_opacus(hist, delta=delta, accountant=e["accountant"])
         if eps > e["budget_epsilon"] * (1 + 1e-12):
             problems.append(
@@ -232,7 +233,7 @@ def _final_rows(
     latest = entries[-1]
     acct, delta = latest["accountant"], latest["delta"]
     if run == LIFETIME:  # at the smallest delta of the site's runs, as the client checks it
-        delta = min(float(e["delta"]) for e in entries)
+        delta = smallest_delta(entries)
     budget = float(latest["budget_epsilon"])
     notes = _lifetime_notes(entries, acct, delta) if run == LIFETIME else []
     if budgets is not None and client in budgets:

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedrec.config import FedrecConfig
-from fedrec.strategies.records import ARRAYS_KEY
+from fedrec.strategies.records import ARRAYS_KEY, summed_metric
 from fedrec.strategies.user_dp import UNIFORM_WEIGHT_KEY, wrap_user_dp
 
 
@@ -89,7 +89,7 @@ def aggregate_train_metrics(replies: list[RecordDict], weighted_by_key: str) -> 
     out: dict[str, float] = {"clients": float(len(records))}
     for key in records[0]:
         values = [float(m[key]) for m in records]  # type: ignore[arg-type]
-        if key in (weighted_by_key, "num-examples") or key.endswith(("-seconds", ".steps")):
+        if key == weighted_by_key or summed_metric(key):
             out[key] = sum(values)
         else:  # a loss is nan where a client's Poisson batches were all empty: skip it
             seen = [(w, v) for w, v in zip(weights, values, strict=True) if math.isfinite(v)]

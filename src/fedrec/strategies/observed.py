@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedrec.strategies.records import ARRAYS_KEY, arrays_digest
+from fedrec.strategies.records import ARRAYS_KEY, LEDGER_KEY, arrays_digest, ledger_entries
 from fedrec.strategies.screen import UpdateScreen
 
 log = logging.getLogger(__name__)
@@ -141,10 +141,9 @@ class Observed(Strategy):
 
 def _ledger_lines(msg: Message) -> list[str]:
     """The ledger lines a reply carries (none when its ``ledger`` record is malformed)."""
-    record = msg.content.config_records.get("ledger")
-    entries = record.get("entries") if record is not None else None
-    if not isinstance(entries, list):
-        if "ledger" in msg.content:
+    entries = ledger_entries(msg.content)
+    if entries is None:
+        if LEDGER_KEY in msg.content:
             log.warning("node %d sent a malformed ledger record; its lines are not counted",
                         msg.metadata.src_node_id)
         return []

@@ -13,12 +13,27 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 
 from fedrec.models.base import TaskModel
 
 ARRAYS_KEY = "arrays"
 SEP = "/"
+LEDGER_KEY = "ledger"  # a record-level client's ledger lines of the round, beside its update
+
+
+def summed_metric(name: str) -> bool:
+    """Whether a reply's metric is a count or a time, which a round sums (``num-examples``,
+    ``*-seconds``, ``*.steps``), rather than a loss, which it averages."""
+    return name == "num-examples" or name.endswith(("-seconds", ".steps"))
+
+
+def ledger_entries(content: RecordDict) -> list | None:
+    """The entries of a reply's ledger record as sent, or None when it has none or it is not
+    a ConfigRecord holding a list under ``entries``."""
+    record = content.config_records.get(LEDGER_KEY)
+    entries = record.get("entries") if record is not None else None
+    return entries if isinstance(entries, list) else None
 
 
 def pack(models: Mapping[str, TaskModel]) -> ArrayRecord:

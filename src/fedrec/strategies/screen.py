@@ -84,7 +84,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedrec.config import FedrecConfig
-from fedrec.strategies.records import ARRAYS_KEY, SEP
+from fedrec.strategies.records import ARRAYS_KEY, LEDGER_KEY, SEP, ledger_entries, summed_metric
 from fedrec.strategies.user_dp import UNIFORM_WEIGHT_KEY
 
 BOUND_SLACK = 1e-3  # relative float error allowed over a clipping bound
@@ -449,15 +449,14 @@ def _records_problem(content: RecordDict, weight_key: str) -> str | None:
     for key, value in next(iter(content.metric_records.values())).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"metric '{key}' is {type(value).__name__}, not a number"
-        summed = key == SIZE_KEY or key.endswith(("-seconds", ".steps"))
+        summed = summed_metric(key)
         if (summed and not (_finite(value) and value >= 0)) or (
             not summed and value in (math.inf, -math.inf)
         ):
             return f"metric '{key}' is {value!r}"
-    if "ledger" in content:
-        record = content.config_records.get("ledger")
-        entries = record.get("entries") if record is not None else None
-        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+    if LEDGER_KEY in content:
+        entries = ledger_entries(content)
+        if entries is None or not all(isinstance(e, str) for e in entries):
             return "its 'ledger' record is not a list of ledger lines"
     return None
 
