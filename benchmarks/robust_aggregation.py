@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.config import load_config
+from fedrec.config import DIRECTION_OUTLIERS, load_config
 from fedrec.models.registry import load_model
 from fedrec.scoring import evaluate_model
 from fedrec.simulation import simulate
@@ -86,6 +86,7 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         "max_weight_factor": args.max_weight_factor if args.screen else 0.0,
         "register_users": args.register_users and args.screen,
         "direction_outliers": args.direction_outliers,
+        "reflect_min_cosine": DEFAULTS.reflect_min_cosine,
     }
     done = Path(over["out"]) / "summary.json"
     if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
@@ -116,14 +117,18 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str) -> None
     stored.setdefault("norm_reference", "median")
     stored.setdefault("max_weight_factor", 0.0)  # made before the weight cap existed
     stored.setdefault("register_users", False)  # made before simulations had a registry
-    stored.setdefault("direction_outliers", "reject")  # written only when set (config.SET_ONLY)
+    # written only when set (config.SET_ONLY); "auto" is "reflect" without DP
+    stored.setdefault("direction_outliers", DEFAULTS.direction_outliers)
+    stored.setdefault("reflect_min_cosine", DEFAULTS.reflect_min_cosine)
+    for cfg in (stored, over):
+        cfg["direction_outliers"] = cfg["direction_outliers"].replace("auto", "reflect")
     data = [k for k in ("dataset", "partition", "clients", "rounds")
             if over[k] is not None and stored.get(k) != over[k]]  # fmt: skip
     if data:
         raise SystemExit(f"{run_dir}: made with other {', '.join(data)}; use another --out")
     diff = [k for k in ("reject_norm_factor", "reject_min_cosine", "norm_outliers",
                         "norm_reference", "max_weight_factor", "register_users",
-                        "direction_outliers")
+                        "direction_outliers", "reflect_min_cosine")
             if stored[k] != over[k]]  # fmt: skip
     adjusted = [r["reason"] for r in summary.get("rescaled_updates", [])]
     rejected = [r["reason"] for r in summary.get("rejected_updates", [])]
@@ -139,6 +144,7 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str) -> None
         or (stored["register_users"] and not any("registered" in r for r in [*adjusted, *rejected])),
         # the direction rule acted on nothing: the same run whatever it would have done
         "direction_outliers": not any("cosine" in r for r in [*adjusted, *rejected]),
+        "reflect_min_cosine": not any("cosine" in r for r in [*adjusted, *rejected]),
     }
     diff = [k for k in diff if not moot.get(k, False)]
     if diff:
@@ -205,9 +211,11 @@ def main() -> None:
     parser.add_argument("--register-users", action="store_true",
                         help="with --screen: each client's user count is registered (as `fedrec "
                         "certs set-users` does for a partner site) and caps its FedAvg weight")
-    parser.add_argument("--direction-outliers", choices=("reject", "reflect"), default="reject",
-                        help="with --screen: an update pointing away from the round's median is "
-                        "rejected (the default) or kept negated")
+    parser.add_argument("--direction-outliers", choices=DIRECTION_OUTLIERS,
+                        default=DEFAULTS.direction_outliers,
+                        help="with --screen: an update pointing away from the other updates' "
+                        "median is kept negated when clearly so, else rejected (reflect; auto, "
+                        "the default, is reflect in these runs without DP), or always rejected")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed and the attackers'")
     parser.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds")
     parser.add_argument("--out", default="runs/robust_aggregation")

@@ -5,7 +5,7 @@
 
 Runs the default federation's clients in one process (no Flower: FedAvg weighted by users, as
 the server does) and prints, per round and task, the cosine of each honest client's update
-with the coordinate-wise median of all updates: minimum, 10th percentile, median, and the three
+with the coordinate-wise median of the other updates: minimum, 10th percentile, median, and the three
 smallest silos; each update's norm over the round's median norm; and over the norm the
 screen predicts for it from its client's users (``norm_reference = "size"``; the norm rule acts
 above ``reject_norm_factor`` times it, default 3). ``--dp-noise Z`` trains under DP-SGD with
@@ -40,9 +40,11 @@ import torch
 
 from fedrec.client.local import build_task_models, train_round
 from fedrec.config import load_config
-from fedrec.strategies.screen import predicted_norms
+from fedrec.strategies.screen import leave_one_out_medians, predicted_norms
 from fedrec.training import DPSGDParams
 from fedrec.workload import build_workload
+
+DEFAULTS = load_config(None)
 
 
 def flat(model: torch.nn.Module) -> np.ndarray:
@@ -59,6 +61,10 @@ def main() -> None:
                         help="colluding clients steering the median (module doc)")
     parser.add_argument("--blind", action="store_true",
                         help="with --dp-noise: aim --steer without the target's noise")
+    parser.add_argument("--reflect-cosine", type=float, default=DEFAULTS.reflect_min_cosine,
+                        help="with --steer: also count honest updates pushable to cosine -C or "
+                             "below, which reflection would keep negated (config "
+                             "reflect_min_cosine)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     over = {"text.mode": args.text} | ({"partition": args.partition} if args.partition else {})
@@ -89,9 +95,8 @@ def main() -> None:
                     out[t].append(flat(m) - start[t])
         for t, m in models.items():
             u = np.stack(updates[t])
-            median = np.median(u, axis=0)
+            cos = cosines_with_the_others(u)
             norms = np.linalg.norm(u, axis=1)
-            cos = u @ median / (norms * np.linalg.norm(median) + 1e-12)
             print(
                 f"round {r} {t:8} cosine with the median update: min {cos.min():.3f} "
                 f"p10 {np.quantile(cos, 0.1):.3f} median {np.median(cos):.3f}; smallest silos "
@@ -115,9 +120,10 @@ def main() -> None:
                 flush=True,
             )
             for k in args.steer:
-                print(f"round {r} {t:8} {steering(u, sizes, k)}", flush=True)
+                print(f"round {r} {t:8} {steering(u, sizes, k, args.reflect_cosine)}",
+                      flush=True)
                 if args.blind:  # the same attack without the target's noise, side by side
-                    blind = steering(u, sizes, k, aim=np.stack(aims[t]))
+                    blind = steering(u, sizes, k, args.reflect_cosine, aim=np.stack(aims[t]))
                     print(f"round {r} {t:8} blind: {blind}", flush=True)
             new = start[t] + weights @ u  # FedAvg, weighted by users
             m.load_state_dict(state[t])
@@ -125,13 +131,22 @@ def main() -> None:
             state[t] = {k: v.clone() for k, v in m.state_dict().items()}
 
 
+def cosines_with_the_others(rows: np.ndarray) -> np.ndarray:
+    """Each row's cosine with the coordinate-wise median of the other rows, as the screen
+    judges an update (strategies/screen.py)."""
+    medians = leave_one_out_medians(rows)
+    dots = np.einsum("ij,ij->i", rows, medians)
+    return dots / (np.linalg.norm(rows, axis=1) * np.linalg.norm(medians, axis=1) + 1e-30)
+
+
 def steering(
-    u: np.ndarray, sizes: np.ndarray, k: int, norm_factor: float = 3.0,
+    u: np.ndarray, sizes: np.ndarray, k: int, reflect_cosine: float, norm_factor: float = 3.0,
     aim: np.ndarray | None = None,
 ) -> str:
     """What ``k`` clients steering the coordinate-wise median do to the direction rule (module
-    doc); ``u`` Float[n, P] the honest updates, ``sizes`` their users; ``aim`` Float[n, P] what
-    the attackers know of each (default: ``u`` itself)."""
+    doc); ``u`` Float[n, P] the honest updates, ``sizes`` their users; ``reflect_cosine`` the
+    depth below 0 from which reflection keeps an update negated; ``aim`` Float[n, P] what the
+    attackers know of each (default: ``u`` itself)."""
     aim = u if aim is None else aim
     norms = np.linalg.norm(u, axis=1)
     predicted, slope = predicted_norms(norms, sizes)
@@ -144,14 +159,16 @@ def steering(
         """Every row's cosine with the median, honest rows first, when aimed at ``target``."""
         a = -np.sign(aim[target]) * reach
         a *= allowed / max(float(np.linalg.norm(a)), 1e-30)
-        rows = np.vstack([u, np.repeat(a[None], k, 0)])
-        median = np.median(rows, axis=0)
-        return rows @ median / (np.linalg.norm(rows, axis=1) * np.linalg.norm(median) + 1e-30)
+        return cosines_with_the_others(np.vstack([u, np.repeat(a[None], k, 0)]))
 
     cosines = [attacked(j) for j in range(len(u))]
     pushed = [j for j in range(len(u)) if cosines[j][j] < 0]
+    deep = [j for j in pushed if cosines[j][j] <= -reflect_cosine]
+    lowest = min(cosines[j][j] for j in range(len(u)))
     head = (f"{k} steering: {len(pushed)} of {len(u)} honest clients pushable below cosine 0 "
-            f"({sizes[pushed].sum() / sizes.sum():.1%} of the users)")  # fmt: skip
+            f"({sizes[pushed].sum() / sizes.sum():.1%} of the users), {len(deep)} to "
+            f"-{reflect_cosine:g} or below ({sizes[deep].sum() / sizes.sum():.1%}); lowest "
+            f"target cosine {lowest:.3f}")  # fmt: skip
     if not pushed:
         return head
     target = max(pushed, key=lambda j: sizes[j])

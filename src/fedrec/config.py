@@ -23,13 +23,16 @@ TASKS = ("recall", "ranking", "personal")
 # client gets, the checkpoint's config hash) only when set: an unfinished run of an earlier fedrec
 # still resumes (same hash) and a partner site on an earlier fedrec still accepts the default
 # config (it refuses keys it does not know)
-SET_ONLY: dict[str, Any] = {"register_users": False, "direction_outliers": "reject"}
+SET_ONLY: dict[str, Any] = {
+    "register_users": False, "direction_outliers": "auto", "reflect_min_cosine": 0.2,
+}
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 # strategies that need only the (weighted) sum of the updates, which secure aggregation gives
 SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 PRIVACY_MODES = ("none", "record", "user")
 FUSION_FITS = ("auto", "server", "federated", "fixed", "dp")
 NOISE_PLACES = ("local", "distributed")
+DIRECTION_OUTLIERS = ("auto", "reject", "reflect")
 TEXT_MODES = ("off", "beside", "instead", "content")
 
 
@@ -129,8 +132,9 @@ class FedrecConfig:
     # of the users each trained on (a large silo takes more steps); "median": the round's
     # median norm, the same for every client (strategies/screen.py)
     norm_reference: str = "size"
-    # reject an update whose cosine with the round's coordinate-wise median update is below this
-    # (-1 off): catches sign-flipped updates, whose norm is honest (strategies/screen.py)
+    # reject an update whose cosine with the coordinate-wise median of the round's other updates
+    # is below this (-1 off): catches sign-flipped updates, whose norm is honest. Off under
+    # record-level DP, where the noise leaves no shared direction (strategies/screen.py)
     reject_min_cosine: float = 0.0
     # what happens to an update over the norm rule: "rescale" scales it down to its predicted
     # norm, keeping its direction and its client's data (FLAME's bound, Nguyen et al. 2022);
@@ -138,11 +142,17 @@ class FedrecConfig:
     # benchmarks/robust_aggregation.py); a rescaled update still faces the direction rule
     norm_outliers: str = "rescale"
     # what happens to a task update under the direction rule: "reject" drops the reply;
-    # "reflect" (runs without DP only) keeps the task's update negated, so a sign-flipped update
-    # brings its client's data back; but an honest update that colluding clients push below the
-    # rule by steering the median then enters negated, at its full weight, where "reject" only
-    # drops it (strategies/screen.py; benchmarks/update_cosines.py --steer)
-    direction_outliers: str = "reject"
+    # "reflect" (runs without DP only) keeps the task's update negated when that negation is
+    # clearly aligned (reflect_min_cosine), so a sign-flipped update brings its client's data
+    # back, and rejects it otherwise; "auto": reflect without DP, reject under DP
+    # (strategies/screen.py; benchmarks/update_cosines.py --steer)
+    direction_outliers: str = "auto"
+    # under "reflect", a task update is kept negated only when its negation's cosine with the
+    # median is at least this (and passes reject_min_cosine); one nearer the rule is rejected.
+    # A sign-flipped update sits at minus its honest cosine (0.31 and above without DP), while
+    # colluders steering the median push honest updates only a little below 0, so such a push
+    # costs its client the round, as under "reject", and is not added negated
+    reflect_min_cosine: float = 0.2
     # a reply's FedAvg weight (the users it reports) above this x the round's median weight is
     # lowered to it (0 off): FedAvg trusts the weight a client states, so one client claiming a
     # million users would otherwise own the average. The largest honest ML-100K silo is 7.0x the
@@ -251,9 +261,10 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.norm_outliers in ("reject", "rescale"), "norm_outliers",
          "must be reject or rescale"),
         (cfg.norm_reference in ("size", "median"), "norm_reference", "must be size or median"),
-        (cfg.direction_outliers in ("reject", "reflect"), "direction_outliers",
-         "must be reject or reflect"),
-        (cfg.direction_outliers == "reject" or cfg.privacy.mode == "none", "direction_outliers",
+        (cfg.direction_outliers in DIRECTION_OUTLIERS, "direction_outliers",
+         f"must be one of {', '.join(DIRECTION_OUTLIERS)}"),
+        (0 <= cfg.reflect_min_cosine < 1, "reflect_min_cosine", "must be in [0, 1)"),
+        (cfg.direction_outliers != "reflect" or cfg.privacy.mode == "none", "direction_outliers",
          "'reflect' is for runs without DP: under DP noise honest updates agree with the median "
          "at cosine 0.16-0.21, and one colluding client steering the median can push a large "
          "silo's update below 0, which reflection would add negated (strategies/screen.py)"),

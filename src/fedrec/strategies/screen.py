@@ -54,18 +54,22 @@ A reply is rejected (and logged with the client's node id and the reason) when
   update points opposite to an honest one, and the median, unlike the mean, is not pulled
   by a minority of such replies. This is a filter before Flower's strategy, not one of its
   aggregators: FedMedian and FedTrimmedAvg weigh every silo alike and lose accuracy on uneven
-  silos without any attacker, while FedAvg behind this screen keeps its weighting. The default
+  silos without any attacker, while FedAvg behind this screen keeps its weighting.
   ``direction_action="reject"`` drops the reply; ``"reflect"`` keeps each such task's update
-  negated (when the negation passes the rule), so a sign-flipped update brings its client's
-  data back. For an attacker's own reply reflection grants nothing rejection denies: the
-  negation of an update at cosine ``c < min_cosine`` is at ``-c``, which it could have sent as
-  it is. But the median is shared: colluding clients can steer it until an honest update falls
-  below the rule. Rejecting then drops that client's data for the round; reflecting adds it
-  negated, at its full weight, which turns a large honest silo against the model. How far the
-  median can be steered depends on how well honest updates agree (``benchmarks/update_cosines.py
-  --steer``, docs/fault-tolerance.md): without DP, at cosines of 0.31 and above, two colluders
-  among 21 silos pushed no honest update below 0; under DP-SGD noise (cosines 0.16-0.21) one
-  pushed the largest silo's. So "reflect" is refused under DP (config), and it is opt-in.
+  negated when the negation's cosine is at least ``reflect_cosine`` (0.2; and passes the rule),
+  so a sign-flipped update brings its client's data back, and drops the reply otherwise. For an
+  attacker's own reply reflection grants nothing rejection denies: the negation of an update at
+  cosine ``c < min_cosine`` is at ``-c``, which it could have sent as it is. But the median is
+  shared: colluding clients can steer it until an honest update falls below the rule.
+  Rejecting then drops that client's data for the round; reflecting would add it negated, at
+  its full weight, which turns a large honest silo against the model. Hence the margin: a
+  flipped honest update sits at minus its honest cosine (0.31 and above without DP), while
+  steering pushes an honest update only a little below 0 (``benchmarks/update_cosines.py
+  --steer``, docs/fault-tolerance.md): without DP two colluders among 21 silos pushed none
+  below 0 and four none to -0.2, so a pushed update is rejected, never added negated. Under
+  DP-SGD noise honest cosines are 0.16-0.21, a flipped update is rarely 0.2 below the rule, and
+  one colluder pushed the largest silo's update below 0; "reflect" is refused under DP
+  (config), and the config's default "auto" reflects without DP and rejects under DP.
 
 What is subtler than this (an attacker who stays close to the median in norm and direction) is
 left to robust aggregation (FedMedian, FedTrimmedAvg, Krum): the screen only drops what no sane
@@ -114,6 +118,7 @@ class UpdateScreen:
     norm_reference: str = "size"  # predicted norm: fitted on users (module doc), or the median
     max_weight_factor: float = 10.0  # a weight over this x the round's median is lowered (0 off)
     direction_action: str = "reject"  # under the direction rule: reject, or reflect (module doc)
+    reflect_cosine: float = 0.2  # "reflect" keeps only a negation at least this aligned
 
     def __post_init__(self) -> None:
         if self.norm_bound is not None and not self.norm_bound > 0:
@@ -128,6 +133,8 @@ class UpdateScreen:
             raise ValueError(f"norm_reference must be one of {', '.join(NORM_REFERENCES)}.")
         if self.direction_action not in DIRECTION_ACTIONS:
             raise ValueError(f"direction_action must be one of {', '.join(DIRECTION_ACTIONS)}.")
+        if not 0 <= self.reflect_cosine < 1:
+            raise ValueError("reflect_cosine must be in [0, 1).")
         if self.max_weight_factor != 0 and not self.max_weight_factor > 1:
             raise ValueError("max_weight_factor must be above 1, or 0 to turn the cap off.")
 
@@ -202,7 +209,7 @@ class UpdateScreen:
             cosines = contrary[id(msg)]
             why = "; ".join(_contrary_reason(t, c, self.min_cosine) for t, c in cosines.items())
             if self.direction_action == "reflect" and all(
-                -c >= self.min_cosine for c in cosines.values()
+                -c >= max(self.min_cosine, self.reflect_cosine) for c in cosines.values()
             ):
                 _scale(msg, reference, dict.fromkeys(cosines, -1.0))
                 why += "; reflected (its negation is kept)"
@@ -335,29 +342,53 @@ class UpdateScreen:
         norms: dict[int, dict[str, float]],
     ) -> dict[int, dict[str, float]]:
         """{reply: {task: cosine}} for every task in which a reply's update has cosine below
-        ``min_cosine`` with the round's coordinate-wise median update."""
+        ``min_cosine`` with the coordinate-wise median of the round's other updates."""
         if self.min_cosine <= -1 or len(sound) < MIN_FOR_MEDIAN:
             return {}
         dots: list[dict[str, float]] = [defaultdict(float) for _ in sound]  # <update, median>
-        median_sq: dict[str, float] = defaultdict(float)
+        median_sq: list[dict[str, float]] = [defaultdict(float) for _ in sound]
         for key, ref in reference.items():
             task = key.split(SEP, 1)[0]
             updates = np.stack(
                 [m.content.array_records[ARRAYS_KEY][key].numpy().astype(np.float64).ravel()
                  for m in sound]
             ) - ref.astype(np.float64).ravel()
-            median = np.median(updates, axis=0)
-            median_sq[task] += float(median @ median)
-            for row, d in zip(updates @ median, dots, strict=True):
-                d[task] += float(row)
+            medians = leave_one_out_medians(updates)
+            for update, median, d, sq in zip(updates, medians, dots, median_sq, strict=True):
+                d[task] += float(update @ median)
+                sq[task] += float(median @ median)
         out: dict[int, dict[str, float]] = {}
-        for msg, d in zip(sound, dots, strict=True):
+        for msg, d, sq in zip(sound, dots, median_sq, strict=True):
             for task, dot in sorted(d.items()):
-                scale = norms[id(msg)].get(task, 0.0) * math.sqrt(median_sq[task])
+                scale = norms[id(msg)].get(task, 0.0) * math.sqrt(sq[task])
                 cosine = dot / scale if scale > 0 else 1.0  # no movement points nowhere
                 if cosine < self.min_cosine:
                     out.setdefault(id(msg), {})[task] = cosine
         return out
+
+
+def leave_one_out_medians(updates: np.ndarray) -> np.ndarray:
+    """Float[n, P]: row i the coordinate-wise median of ``updates`` (Float[n, P], n >= 2)
+    without row i, as ``np.median`` takes it (the mean of the two middle values when n - 1 is
+    even).
+
+    Why not the median of all rows: with a few replies an update's own vote moves the median
+    towards it, so a flipped update agrees with a median it helped make. On 5 synthetic silos
+    a flipped update's cosine was +0.04 where its honest one's was +0.56 (recall); judged
+    against the others only, the negation of an update at cosine c is at exactly -c."""
+    n = len(updates)
+    order = np.argsort(updates, axis=0, kind="stable")
+    ordered = np.take_along_axis(updates, order, axis=0)
+    rank = np.empty_like(order)  # rank[i, j]: where row i's value sits in column j's order
+    np.put_along_axis(rank, order, np.arange(n)[:, None], axis=0)
+
+    def pick(k: int) -> np.ndarray:  # the k-th smallest of each column once row i is removed
+        return np.where(k < rank, ordered[k], ordered[min(k + 1, n - 1)])
+
+    m = n - 1
+    if m % 2:
+        return pick(m // 2)
+    return (pick(m // 2 - 1) + pick(m // 2)) / 2
 
 
 def predicted_norms(
@@ -473,6 +504,14 @@ def _finite(value: float) -> bool:
         return False
 
 
+def direction_action(cfg: FedrecConfig) -> str:
+    """What the screen does under the direction rule: the config's ``direction_outliers``, where
+    "auto" reflects without DP and rejects under DP ("reflect" is refused there: module doc)."""
+    if cfg.direction_outliers != "auto":
+        return cfg.direction_outliers
+    return "reflect" if cfg.privacy.mode == "none" else "reject"
+
+
 def make_screen(cfg: FedrecConfig) -> UpdateScreen:
     """The screen for a run: an absolute bound only where honest clients clip their updates."""
     p = cfg.privacy
@@ -485,12 +524,16 @@ def make_screen(cfg: FedrecConfig) -> UpdateScreen:
         # updates (at least 10x, as before the size reference existed)
         norm_factor=max(cfg.reject_norm_factor, 10.0) if user and cfg.reject_norm_factor
         else cfg.reject_norm_factor,
-        min_cosine=cfg.reject_min_cosine,
+        # Record-level DP-SGD noise leaves an update no direction the others share: at noise
+        # multiplier 4 honest updates' cosines with the others' median were -0.02 to 0.01, so
+        # the rule would drop honest replies at random and cannot tell a flipped one (module doc)
+        min_cosine=-1.0 if p.mode == "record" else cfg.reject_min_cosine,
         # User-level DP bounds each user's influence on the release by the clipping norm; a
         # rescale to a norm predicted from the other updates would let one user's update change
         # how much of *other* users' updates enters it, so there norm outliers are rejected.
         norm_action="reject" if user else cfg.norm_outliers,
         norm_reference="median" if user else cfg.norm_reference,  # sizes are not weights there
-        direction_action=cfg.direction_outliers,  # "reflect" only without DP (config)
+        direction_action=direction_action(cfg),
+        reflect_cosine=cfg.reflect_min_cosine,
         max_weight_factor=cfg.max_weight_factor,  # moot under user-level DP: every weight is 1
     )

@@ -1,5 +1,7 @@
 """Malformed updates are rejected before aggregation, with the node id and the reason (issue 5)."""
 
+import re
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -10,7 +12,7 @@ from fedrec.config import ConfigError, load_config
 from fedrec.simulation.faults import FaultPlan, poison
 from fedrec.strategies import Observed, UpdateScreen, make_screen
 from fedrec.strategies.records import ARRAYS_KEY
-from fedrec.strategies.screen import SIZE_CEILING, predicted_norms
+from fedrec.strategies.screen import SIZE_CEILING, leave_one_out_medians, predicted_norms
 
 
 @pytest.fixture(autouse=True)
@@ -288,6 +290,10 @@ def test_direction_rule_needs_three_replies_and_can_be_switched_off():
     assert make_screen(load_config(None, {"reject_min_cosine": -1})).min_cosine == -1
     with pytest.raises(ValueError, match="min_cosine"):
         UpdateScreen(min_cosine=1.0)
+    # off under record-level DP (DP-SGD noise leaves no shared direction), on otherwise
+    assert make_screen(load_config(None, {"privacy.mode": "record"})).min_cosine == -1
+    assert make_screen(load_config(None, {"privacy.mode": "user"})).min_cosine == 0
+    assert make_screen(load_config(None, {})).min_cosine == 0
 
 
 def test_aggregation_does_not_depend_on_the_order_replies_arrive_in():
@@ -390,6 +396,66 @@ def test_reflect_keeps_a_flipped_update_as_its_honest_one():
     assert float(np.sum(delta * own) / np.linalg.norm(delta) / np.linalg.norm(own)) > 0.999
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 21])
+def test_leave_one_out_medians_are_the_medians_of_the_other_rows(n):
+    rng = np.random.default_rng(n)
+    updates = rng.normal(size=(n, 40))
+    updates[:, :5] = np.round(updates[:, :5])  # ties
+    expected = np.stack([np.median(np.delete(updates, i, axis=0), axis=0) for i in range(n)])
+    np.testing.assert_array_equal(leave_one_out_medians(updates), expected)
+
+
+def test_a_flipped_update_is_judged_at_minus_its_honest_cosine():
+    """Each update is compared with the median of the other updates, so its own vote cannot
+    pull the reference towards it: flipping it flips its cosine exactly. Against the median of
+    all replies, a flipped update helps make the median it is judged by."""
+    honest = _non_iid()
+    probe = UpdateScreen(min_cosine=0.99)  # reports every task's cosine
+
+    def cosines(replies):
+        _, rejected = probe.screen(_sent(), replies)
+        reason = dict(rejected)[98]
+        return {t: float(c) for t, c in re.findall(r"'(\w+)' update has cosine (-?[\d.]+)", reason)}
+
+    own = cosines([*honest[1:], _reply(98, {k: honest[0].content[ARRAYS_KEY][k].numpy()
+                                             for k in GLOBAL})])
+    flipped = cosines([*honest[1:], _flipped(honest[0], 98)])
+    assert set(own) == set(flipped) == {"recall", "ranking"}
+    for task, c in own.items():
+        assert c > 0.2 and flipped[task] == pytest.approx(-c, abs=1e-3), task
+
+
+def test_reflect_rejects_an_update_only_just_below_the_rule():
+    """Steering the median pushes an honest update only just below 0: reflecting that would add
+    it negated at its full weight, so "reflect" keeps only a negation at least reflect_cosine
+    aligned with the median and rejects one nearer the rule."""
+    honest = _non_iid()
+    mean = {k: np.mean([r.content[ARRAYS_KEY][k].numpy() - v for r in honest], axis=0)
+            for k, v in GLOBAL.items()}
+    rng = np.random.default_rng(2)
+    arrays = {k: (v - 0.1 * mean[k] + 0.01 * rng.normal(size=v.shape)).astype(np.float32)
+              for k, v in GLOBAL.items()}
+    kept, rejected, adjusted = UpdateScreen(direction_action="reflect").screen_all(
+        _sent(), [*honest, _reply(98, arrays)]
+    )
+    assert kept == honest and adjusted == [] and [node for node, _ in rejected] == [98]
+    cosine = float(re.search(r"cosine (-?[\d.]+)", rejected[0][1]).group(1))
+    assert -0.2 < cosine < 0  # under the rule, but not 0.2 below it
+    # with no margin the same update is kept negated
+    near = _reply(98, arrays)
+    kept, rejected, adjusted = UpdateScreen(direction_action="reflect", reflect_cosine=0.0) \
+        .screen_all(_sent(), [*honest, near])
+    assert rejected == [] and near in kept and "reflected" in adjusted[0][1]
+    assert make_screen(load_config(None, {"direction_outliers": "reflect",
+                                          "reflect_min_cosine": 0.5})).reflect_cosine == 0.5
+    with pytest.raises(ConfigError, match="reflect_min_cosine"):
+        load_config(None, {"reflect_min_cosine": 1.0})
+    with pytest.raises(ValueError, match="reflect_cosine"):
+        UpdateScreen(reflect_cosine=-0.1)
+    # the default is written nowhere (same config hash as before the setting existed)
+    assert "reflect_min_cosine" not in load_config(None, {}).to_dict()
+
+
 def test_reflect_never_keeps_what_the_rule_would_reject_and_follows_the_config():
     honest = _non_iid()
     # with min_cosine 0.2: this update's ranking part has cosine -0.25 (its negation would pass)
@@ -406,7 +472,12 @@ def test_reflect_never_keeps_what_the_rule_would_reject_and_follows_the_config()
     assert rejected == [] and flipped in kept
     assert make_screen(load_config(None, {"direction_outliers": "reflect"})).direction_action \
         == "reflect"
-    assert make_screen(load_config(None, {})).direction_action == "reject"
+    # the default, "auto": reflect without DP, reject under DP
+    assert make_screen(load_config(None, {})).direction_action == "reflect"
+    for mode in ("record", "user"):
+        assert make_screen(load_config(None, {"privacy.mode": mode})).direction_action == "reject"
+    assert make_screen(load_config(None, {"direction_outliers": "reject"})).direction_action \
+        == "reject"
     # refused under DP: there one colluder can steer the median until an honest silo's noisy
     # update falls below the rule (benchmarks/update_cosines.py --steer)
     for mode in ("record", "user"):
@@ -418,8 +489,9 @@ def test_reflect_never_keeps_what_the_rule_would_reject_and_follows_the_config()
         UpdateScreen(direction_action="flip")
     # the default is written nowhere (same config hash as before the setting existed)
     assert "direction_outliers" not in load_config(None, {}).to_dict()
-    assert load_config(None, {"direction_outliers": "reflect"}).to_dict()["direction_outliers"] \
-        == "reflect"
+    for action in ("reflect", "reject"):
+        assert load_config(None, {"direction_outliers": action}).to_dict()["direction_outliers"] \
+            == action
 
 
 def test_a_zero_median_norm_bounds_movement_at_zero():
