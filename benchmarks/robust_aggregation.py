@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/robust_aggregation.py [--rounds N] [--strategies S ...]
         [--attacks clean scale10 signflip] [--screen [--norm-outliers reject|rescale]
         [--norm-reference size|median] [--norm-factor F] [--max-weight-factor W]
-        [--register-users] [--direction-outliers reject|reflect]]
-        [--seeds N] [--seed S]
+        [--register-users] [--direction-outliers auto|reject|reflect]
+        [--reflect-min-cosine C]] [--seeds N] [--seed S]
         [--dataset D] [--partition P [--clients N]] [--out DIR]
 
 The default federation (ML-100K, one client per occupation) runs clean and with 10% of its
@@ -14,15 +14,17 @@ sends -1x, ``inflate`` sends 10x and states 1000x its users as its FedAvg weight
 config or flag of ``fedrec`` can turn on). The update screen's norm and direction rules are
 off (``reject_norm_factor = 0``, ``reject_min_cosine = -1``) unless ``--screen``: the question
 is then what each aggregator withstands by itself; with ``--screen`` they are the defaults (3x
-the norm predicted from the client's users, cosine 0 with the median update, and an update over
-the norm rule rescaled to its predicted norm; ``--norm-outliers reject`` drops it instead,
-``--norm-reference median --norm-factor 10`` is the rule before the size fit; a reply's weight
-is capped at 10x the round's median, ``--max-weight-factor 0`` leaves it as stated;
-``--register-users`` first caps it at the client's own users, as a platform's registry does for
-partner sites: fedrec.simulation.registry; ``--direction-outliers reflect`` keeps an update
-pointing away from the round's median negated instead of rejecting it). Prints test
-HR@10 per task, the drop relative to the same strategy's clean run and to clean FedAvg, and
-writes DIR/robust_aggregation.json.
+the norm predicted from the client's users, cosine 0 with the median of the other updates, and
+an update over the norm rule rescaled to its predicted norm; ``--norm-outliers reject`` drops
+it instead, ``--norm-reference median --norm-factor 10`` is the rule before the size fit; a
+reply's weight is capped at 10x the round's median, ``--max-weight-factor 0`` leaves it as
+stated; ``--register-users`` first caps it at the client's own users, as a platform's
+registry does for partner sites: fedrec.simulation.registry; an update below the direction
+rule is kept negated when its negation is at least ``--reflect-min-cosine`` aligned and the
+update is below the rule against all replies too, and rejected otherwise, which is the
+config's default ``auto`` in these runs without DP; ``--direction-outliers reject`` always
+rejects it). Prints test HR@10 per task, the drop relative to the same strategy's clean run
+and to clean FedAvg, and writes DIR/robust_aggregation.json.
 
 ``--seeds N`` repeats everything for seeds ``seed .. seed+N-1``: each seed sets both the run's
 seed (model initialisation, client sampling, batches, the 99 sampled negatives of evaluation)
@@ -34,10 +36,10 @@ task, the mean relative change over seeds with the smallest and largest.
 
 The attackers are fixed for a run and drawn by the seed among clients of very unequal size,
 so they may hold much more than 10% of the users (printed per seed). Their data is lost to the
-federation with their updates under any defence that drops them (``--direction-outliers reflect``
-keeps a flipped update negated, i.e. as its honest one): when every sign-flipped update is rejected,
-that run is FedAvg over the honest clients alone, bit for bit, and a second table measures each
-attack against it.
+federation with their updates under any defence that drops them (a reflected flipped update
+is its honest one): when every sign-flipped update is rejected (``--direction-outliers
+reject``), that run is FedAvg over the honest clients alone, bit for bit, and a second table
+measures each attack against it.
 
 A run whose directory under ``--out`` already holds a ``summary.json`` (written last, so only a
 finished run has one) is read instead of run again: a stopped sweep resumes where it stopped.
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 import tomllib
 from pathlib import Path
@@ -65,6 +68,10 @@ DEFAULTS = load_config(None)
 ATTACKS = {"clean": None, "scale10": (10.0, 1), "signflip": (-1.0, 1), "inflate": (10.0, 1000)}
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
 TASKS = ("recall", "ranking", "personal")
+# written beside a run made since the direction rule judges each update against the median of
+# the other updates (and reflects only a clear flip): a cached run without it was judged
+# against the median of all replies, and its direction findings differ
+DIRECTION_MARK, DIRECTION_RULE = "direction_rule.txt", "others-median"
 
 
 def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
@@ -86,12 +93,12 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         "max_weight_factor": args.max_weight_factor if args.screen else 0.0,
         "register_users": args.register_users and args.screen,
         "direction_outliers": args.direction_outliers,
-        "reflect_min_cosine": DEFAULTS.reflect_min_cosine,
+        "reflect_min_cosine": args.reflect_min_cosine,
     }
     done = Path(over["out"]) / "summary.json"
     if done.exists():  # a finished run (summary.json is written last): a stopped sweep resumes
         summary = json.loads(done.read_text())
-        _check_cached(Path(over["out"]), over, summary, attack)
+        _check_cached(Path(over["out"]), over, summary, attack, args.screen)
     else:
         client_app = None
         if (attack_spec := ATTACKS[attack]) is not None:
@@ -101,17 +108,23 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
             client_app = with_faults(app, plan)
         cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
         _, summary = simulate(cfg, baselines=False, client_app=client_app)
+        (Path(over["out"]) / DIRECTION_MARK).write_text(DIRECTION_RULE + "\n")
     return {**_hr(summary), "honest": honest_users_hr(Path(over["out"]), seed, args)}
 
 
-def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str) -> None:
+def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str, screen: bool) -> None:
     """Refuse a finished run made under other screen settings than this sweep's. A run made
     before ``norm_outliers`` existed rejected norm outliers, and one made before
     ``norm_reference`` existed compared norms with the round's median; a run in which nothing
     was over the norm rule is the same run under either action, and one in which no weight was
     lowered the same under any weight cap. A run is the same with or without registered counts
     when its clients state their users honestly (every attack but ``inflate``), or when the
-    counts were on and lowered nothing."""
+    counts were on and lowered nothing. A screened run made before the direction rule compared
+    each update with the other updates' median (no ``DIRECTION_MARK``) is refused."""
+    mark = run_dir / DIRECTION_MARK
+    if screen and (not mark.exists() or mark.read_text().strip() != DIRECTION_RULE):
+        raise SystemExit(f"{run_dir}: made before the direction rule compared each update with "
+                         "the other updates' median; use another --out")
     stored = tomllib.loads((run_dir / "config.toml").read_text())
     stored.setdefault("norm_outliers", "reject")
     stored.setdefault("norm_reference", "median")
@@ -135,6 +148,10 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str) -> None
     # a setting whose rule never acted in the run is moot: the same run under either value. A
     # weight cap that lowered nothing would lower nothing under a looser cap or none either
     stored_cap, cap = stored["max_weight_factor"], over["max_weight_factor"]
+    # each direction finding's task cosines: one the margin decided alike under both values
+    findings = [[float(c) for c in re.findall(r"update has cosine (-?[\d.]+)", r)]
+                for r in [*adjusted, *rejected]]
+    margins = sorted((stored["reflect_min_cosine"], over["reflect_min_cosine"]))
     moot = {
         "norm_outliers": not any("update norm" in r for r in adjusted)
         and not any("update norm" in r and "median" in r for r in rejected),
@@ -143,8 +160,10 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str) -> None
         "register_users": (ATTACKS[attack] or (1.0, 1))[1] == 1
         or (stored["register_users"] and not any("registered" in r for r in [*adjusted, *rejected])),
         # the direction rule acted on nothing: the same run whatever it would have done
-        "direction_outliers": not any("cosine" in r for r in [*adjusted, *rejected]),
-        "reflect_min_cosine": not any("cosine" in r for r in [*adjusted, *rejected]),
+        "direction_outliers": not any(findings),
+        # no finding with every task's negation between the two margins (reported to 3 places)
+        "reflect_min_cosine": stored["direction_outliers"] == over["direction_outliers"] == "reject"
+        or not any(c and margins[0] <= -max(c) < margins[1] + 5e-4 for c in findings),
     }
     diff = [k for k in diff if not moot.get(k, False)]
     if diff:
@@ -216,6 +235,9 @@ def main() -> None:
                         help="with --screen: an update pointing away from the other updates' "
                         "median is kept negated when clearly so, else rejected (reflect; auto, "
                         "the default, is reflect in these runs without DP), or always rejected")
+    parser.add_argument("--reflect-min-cosine", type=float, default=DEFAULTS.reflect_min_cosine,
+                        help="with --screen: reflect only a negation at least this aligned with "
+                        "the other updates' median (default: the config's, %(default)g)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed and the attackers'")
     parser.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds")
     parser.add_argument("--out", default="runs/robust_aggregation")
@@ -247,9 +269,9 @@ def main() -> None:
         }, indent=2))  # fmt: skip
     _table(f"against the same strategy's clean run, over {len(by_seed)} seed(s)", changes)
     _table("on the honest clients' test users only, against the same strategy's clean run", honest)
-    _table("against the same strategy's sign-flip run (when it rejected every flipped update:\n"
-           "FedAvg over the honest clients alone, the best a defence that drops them can do)",
-           vs_flip)  # fmt: skip
+    _table("against the same strategy's sign-flip run (FedAvg over the honest clients alone, the\n"
+           "best a defence that drops them can do, only when that run rejected every flipped "
+           "update\nand reflected none: --direction-outliers reject)", vs_flip)  # fmt: skip
     print(f"results: {out}")
 
 

@@ -24,7 +24,7 @@ TASKS = ("recall", "ranking", "personal")
 # still resumes (same hash) and a partner site on an earlier fedrec still accepts the default
 # config (it refuses keys it does not know)
 SET_ONLY: dict[str, Any] = {
-    "register_users": False, "direction_outliers": "auto", "reflect_min_cosine": 0.2,
+    "register_users": False, "direction_outliers": "auto", "reflect_min_cosine": 0.1,
 }
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 # strategies that need only the (weighted) sum of the updates, which secure aggregation gives
@@ -148,11 +148,12 @@ class FedrecConfig:
     # (strategies/screen.py; benchmarks/update_cosines.py --steer)
     direction_outliers: str = "auto"
     # under "reflect", a task update is kept negated only when its negation's cosine with the
-    # median is at least this (and passes reject_min_cosine); one nearer the rule is rejected.
-    # A sign-flipped update sits at minus its honest cosine (0.31 and above without DP), while
-    # colluders steering the median push honest updates only a little below 0, so such a push
-    # costs its client the round, as under "reject", and is not added negated
-    reflect_min_cosine: float = 0.2
+    # others' median is at least this (and the update is below reject_min_cosine against the
+    # median of all replies too); otherwise the reply is rejected. A sign-flipped update sits
+    # at minus its honest cosine (-0.14 to -0.7 on ML-100K over 12 rounds), while two colluders
+    # of 21 steering the median pushed no honest update below -0.03 (strategies/screen.py,
+    # benchmarks/update_cosines.py --steer)
+    reflect_min_cosine: float = 0.1
     # a reply's FedAvg weight (the users it reports) above this x the round's median weight is
     # lowered to it (0 off): FedAvg trusts the weight a client states, so one client claiming a
     # million users would otherwise own the average. The largest honest ML-100K silo is 7.0x the
@@ -265,9 +266,10 @@ def _validate(cfg: FedrecConfig) -> None:
          f"must be one of {', '.join(DIRECTION_OUTLIERS)}"),
         (0 <= cfg.reflect_min_cosine < 1, "reflect_min_cosine", "must be in [0, 1)"),
         (cfg.direction_outliers != "reflect" or cfg.privacy.mode == "none", "direction_outliers",
-         "'reflect' is for runs without DP: under DP noise honest updates agree with the median "
-         "at cosine 0.16-0.21, and one colluding client steering the median can push a large "
-         "silo's update below 0, which reflection would add negated (strategies/screen.py)"),
+         "'reflect' is for runs without DP, where it was measured: under record-level DP the "
+         "direction rule is off (DP-SGD noise leaves updates no shared direction), and under "
+         "user-level DP an update below it is rejected ('auto' or 'reject'; "
+         "strategies/screen.py)"),
         (cfg.max_weight_factor == 0 or cfg.max_weight_factor > 1, "max_weight_factor",
          "must be above 1 (or 0 to leave the weights as the clients state them)"),
         (not (cfg.register_users and cfg.secure_aggregation), "register_users",

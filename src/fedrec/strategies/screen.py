@@ -48,28 +48,32 @@ A reply is rejected (and logged with the client's node id and the reason) when
   honest ML-100K silo is 7.0x the median (196 of 28 users). Under user-level DP every weight
   must be exactly 1 (the noise is calibrated for an unweighted mean of clipped updates);
 - a task's update points away from the round: its cosine with the coordinate-wise median of the
-  round's well-formed updates (at least 3) is below ``min_cosine``. Honest updates start from
-  the same global model and learn the same items, so they agree with the median in direction
-  even on non-IID silos (0.31-0.73 on ML-100K's 21 silos: docs/fault-tolerance.md); a flipped
-  update points opposite to an honest one, and the median, unlike the mean, is not pulled
-  by a minority of such replies. This is a filter before Flower's strategy, not one of its
-  aggregators: FedMedian and FedTrimmedAvg weigh every silo alike and lose accuracy on uneven
-  silos without any attacker, while FedAvg behind this screen keeps its weighting.
+  round's *other* well-formed updates (at least 3 others) is below ``min_cosine``. Honest
+  updates start from the same global model and learn the same items, so they agree with the
+  others' median in direction even on non-IID silos (0.22 and above in rounds 1-3 on ML-100K's
+  21 silos: docs/fault-tolerance.md); a flipped update sits at exactly minus its honest cosine,
+  and the median, unlike the mean, is not pulled by a minority of such replies. The median of
+  the others, not of all replies (``leave_one_out_medians``): an update's own vote pulls the
+  median towards it, which hid flipped updates among few replies and, under DP-SGD noise, was
+  all the agreement honest updates showed. That noise leaves no shared direction (cosines
+  -0.02 to 0.01 at noise multiplier 2 and 4), so ``make_screen`` turns the rule off under
+  record-level DP. This is a filter before Flower's strategy, not one of its aggregators:
+  FedMedian and FedTrimmedAvg weigh every silo alike and lose accuracy on uneven silos
+  without any attacker, while FedAvg behind this screen keeps its weighting.
   ``direction_action="reject"`` drops the reply; ``"reflect"`` keeps each such task's update
-  negated when the negation's cosine is at least ``reflect_cosine`` (0.2; and passes the rule),
+  negated when the negation's cosine is at least ``reflect_cosine`` (0.1; and passes the rule),
   so a sign-flipped update brings its client's data back, and drops the reply otherwise. For an
   attacker's own reply reflection grants nothing rejection denies: the negation of an update at
-  cosine ``c < min_cosine`` is at ``-c``, which it could have sent as it is. But the median is
-  shared: colluding clients can steer it until an honest update falls below the rule.
-  Rejecting then drops that client's data for the round; reflecting would add it negated, at
-  its full weight, which turns a large honest silo against the model. Hence the margin: a
-  flipped honest update sits at minus its honest cosine (0.31 and above without DP), while
-  steering pushes an honest update only a little below 0 (``benchmarks/update_cosines.py
-  --steer``, docs/fault-tolerance.md): without DP two colluders among 21 silos pushed none
-  below 0 and four none to -0.2, so a pushed update is rejected, never added negated. Under
-  DP-SGD noise honest cosines are 0.16-0.21, a flipped update is rarely 0.2 below the rule, and
-  one colluder pushed the largest silo's update below 0; "reflect" is refused under DP
-  (config), and the config's default "auto" reflects without DP and rejects under DP.
+  cosine ``c`` is at ``-c`` against the same reference, which it could have sent as it is. But
+  the median is shared: colluding clients can steer it until an honest update falls below the
+  rule. Rejecting then drops that client's data for the round; reflecting would add it negated,
+  at its full weight, which turns a silo against the model. Hence two conditions: the margin
+  (two colluders among 21 silos pushed no honest update below -0.03 in rounds 1-6, four pushed
+  some to -0.25: ``benchmarks/update_cosines.py --steer``, docs/fault-tolerance.md), and the
+  update must be below the rule against the median of all replies too, where a pushed honest
+  update's own vote holds it up while a flipped one's does not. Otherwise it is rejected, never
+  added negated. The config's default ``direction_outliers = "auto"`` reflects without DP and
+  rejects under DP.
 
 What is subtler than this (an attacker who stays close to the median in norm and direction) is
 left to robust aggregation (FedMedian, FedTrimmedAvg, Krum): the screen only drops what no sane
@@ -93,6 +97,9 @@ from fedrec.strategies.user_dp import UNIFORM_WEIGHT_KEY
 
 BOUND_SLACK = 1e-3  # relative float error allowed over a clipping bound
 MIN_FOR_MEDIAN = 3  # fewer well-formed replies: the median is no reference
+# the direction rule judges each reply against the median of the others: at least 3 of them
+# (with 2, their "median" is their mean, which one attacker among 3 replies decides)
+MIN_FOR_DIRECTION = MIN_FOR_MEDIAN + 1
 MIN_FOR_SLOPE = 5  # fewer: one reply is in half the pairs of the fit; the median instead
 # a size-predicted norm is at most this x the round's median: a client that overstates its
 # users cannot buy a bound above norm_factor x this (15x the median at the default 3); the
@@ -118,7 +125,7 @@ class UpdateScreen:
     norm_reference: str = "size"  # predicted norm: fitted on users (module doc), or the median
     max_weight_factor: float = 10.0  # a weight over this x the round's median is lowered (0 off)
     direction_action: str = "reject"  # under the direction rule: reject, or reflect (module doc)
-    reflect_cosine: float = 0.2  # "reflect" keeps only a negation at least this aligned
+    reflect_cosine: float = 0.1  # "reflect" keeps only a negation at least this aligned
 
     def __post_init__(self) -> None:
         if self.norm_bound is not None and not self.norm_bound > 0:
@@ -206,10 +213,14 @@ class UpdateScreen:
             del norms[id(msg)]
         contrary = self._contrary(reference, [m for m in kept if id(m) in norms], norms)
         for msg in [m for m in kept if id(m) in contrary]:
-            cosines = contrary[id(msg)]
+            cosines = {t: c for t, (c, _) in contrary[id(msg)].items()}
             why = "; ".join(_contrary_reason(t, c, self.min_cosine) for t, c in cosines.items())
+            # reflect only a clear flip: its negation well aligned with the others, and the
+            # update below the rule even against a median its own vote is part of (an honest
+            # update that colluders push is held up by its own vote there: module doc)
             if self.direction_action == "reflect" and all(
-                -c >= max(self.min_cosine, self.reflect_cosine) for c in cosines.values()
+                -c >= max(self.min_cosine, self.reflect_cosine) and c_all < self.min_cosine
+                for c, c_all in contrary[id(msg)].values()
             ):
                 _scale(msg, reference, dict.fromkeys(cosines, -1.0))
                 why += "; reflected (its negation is kept)"
@@ -341,12 +352,14 @@ class UpdateScreen:
         sound: list[Message],
         norms: dict[int, dict[str, float]],
     ) -> dict[int, dict[str, float]]:
-        """{reply: {task: cosine}} for every task in which a reply's update has cosine below
-        ``min_cosine`` with the coordinate-wise median of the round's other updates."""
-        if self.min_cosine <= -1 or len(sound) < MIN_FOR_MEDIAN:
+        """{reply: {task: (cosine, cosine_all)}} for every task in which a reply's update has
+        ``cosine`` below ``min_cosine`` with the coordinate-wise median of the round's other
+        updates; ``cosine_all``: with the median of all of them, its own included."""
+        if self.min_cosine <= -1 or len(sound) < MIN_FOR_DIRECTION:
             return {}
-        dots: list[dict[str, float]] = [defaultdict(float) for _ in sound]  # <update, median>
-        median_sq: list[dict[str, float]] = [defaultdict(float) for _ in sound]
+        # per reply and task: <update, median of the others>, |that median|^2, and the same
+        # with the median of all updates
+        sums: list[dict[str, np.ndarray]] = [defaultdict(lambda: np.zeros(4)) for _ in sound]
         for key, ref in reference.items():
             task = key.split(SEP, 1)[0]
             updates = np.stack(
@@ -354,16 +367,18 @@ class UpdateScreen:
                  for m in sound]
             ) - ref.astype(np.float64).ravel()
             medians = leave_one_out_medians(updates)
-            for update, median, d, sq in zip(updates, medians, dots, median_sq, strict=True):
-                d[task] += float(update @ median)
-                sq[task] += float(median @ median)
-        out: dict[int, dict[str, float]] = {}
-        for msg, d, sq in zip(sound, dots, median_sq, strict=True):
-            for task, dot in sorted(d.items()):
-                scale = norms[id(msg)].get(task, 0.0) * math.sqrt(sq[task])
-                cosine = dot / scale if scale > 0 else 1.0  # no movement points nowhere
+            median = np.median(updates, axis=0)
+            for update, others, acc in zip(updates, medians, sums, strict=True):
+                acc[task] += (update @ others, others @ others, update @ median, median @ median)
+        out: dict[int, dict[str, tuple[float, float]]] = {}
+        for msg, acc in zip(sound, sums, strict=True):
+            for task, (dot, sq, dot_all, sq_all) in sorted(acc.items()):
+                norm = norms[id(msg)].get(task, 0.0)
+                # no movement points nowhere
+                cosine = dot / (norm * math.sqrt(sq)) if norm * sq > 0 else 1.0
+                cosine_all = dot_all / (norm * math.sqrt(sq_all)) if norm * sq_all > 0 else 1.0
                 if cosine < self.min_cosine:
-                    out.setdefault(id(msg), {})[task] = cosine
+                    out.setdefault(id(msg), {})[task] = (cosine, cosine_all)
         return out
 
 
@@ -376,19 +391,18 @@ def leave_one_out_medians(updates: np.ndarray) -> np.ndarray:
     towards it, so a flipped update agrees with a median it helped make. On 5 synthetic silos
     a flipped update's cosine was +0.04 where its honest one's was +0.56 (recall); judged
     against the others only, the negation of an update at cosine c is at exactly -c."""
-    n = len(updates)
-    order = np.argsort(updates, axis=0, kind="stable")
-    ordered = np.take_along_axis(updates, order, axis=0)
-    rank = np.empty_like(order)  # rank[i, j]: where row i's value sits in column j's order
-    np.put_along_axis(rank, order, np.arange(n)[:, None], axis=0)
-
-    def pick(k: int) -> np.ndarray:  # the k-th smallest of each column once row i is removed
-        return np.where(k < rank, ordered[k], ordered[min(k + 1, n - 1)])
-
-    m = n - 1
-    if m % 2:
-        return pick(m // 2)
-    return (pick(m // 2 - 1) + pick(m // 2)) / 2
+    # Removing row i shifts the middle of each column by one place or not at all, so the two
+    # or three middle order statistics (np.partition, not a full sort) and a comparison of row
+    # i's value with them give its median; a tie picks equal values either way.
+    h = (len(updates) - 1) // 2
+    if len(updates) % 2 == 0:  # an odd number of others: their middle value
+        part = np.partition(updates, (h, h + 1), axis=0)
+        low, high = part[h], part[h + 1]
+        return np.where(updates <= low, high, low)
+    part = np.partition(updates, (h - 1, h, h + 1), axis=0)
+    a, b, c = part[h - 1], part[h], part[h + 1]
+    # without a value at or below a the middle pair is (b, c); at or above c, (a, b); else (a, c)
+    return np.where(updates <= a, (b + c) / 2, np.where(updates >= c, (a + b) / 2, (a + c) / 2))
 
 
 def predicted_norms(
@@ -457,7 +471,7 @@ def _scale(msg: Message, reference: dict[str, np.ndarray], factors: dict[str, fl
 
 
 def _contrary_reason(task: str, cosine: float, min_cosine: float) -> str:
-    return (f"'{task}' update has cosine {cosine:.3f} with the round's median update "
+    return (f"'{task}' update has cosine {cosine:.3f} with the median of the other updates "
             f"(below {min_cosine:g}): it points away from the other clients'")
 
 

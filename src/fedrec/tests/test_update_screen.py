@@ -281,10 +281,27 @@ def test_sign_flipped_update_is_rejected_and_honest_non_iid_updates_are_kept():
     assert kept == honest and "'ranking'" in rejected[0][1]
 
 
-def test_direction_rule_needs_three_replies_and_can_be_switched_off():
+def _moved(node, step):
+    return _reply(node, {k: (v + step * np.ones_like(v)).astype(np.float32)
+                         for k, v in GLOBAL.items()})
+
+
+def test_direction_rule_needs_four_replies_and_can_be_switched_off():
     honest = _non_iid()
     pair = [honest[0], _flipped(honest[1], 98)]
     assert UpdateScreen().screen(_sent(), pair)[1] == []  # two replies: no reference
+    # three: each would be judged against the mean of the two others, which one attacker
+    # (here a flipped x2.9 update, inside the norm rule) decides for both honest replies
+    x29 = {k: (v - 2.9 * (honest[0].content[ARRAYS_KEY][k].numpy() - v)).astype(np.float32)
+           for k, v in GLOBAL.items()}
+    for action in ("reflect", "reject"):
+        screen = UpdateScreen(direction_action=action, norm_factor=0)
+        kept, rejected, adjusted = screen.screen_all(
+            _sent(), [*_non_iid()[:2], _reply(98, x29)]
+        )
+        assert len(kept) == 3 and rejected == [] and adjusted == []
+    four = [*_non_iid()[:3], _flipped(_non_iid()[0], 98)]
+    assert [node for node, _ in UpdateScreen().screen(_sent(), four)[1]] == [98]
     off = UpdateScreen(min_cosine=-1.0).screen(_sent(), [*honest, _flipped(honest[0], 98)])
     assert off[1] == []
     assert make_screen(load_config(None, {"reject_min_cosine": -1})).min_cosine == -1
@@ -454,6 +471,19 @@ def test_reflect_rejects_an_update_only_just_below_the_rule():
         UpdateScreen(reflect_cosine=-0.1)
     # the default is written nowhere (same config hash as before the setting existed)
     assert "reflect_min_cosine" not in load_config(None, {}).to_dict()
+
+
+def test_reflect_needs_the_update_below_the_rule_against_all_replies_too():
+    """An update judged against the others' median at cosine -1, but which the median of all
+    replies (its own vote included) puts at +1, is rejected, not added negated: that is how an
+    honest update pushed by colluders steering the median looks, not a flip."""
+    target = _moved(1, 1.0)
+    others = [_moved(2, -1.0), _moved(3, 2.0), _moved(4, -0.5)]  # per coordinate
+    kept, rejected, adjusted = UpdateScreen(direction_action="reflect", norm_factor=0) \
+        .screen_all(_sent(), [target, *others])
+    assert 1 in dict(rejected) and target not in kept
+    assert "cosine -1.000" in dict(rejected)[1]
+    assert 1 not in dict(adjusted)
 
 
 def test_reflect_never_keeps_what_the_rule_would_reject_and_follows_the_config():
