@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/robust_aggregation.py [--rounds N] [--strategies S ...]
         [--attacks clean scale10 signflip] [--screen [--norm-outliers reject|rescale]
         [--norm-reference size|median] [--norm-factor F] [--max-weight-factor W]
-        [--register-users] [--direction-outliers auto|reject|reflect]
+        [--register-users] [--direction-outliers reject|reflect]
         [--reflect-min-cosine C]] [--seeds N] [--seed S]
         [--dataset D] [--partition P [--clients N]] [--out DIR]
 
@@ -21,9 +21,8 @@ reply's weight is capped at 10x the round's median, ``--max-weight-factor 0`` le
 stated; ``--register-users`` first caps it at the client's own users, as a platform's
 registry does for partner sites: fedrec.simulation.registry; an update below the direction
 rule is kept negated when its negation is at least ``--reflect-min-cosine`` aligned and the
-update is below the rule against all replies too, and rejected otherwise, which is the
-config's default ``auto`` in these runs without DP; ``--direction-outliers reject`` always
-rejects it). Prints test HR@10 per task, the drop relative to the same strategy's clean run
+update is below the rule against all replies too, and rejected otherwise, under
+``--direction-outliers reflect``; the default rejects it). Prints test HR@10 per task, the drop relative to the same strategy's clean run
 and to clean FedAvg, and writes DIR/robust_aggregation.json.
 
 ``--seeds N`` repeats everything for seeds ``seed .. seed+N-1``: each seed sets both the run's
@@ -37,8 +36,7 @@ task, the mean relative change over seeds with the smallest and largest.
 The attackers are fixed for a run and drawn by the seed among clients of very unequal size,
 so they may hold much more than 10% of the users (printed per seed). Their data is lost to the
 federation with their updates under any defence that drops them (a reflected flipped update
-is its honest one): when every sign-flipped update is rejected (``--direction-outliers
-reject``), that run is FedAvg over the honest clients alone, bit for bit, and a second table
+is its honest one): when every sign-flipped update is rejected (the default), that run is FedAvg over the honest clients alone, bit for bit, and a second table
 measures each attack against it.
 
 A run whose directory under ``--out`` already holds a ``summary.json`` (written last, so only a
@@ -130,11 +128,8 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str, screen:
     stored.setdefault("norm_reference", "median")
     stored.setdefault("max_weight_factor", 0.0)  # made before the weight cap existed
     stored.setdefault("register_users", False)  # made before simulations had a registry
-    # written only when set (config.SET_ONLY); "auto" is "reflect" without DP
-    stored.setdefault("direction_outliers", DEFAULTS.direction_outliers)
+    stored.setdefault("direction_outliers", "reject")  # written only when set (config.SET_ONLY)
     stored.setdefault("reflect_min_cosine", DEFAULTS.reflect_min_cosine)
-    for cfg in (stored, over):
-        cfg["direction_outliers"] = cfg["direction_outliers"].replace("auto", "reflect")
     data = [k for k in ("dataset", "partition", "clients", "rounds")
             if over[k] is not None and stored.get(k) != over[k]]  # fmt: skip
     if data:
@@ -159,8 +154,9 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str, screen:
         and stored_cap > 0 and (cap == 0 or cap >= stored_cap),
         "register_users": (ATTACKS[attack] or (1.0, 1))[1] == 1
         or (stored["register_users"] and not any("registered" in r for r in [*adjusted, *rejected])),
-        # the direction rule acted on nothing: the same run whatever it would have done
-        "direction_outliers": not any(findings),
+        # no finding deep enough to reflect (every task's negation at the smaller margin or
+        # more): each was rejected under either action
+        "direction_outliers": not any(c and -max(c) >= margins[0] - 5e-4 for c in findings),
         # no finding with every task's negation between the two margins (reported to 3 places)
         "reflect_min_cosine": stored["direction_outliers"] == over["direction_outliers"] == "reject"
         or not any(c and margins[0] <= -max(c) < margins[1] + 5e-4 for c in findings),
@@ -233,8 +229,8 @@ def main() -> None:
     parser.add_argument("--direction-outliers", choices=DIRECTION_OUTLIERS,
                         default=DEFAULTS.direction_outliers,
                         help="with --screen: an update pointing away from the other updates' "
-                        "median is kept negated when clearly so, else rejected (reflect; auto, "
-                        "the default, is reflect in these runs without DP), or always rejected")
+                        "median is rejected (the default), or kept negated when clearly a flip "
+                        "and rejected otherwise (reflect)")
     parser.add_argument("--reflect-min-cosine", type=float, default=DEFAULTS.reflect_min_cosine,
                         help="with --screen: reflect only a negation at least this aligned with "
                         "the other updates' median (default: the config's, %(default)g)")
@@ -271,7 +267,7 @@ def main() -> None:
     _table("on the honest clients' test users only, against the same strategy's clean run", honest)
     _table("against the same strategy's sign-flip run (FedAvg over the honest clients alone, the\n"
            "best a defence that drops them can do, only when that run rejected every flipped "
-           "update\nand reflected none: --direction-outliers reject)", vs_flip)  # fmt: skip
+           "update\nand reflected none)", vs_flip)  # fmt: skip
     print(f"results: {out}")
 
 

@@ -24,7 +24,7 @@ TASKS = ("recall", "ranking", "personal")
 # still resumes (same hash) and a partner site on an earlier fedrec still accepts the default
 # config (it refuses keys it does not know)
 SET_ONLY: dict[str, Any] = {
-    "register_users": False, "direction_outliers": "auto", "reflect_min_cosine": 0.1,
+    "register_users": False, "direction_outliers": "reject", "reflect_min_cosine": 0.1,
 }
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 # strategies that need only the (weighted) sum of the updates, which secure aggregation gives
@@ -32,7 +32,7 @@ SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 PRIVACY_MODES = ("none", "record", "user")
 FUSION_FITS = ("auto", "server", "federated", "fixed", "dp")
 NOISE_PLACES = ("local", "distributed")
-DIRECTION_OUTLIERS = ("auto", "reject", "reflect")
+DIRECTION_OUTLIERS = ("reject", "reflect")
 TEXT_MODES = ("off", "beside", "instead", "content")
 
 
@@ -142,11 +142,12 @@ class FedrecConfig:
     # benchmarks/robust_aggregation.py); a rescaled update still faces the direction rule
     norm_outliers: str = "rescale"
     # what happens to a task update under the direction rule: "reject" drops the reply;
-    # "reflect" (runs without DP only) keeps the task's update negated when that negation is
-    # clearly aligned (reflect_min_cosine), so a sign-flipped update brings its client's data
-    # back, and rejects it otherwise; "auto": reflect without DP, reject under DP
-    # (strategies/screen.py; benchmarks/update_cosines.py --steer)
-    direction_outliers: str = "auto"
+    # "reflect" (runs without DP only) keeps the task's update negated when it is clearly a
+    # flip (reflect_min_cosine), so a sign-flipped update brings its client's data back, and
+    # rejects the reply otherwise. Not the default: late in training two colluders of 21
+    # steering the median pushed an honest update to -0.13 (strategies/screen.py;
+    # benchmarks/update_cosines.py --steer), which reflection could add negated
+    direction_outliers: str = "reject"
     # under "reflect", a task update is kept negated only when its negation's cosine with the
     # others' median is at least this (and the update is below reject_min_cosine against the
     # median of all replies too); otherwise the reply is rejected. A sign-flipped update sits
@@ -268,8 +269,7 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.direction_outliers != "reflect" or cfg.privacy.mode == "none", "direction_outliers",
          "'reflect' is for runs without DP, where it was measured: under record-level DP the "
          "direction rule is off (DP-SGD noise leaves updates no shared direction), and under "
-         "user-level DP an update below it is rejected ('auto' or 'reject'; "
-         "strategies/screen.py)"),
+         "user-level DP an update below it is rejected (strategies/screen.py)"),
         (cfg.max_weight_factor == 0 or cfg.max_weight_factor > 1, "max_weight_factor",
          "must be above 1 (or 0 to leave the weights as the clients state them)"),
         (not (cfg.register_users and cfg.secure_aggregation), "register_users",

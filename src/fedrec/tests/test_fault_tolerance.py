@@ -232,11 +232,11 @@ def test_registered_user_counts_weigh_an_overstating_client_at_its_own_users(tmp
 
 
 @pytest.mark.slow
-def test_sign_flipped_updates_are_reflected_by_default_and_rejected_on_request(tmp_path):
-    """One attacker in five sends minus its update. Under the default ("auto": reflect without
-    DP) the screen keeps it negated, i.e. as the honest update, so the run ends at the clean
-    run's models up to float rounding; under direction_outliers = "reject" the attacker's reply
-    is dropped and its data is lost to the federation. One round: on five small synthetic silos
+def test_sign_flipped_updates_are_reflected_on_request_and_rejected_by_default(tmp_path):
+    """One attacker in five sends minus its update. Under direction_outliers = "reflect" the
+    screen keeps it negated, i.e. as the honest update, so the run ends at the clean run's
+    models up to float rounding; under the default, "reject", the attacker's reply is dropped
+    and its data is lost to the federation. One round: on five small synthetic silos
     honest updates agree with the others' median at cosines near 0 from round 2 on (measured:
     -0.02 to 0.3), where an honest update may itself fall below the rule; in round 1 the flipped
     update sits at -0.25 to -0.63 and every honest one above 0."""
@@ -245,10 +245,10 @@ def test_sign_flipped_updates_are_reflected_by_default_and_rejected_on_request(t
     plan = FaultPlan(attack_share=0.2, attack_factor=-1.0, seed=2)
     data = {"dataset": "synthetic:merchants=5,users=200,items=300", "rounds": 1}
     runs = {"clean": simulate(_cfg(tmp_path / "clean", **data), baselines=False)}
-    for action in ("auto", "reject"):
+    for action in ("reflect", "reject"):
         cfg = _cfg(tmp_path / action, direction_outliers=action, **data)
         runs[action] = simulate(cfg, baselines=False, client_app=with_faults(app, plan))
-    _, reflected = runs["auto"]
+    _, reflected = runs["reflect"]
     assert reflected["rejected_per_round"] == {"1": 0}
     [adjusted] = reflected["rescaled_updates"]
     # every task flipped, every task kept negated
@@ -262,8 +262,8 @@ def test_sign_flipped_updates_are_reflected_by_default_and_rejected_on_request(t
         size = sum(float((w["clean"][k] ** 2).sum()) for k in w["clean"])
         apart = {
             name: sum(float(((w[name][k] - w["clean"][k]) ** 2).sum()) for k in w["clean"]) / size
-            for name in ("auto", "reject")
+            for name in ("reflect", "reject")
         }
         # reflected: the clean run up to float32 rounding of the negation; rejected: without
         # the attacker's data
-        assert apart["auto"] < 1e-8 < apart["reject"], task
+        assert apart["reflect"] < 1e-8 < apart["reject"], task
