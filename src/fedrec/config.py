@@ -133,8 +133,9 @@ class FedrecConfig:
     # median norm, the same for every client (strategies/screen.py)
     norm_reference: str = "size"
     # reject an update whose cosine with the coordinate-wise median of the round's other updates
-    # is below this (-1 off): catches sign-flipped updates, whose norm is honest. Off under
-    # record-level DP, where the noise leaves no shared direction (strategies/screen.py)
+    # is below this (-1 off): catches sign-flipped updates, whose norm is honest. Off under DP:
+    # record-level noise leaves no shared direction, and under user-level DP clipping bounds
+    # each update while a rejection skips the round (strategies/screen.py)
     reject_min_cosine: float = 0.0
     # what happens to an update over the norm rule: "rescale" scales it down to its predicted
     # norm, keeping its direction and its client's data (FLAME's bound, Nguyen et al. 2022);
@@ -267,9 +268,8 @@ def _validate(cfg: FedrecConfig) -> None:
          f"must be one of {', '.join(DIRECTION_OUTLIERS)}"),
         (0 <= cfg.reflect_min_cosine < 1, "reflect_min_cosine", "must be in [0, 1)"),
         (cfg.direction_outliers != "reflect" or cfg.privacy.mode == "none", "direction_outliers",
-         "'reflect' is for runs without DP, where it was measured: under record-level DP the "
-         "direction rule is off (DP-SGD noise leaves updates no shared direction), and under "
-         "user-level DP an update below it is rejected (strategies/screen.py)"),
+         "'reflect' is for runs without DP: under DP the direction rule is off "
+         "(strategies/screen.py)"),
         (cfg.max_weight_factor == 0 or cfg.max_weight_factor > 1, "max_weight_factor",
          "must be above 1 (or 0 to leave the weights as the clients state them)"),
         (not (cfg.register_users and cfg.secure_aggregation), "register_users",

@@ -57,7 +57,8 @@ A reply is rejected (and logged with the client's node id and the reason) when
   median towards it, which hid flipped updates among few replies and, under DP-SGD noise, was
   all the agreement honest updates showed. That noise leaves no shared direction (cosines
   -0.02 to 0.01 at noise multiplier 2 and 4), so ``make_screen`` turns the rule off under
-  record-level DP. This is a filter before Flower's strategy, not one of its aggregators:
+  record-level DP; and under user-level DP, where clipping bounds each update's effect and a
+  rejection skips the round for everyone. This is a filter before Flower's strategy, not one of its aggregators:
   FedMedian and FedTrimmedAvg weigh every silo alike and lose accuracy on uneven silos
   without any attacker, while FedAvg behind this screen keeps its weighting.
   ``direction_action="reject"`` drops the reply; ``"reflect"`` keeps each such task's update
@@ -530,10 +531,14 @@ def make_screen(cfg: FedrecConfig) -> UpdateScreen:
         # updates (at least 10x, as before the size reference existed)
         norm_factor=max(cfg.reject_norm_factor, 10.0) if user and cfg.reject_norm_factor
         else cfg.reject_norm_factor,
-        # Record-level DP-SGD noise leaves an update no direction the others share: at noise
-        # multiplier 4 honest updates' cosines with the others' median were -0.02 to 0.01, so
-        # the rule would drop honest replies at random and cannot tell a flipped one (module doc)
-        min_cosine=-1.0 if p.mode == "record" else cfg.reject_min_cosine,
+        # The direction rule is off under DP. Record-level DP-SGD noise leaves an update no
+        # direction the others share: at noise multiplier 4 honest updates' cosines with the
+        # others' median were -0.02 to 0.01, so the rule would drop honest replies at random and
+        # cannot tell a flipped one (module doc). Under user-level DP the clipping bounds what
+        # any one update, flipped or not, does to the release, and a rejected reply makes
+        # Flower's DP wrapper skip the round for everyone: on small federations, where honest
+        # updates agree with the others' median at cosines near 0, that skipped whole rounds
+        min_cosine=-1.0 if p.mode != "none" else cfg.reject_min_cosine,
         # User-level DP bounds each user's influence on the release by the clipping norm; a
         # rescale to a norm predicted from the other updates would let one user's update change
         # how much of *other* users' updates enters it, so there norm outliers are rejected.
