@@ -146,15 +146,15 @@ class FedrecConfig:
     # "reflect" (runs without DP only) keeps the task's update negated when it is clearly a
     # flip (reflect_min_cosine), so a sign-flipped update brings its client's data back, and
     # rejects the reply otherwise. Not the default: late in training two colluders of 21
-    # steering the median pushed an honest update to -0.13 (strategies/screen.py;
+    # steering the median pushed an honest update to -0.23 (strategies/screen.py;
     # benchmarks/update_cosines.py --steer), which reflection could add negated
     direction_outliers: str = "reject"
     # under "reflect", a task update is kept negated only when its negation's cosine with the
     # others' median is at least this (and the update is below reject_min_cosine against the
     # median of all replies too); otherwise the reply is rejected. A sign-flipped update sits
-    # at minus its honest cosine (-0.14 to -0.7 on ML-100K over 12 rounds), while two colluders
-    # of 21 steering the median pushed no honest update below -0.03 (strategies/screen.py,
-    # benchmarks/update_cosines.py --steer)
+    # at minus its honest cosine (-0.06 to -0.7 on ML-100K over 12 rounds); two colluders of 21
+    # steering the median pushed no honest update below -0.03 in rounds 1-6, but to -0.23 by
+    # round 12 (strategies/screen.py, benchmarks/update_cosines.py --steer)
     reflect_min_cosine: float = 0.1
     # a reply's FedAvg weight (the users it reports) above this x the round's median weight is
     # lowered to it (0 off): FedAvg trusts the weight a client states, so one client claiming a

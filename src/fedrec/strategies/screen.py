@@ -58,9 +58,9 @@ A reply is rejected (and logged with the client's node id and the reason) when
   all the agreement honest updates showed. That noise leaves no shared direction (cosines
   -0.02 to 0.01 at noise multiplier 2 and 4), so ``make_screen`` turns the rule off under
   record-level DP; and under user-level DP, where clipping bounds each update's effect and a
-  rejection skips the round for everyone. This is a filter before Flower's strategy, not one of its aggregators:
-  FedMedian and FedTrimmedAvg weigh every silo alike and lose accuracy on uneven silos
-  without any attacker, while FedAvg behind this screen keeps its weighting.
+  rejection skips the round for everyone. This is a filter before Flower's strategy, not one
+  of its aggregators: FedMedian and FedTrimmedAvg weigh every silo alike and lose accuracy on
+  uneven silos without any attacker, while FedAvg behind this screen keeps its weighting.
   ``direction_action="reject"`` drops the reply; ``"reflect"`` keeps each such task's update
   negated when the negation's cosine is at least ``reflect_cosine`` (0.1; and passes the rule),
   so a sign-flipped update brings its client's data back, and drops the reply otherwise. For an
@@ -73,7 +73,8 @@ A reply is rejected (and logged with the client's node id and the reason) when
   median of all replies too, where a pushed honest update's own vote holds it up and a flipped
   one's does not; otherwise it is rejected. The margin holds early in training, not late: on
   ML-100K two colluders among 21 silos pushed no honest update below -0.03 in rounds 1-6 but
-  one to -0.13 in round 8, as honest agreement fell (``benchmarks/update_cosines.py --steer``,
+  one to -0.13 in round 8 and -0.23 in round 12, as honest agreement fell
+  (``benchmarks/update_cosines.py --steer``,
   docs/fault-tolerance.md). So "reflect" is opt-in, and refused under DP (config).
 
 What is subtler than this (an attacker who stays close to the median in norm and direction) is
