@@ -36,7 +36,8 @@ task, the mean relative change over seeds with the smallest and largest.
 The attackers are fixed for a run and drawn by the seed among clients of very unequal size,
 so they may hold much more than 10% of the users (printed per seed). Their data is lost to the
 federation with their updates under any defence that drops them (a reflected flipped update
-is its honest one): when every sign-flipped update is rejected (the default), that run is FedAvg over the honest clients alone, bit for bit, and a second table
+is its honest one): when every sign-flipped update is rejected (the default) and no honest
+one, that run is FedAvg over the honest clients alone, bit for bit, and a second table
 measures each attack against it.
 
 A run whose directory under ``--out`` already holds a ``summary.json`` (written last, so only a

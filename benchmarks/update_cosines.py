@@ -22,7 +22,9 @@ pushes below cosine 0 with the median (each aimed at in turn) and the share of t
 hold (the K colluders are added to the honest clients); aimed at the largest of those, the share
 of the users whose updates then fall below 0, and the colluders' own cosine. Under
 ``direction_outliers = "reject"`` a pushed honest update is left out of the round, as if its
-client had dropped out; under ``"reflect"`` it enters negated, at its client's full weight.
+client had dropped out; under ``"reflect"`` one pushed to ``-reflect_min_cosine`` or below
+passes the margin and enters negated, at its client's full weight, if the median of all
+updates, its own included, also puts it below 0 (a second condition not modelled here).
 
 That attacker knows the target's update, noise included: only the target and the server see
 it. ``--blind`` (with ``--dp-noise``) aims the same attack with what colluding clients could
@@ -177,7 +179,7 @@ def steering(
     return (
         f"{head}; aimed at the largest of them ({sizes[target]} users, cosine {cos[target]:.3f}): "
         f"{len(below)} honest below 0, {sizes[below].sum() / sizes.sum():.1%} of the users, "
-        f"their updates left out of the round (reject) or added negated (reflect); the "
+        f"their updates left out of the round (reject; reflect past its margin, module doc); the "
         f"{k} steering pass the rule (cosine {cos[len(u)]:.3f})"
     )
 

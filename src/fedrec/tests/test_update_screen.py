@@ -504,8 +504,7 @@ def test_reflect_never_keeps_what_the_rule_would_reject_and_follows_the_config()
     assert make_screen(load_config(None, {"direction_outliers": "reflect"})).direction_action \
         == "reflect"
     assert make_screen(load_config(None, {})).direction_action == "reject"
-    # refused under DP: there one colluder can steer the median until an honest silo's noisy
-    # update falls below the rule (benchmarks/update_cosines.py --steer)
+    # refused under DP, where the direction rule is off (make_screen)
     for mode in ("record", "user"):
         with pytest.raises(ConfigError, match="'reflect' is for runs without DP"):
             load_config(None, {"privacy.mode": mode, "direction_outliers": "reflect"})
