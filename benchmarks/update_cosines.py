@@ -42,7 +42,7 @@ import torch
 
 from fedrec.client.local import build_task_models, train_round
 from fedrec.config import load_config
-from fedrec.strategies.screen import leave_one_out_medians, predicted_norms
+from fedrec.strategies.screen import median_and_leave_one_out, predicted_norms
 from fedrec.training import DPSGDParams
 from fedrec.workload import build_workload
 
@@ -136,7 +136,7 @@ def main() -> None:
 def cosines_with_the_others(rows: np.ndarray) -> np.ndarray:
     """Each row's cosine with the coordinate-wise median of the other rows, as the screen
     judges an update (strategies/screen.py)."""
-    medians = leave_one_out_medians(rows)
+    _, medians = median_and_leave_one_out(rows)
     dots = np.einsum("ij,ij->i", rows, medians)
     return dots / (np.linalg.norm(rows, axis=1) * np.linalg.norm(medians, axis=1) + 1e-30)
 

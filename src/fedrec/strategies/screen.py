@@ -53,7 +53,7 @@ A reply is rejected (and logged with the client's node id and the reason) when
   others' median in direction even on non-IID silos (0.22 and above in rounds 1-3 on ML-100K's
   21 silos: docs/fault-tolerance.md); a flipped update sits at exactly minus its honest cosine,
   and the median, unlike the mean, is not pulled by a minority of such replies. The median of
-  the others, not of all replies (``leave_one_out_medians``): an update's own vote pulls the
+  the others, not of all replies (``median_and_leave_one_out``): an update's own vote pulls the
   median towards it, which hid flipped updates among few replies and, under DP-SGD noise, was
   all the agreement honest updates showed. That noise leaves no shared direction (cosines
   -0.02 to 0.01 at noise multiplier 2 and 4), so ``make_screen`` turns the rule off under
@@ -93,7 +93,7 @@ from typing import cast
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from fedrec.config import FedrecConfig
+from fedrec.config import DIRECTION_OUTLIERS, FedrecConfig
 from fedrec.strategies.records import ARRAYS_KEY, LEDGER_KEY, SEP, ledger_entries, summed_metric
 from fedrec.strategies.user_dp import UNIFORM_WEIGHT_KEY
 
@@ -111,7 +111,6 @@ SIZE_CEILING = 5.0
 Rejection = tuple[int, str]  # (node id, reason)
 NORM_ACTIONS = ("reject", "rescale")
 NORM_REFERENCES = ("size", "median")
-DIRECTION_ACTIONS = ("reject", "reflect")
 SIZE_KEY = "num-examples"  # the users a client trained on, in every fedrec client's reply
 
 
@@ -140,8 +139,8 @@ class UpdateScreen:
             raise ValueError(f"norm_action must be one of {', '.join(NORM_ACTIONS)}.")
         if self.norm_reference not in NORM_REFERENCES:
             raise ValueError(f"norm_reference must be one of {', '.join(NORM_REFERENCES)}.")
-        if self.direction_action not in DIRECTION_ACTIONS:
-            raise ValueError(f"direction_action must be one of {', '.join(DIRECTION_ACTIONS)}.")
+        if self.direction_action not in DIRECTION_OUTLIERS:
+            raise ValueError(f"direction_action must be one of {', '.join(DIRECTION_OUTLIERS)}.")
         if not 0 <= self.reflect_cosine < 1:
             raise ValueError("reflect_cosine must be in [0, 1).")
         if self.max_weight_factor != 0 and not self.max_weight_factor > 1:
@@ -368,10 +367,10 @@ class UpdateScreen:
                 [m.content.array_records[ARRAYS_KEY][key].numpy().astype(np.float64).ravel()
                  for m in sound]
             ) - ref.astype(np.float64).ravel()
-            medians = leave_one_out_medians(updates)
-            median = np.median(updates, axis=0)
+            median, medians = median_and_leave_one_out(updates)
+            median_sq = float(median @ median)
             for update, others, acc in zip(updates, medians, sums, strict=True):
-                acc[task] += (update @ others, others @ others, update @ median, median @ median)
+                acc[task] += (update @ others, others @ others, update @ median, median_sq)
         out: dict[int, dict[str, tuple[float, float]]] = {}
         for msg, acc in zip(sound, sums, strict=True):
             for task, (dot, sq, dot_all, sq_all) in sorted(acc.items()):
@@ -384,10 +383,10 @@ class UpdateScreen:
         return out
 
 
-def leave_one_out_medians(updates: np.ndarray) -> np.ndarray:
-    """Float[n, P]: row i the coordinate-wise median of ``updates`` (Float[n, P], n >= 2)
-    without row i, as ``np.median`` takes it (the mean of the two middle values when n - 1 is
-    even).
+def median_and_leave_one_out(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Float[P] the coordinate-wise median of ``updates`` (Float[n, P], n >= 2), Float[n, P]
+    whose row i is that median without row i), both as ``np.median`` takes them (the mean of
+    the two middle values of an even count), from one partition.
 
     Why not the median of all rows: with a few replies an update's own vote moves the median
     towards it, so a flipped update agrees with a median it helped make. On 5 synthetic silos
@@ -400,11 +399,12 @@ def leave_one_out_medians(updates: np.ndarray) -> np.ndarray:
     if len(updates) % 2 == 0:  # an odd number of others: their middle value
         part = np.partition(updates, (h, h + 1), axis=0)
         low, high = part[h], part[h + 1]
-        return np.where(updates <= low, high, low)
+        return (low + high) / 2, np.where(updates <= low, high, low)
     part = np.partition(updates, (h - 1, h, h + 1), axis=0)
     a, b, c = part[h - 1], part[h], part[h + 1]
     # without a value at or below a the middle pair is (b, c); at or above c, (a, b); else (a, c)
-    return np.where(updates <= a, (b + c) / 2, np.where(updates >= c, (a + b) / 2, (a + c) / 2))
+    others = np.where(updates <= a, (b + c) / 2, np.where(updates >= c, (a + b) / 2, (a + c) / 2))
+    return b, others
 
 
 def predicted_norms(

@@ -12,7 +12,7 @@ from fedrec.config import ConfigError, load_config
 from fedrec.simulation.faults import FaultPlan, poison
 from fedrec.strategies import Observed, UpdateScreen, make_screen
 from fedrec.strategies.records import ARRAYS_KEY
-from fedrec.strategies.screen import SIZE_CEILING, leave_one_out_medians, predicted_norms
+from fedrec.strategies.screen import SIZE_CEILING, median_and_leave_one_out, predicted_norms
 
 
 @pytest.fixture(autouse=True)
@@ -415,12 +415,14 @@ def test_reflect_keeps_a_flipped_update_as_its_honest_one():
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 21])
-def test_leave_one_out_medians_are_the_medians_of_the_other_rows(n):
+def test_the_medians_are_numpys_of_all_rows_and_of_the_other_rows(n):
     rng = np.random.default_rng(n)
     updates = rng.normal(size=(n, 40))
     updates[:, :5] = np.round(updates[:, :5])  # ties
     expected = np.stack([np.median(np.delete(updates, i, axis=0), axis=0) for i in range(n)])
-    np.testing.assert_array_equal(leave_one_out_medians(updates), expected)
+    median, others = median_and_leave_one_out(updates)
+    np.testing.assert_array_equal(others, expected)
+    np.testing.assert_array_equal(median, np.median(updates, axis=0))
 
 
 def test_a_flipped_update_is_judged_at_minus_its_honest_cosine():
