@@ -60,6 +60,7 @@ from fedrec.models.registry import load_model
 from fedrec.scoring import evaluate_model
 from fedrec.simulation import simulate
 from fedrec.simulation.faults import FaultPlan, with_faults
+from fedrec.strategies.screen import DIRECTION_REFERENCE
 from fedrec.workload import build_workload
 
 DEFAULTS = load_config(None)
@@ -70,7 +71,7 @@ TASKS = ("recall", "ranking", "personal")
 # written beside a run made since the direction rule judges each update against the median of
 # the other updates (and reflects only a clear flip): a cached run without it was judged
 # against the median of all replies, and its direction findings differ
-DIRECTION_MARK, DIRECTION_RULE = "direction_rule.txt", "others-median"
+DIRECTION_MARK, DIRECTION_RULE = "direction_rule.txt", DIRECTION_REFERENCE
 
 
 def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> dict[str, float]:

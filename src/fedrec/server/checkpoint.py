@@ -6,8 +6,10 @@
 - ``server-rNNNN.safetensors``: the strategy's arrays (server-optimizer moments) and the
   server's numpy and torch RNG states;
 - ``checkpoint.json``: the manifest: round, config hash, file hashes, Python's RNG state (Flower
-  samples clients with it), DP accountant states, the metrics and round logs so far, and the
-  privacy ledger's position (its line count and the SHA-256 of its last line).
+  samples clients with it), DP accountant states, the metrics and round logs so far, the
+  privacy ledger's position (its line count and the SHA-256 of its last line), and the update
+  screen's direction reference (a checkpoint of an earlier fedrec has none: its run resumes
+  under the current reference, with a warning, since the rule is no config setting).
 
 Atomic: the array files get new names every round and are fsynced before the manifest replaces
 the old one (``os.replace``); files the manifest does not name are deleted afterwards. A crash at
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -35,7 +38,10 @@ from fedrec.config import ConfigError, FedrecConfig, load_config
 from fedrec.privacy.ledger import line_hash, read_locked, verify_chain
 from fedrec.rundir import RunDir, write_bytes_atomic
 from fedrec.strategies import RoundLog
+from fedrec.strategies.screen import DIRECTION_REFERENCE
 from fedrec.strategies.state import load_strategy_state, strategy_state
+
+log = logging.getLogger(__name__)
 
 DIRNAME = "checkpoint"
 MANIFEST = "checkpoint.json"
@@ -97,6 +103,7 @@ def save_checkpoint(
         "round": progress.round,
         "rounds_planned": cfg.rounds,
         "config_sha256": config_hash(cfg),
+        "direction_reference": DIRECTION_REFERENCE,
         "files": files,
         "model_keys": list(arrays.keys()),
         "strategy": s_meta,
@@ -128,6 +135,14 @@ def load_checkpoint(run: RunDir, cfg: FedrecConfig) -> Checkpoint | None:
             f"{path}: written under another config; resume with the run's own config.toml "
             "(a run started by an older fedrec, whose config had fewer settings, must be "
             "resumed by that version)"
+        )
+    reference = manifest.get("direction_reference", "all-median")
+    rule_on = cfg.privacy.mode == "none" and cfg.reject_min_cosine > -1
+    if reference != DIRECTION_REFERENCE and rule_on:
+        log.warning(
+            "%s: written under the update screen's direction reference %r; the rounds left are "
+            "judged against %r (strategies/screen.py), so they may reject other updates than "
+            "the fedrec that began the run would have", path, reference, DIRECTION_REFERENCE,
         )
     models = _read_arrays(path.parent, manifest["files"]["models"])
     server = _read_arrays(path.parent, manifest["files"]["server"])

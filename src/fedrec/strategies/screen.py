@@ -84,6 +84,7 @@ aggregator should average.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -97,6 +98,8 @@ from fedrec.config import DIRECTION_OUTLIERS, FedrecConfig
 from fedrec.strategies.records import ARRAYS_KEY, LEDGER_KEY, SEP, ledger_entries, summed_metric
 from fedrec.strategies.user_dp import UNIFORM_WEIGHT_KEY
 
+log = logging.getLogger(__name__)
+
 BOUND_SLACK = 1e-3  # relative float error allowed over a clipping bound
 MIN_FOR_MEDIAN = 3  # fewer well-formed replies: the median is no reference
 # the direction rule judges each reply against the median of the others: at least 3 of them
@@ -107,6 +110,10 @@ MIN_FOR_SLOPE = 5  # fewer: one reply is in half the pairs of the fit; the media
 # users cannot buy a bound above norm_factor x this (15x the median at the default 3); the
 # largest honest silo's prediction stays under 3.5x the median (benchmarks/update_cosines.py)
 SIZE_CEILING = 5.0
+# the direction rule's reference, recorded in each checkpoint (a run resumed under another one
+# says so: server/checkpoint.py) and in the robust-aggregation benchmark's cached runs; before
+# this reference, an update was judged against the median of all replies, its own included
+DIRECTION_REFERENCE = "others-median"
 
 Rejection = tuple[int, str]  # (node id, reason)
 NORM_ACTIONS = ("reject", "rescale")
@@ -524,6 +531,11 @@ def make_screen(cfg: FedrecConfig) -> UpdateScreen:
     """The screen for a run: an absolute bound only where honest clients clip their updates."""
     p = cfg.privacy
     user = p.mode == "user"
+    if p.mode != "none" and cfg.reject_min_cosine not in (0.0, -1.0):
+        log.warning(
+            "reject_min_cosine = %g is ignored: the direction rule is off under differential "
+            "privacy (privacy.mode = %s)", cfg.reject_min_cosine, p.mode,
+        )
     return UpdateScreen(
         weight_key=UNIFORM_WEIGHT_KEY if user else "num-examples",
         norm_bound=p.clipping_norm if user and p.clipping_side == "client" else None,

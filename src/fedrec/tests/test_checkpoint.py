@@ -124,6 +124,37 @@ def test_each_round_replaces_the_last_checkpoint_and_leaves_no_stray_files(tmp_p
     np.testing.assert_array_equal(ckpt.arrays["ranking/w"].numpy(), _arrays(3)["ranking/w"].numpy())
 
 
+def test_a_checkpoint_of_another_direction_reference_resumes_with_a_warning(tmp_path, caplog):
+    """The screen's direction reference is no config setting (it is not in the config hash): a
+    run begun before it judged updates against the median of the others resumes, and says so."""
+
+    def load_as_an_earlier_fedrec_wrote_it(cfg, path=None):
+        run = create_run_dir(cfg, path)
+        save_checkpoint(run, cfg, _arrays(0), Observed(make_strategy(cfg, 3)), _progress())
+        manifest_path = checkpoint_dir(run) / "checkpoint.json"
+        manifest = json.loads(manifest_path.read_text())
+        assert manifest["direction_reference"] == "others-median"
+        warnings = []
+        for earlier in (False, True):
+            if earlier:
+                del manifest["direction_reference"]
+                manifest_path.write_text(json.dumps(manifest))
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="fedrec.server.checkpoint"):
+                assert load_checkpoint(run, cfg).progress.round == 2
+            warnings.append(
+                [r.getMessage() for r in caplog.records if r.name == "fedrec.server.checkpoint"]
+            )
+        return warnings
+
+    current, earlier = load_as_an_earlier_fedrec_wrote_it(_cfg(tmp_path))
+    assert current == [] and len(earlier) == 1
+    assert "'all-median'" in earlier[0] and "'others-median'" in earlier[0]
+    # with the rule off (or under DP, where it is off) nothing differs: no warning
+    off = _cfg(tmp_path, reject_min_cosine=-1.0)
+    assert load_as_an_earlier_fedrec_wrote_it(off, tmp_path / "off") == [[], []]
+
+
 def test_damaged_or_foreign_checkpoints_are_refused(tmp_path):
     cfg = _cfg(tmp_path)
     run = create_run_dir(cfg)

@@ -286,7 +286,7 @@ def _moved(node, step):
                          for k, v in GLOBAL.items()})
 
 
-def test_direction_rule_needs_four_replies_and_can_be_switched_off():
+def test_direction_rule_needs_four_replies_and_can_be_switched_off(caplog):
     honest = _non_iid()
     pair = [honest[0], _flipped(honest[1], 98)]
     assert UpdateScreen().screen(_sent(), pair)[1] == []  # two replies: no reference
@@ -309,8 +309,13 @@ def test_direction_rule_needs_four_replies_and_can_be_switched_off():
         UpdateScreen(min_cosine=1.0)
     # off under DP (record-level: the noise leaves no shared direction; user-level: clipping
     # bounds each update and a rejection skips the round), on without
-    for mode in ("record", "user"):
-        assert make_screen(load_config(None, {"privacy.mode": mode})).min_cosine == -1
+    with caplog.at_level("WARNING", logger="fedrec.strategies.screen"):
+        for mode in ("record", "user"):
+            assert make_screen(load_config(None, {"privacy.mode": mode})).min_cosine == -1
+        assert not [r for r in caplog.records if r.name == "fedrec.strategies.screen"]
+        explicit = {"privacy.mode": "record", "reject_min_cosine": 0.2}
+        assert make_screen(load_config(None, explicit)).min_cosine == -1
+    assert "reject_min_cosine = 0.2 is ignored" in caplog.text
     assert make_screen(load_config(None, {})).min_cosine == 0
 
 
