@@ -9,8 +9,8 @@
 
 The default federation (ML-100K, one client per occupation) runs clean and with 10% of its
 clients poisoning every update they send: ``scale10`` sends 10x the honest update, ``signflip``
-sends -1x, ``inflate`` sends 10x and states 1000x its users as its FedAvg weight
-(fedrec.simulation.faults; an attack simulation for benchmarks and tests, which no
+sends -1x, ``inflate`` sends 10x and states 1000x its users as its FedAvg weight, and
+``jitter``, a control, sends 1.0001x (fedrec.simulation.faults; an attack simulation for benchmarks and tests, which no
 config or flag of ``fedrec`` can turn on). The update screen's norm and direction rules are
 off (``reject_norm_factor = 0``, ``reject_min_cosine = -1``) unless ``--screen``: the question
 is then what each aggregator withstands by itself; with ``--screen`` they are the defaults (3x
@@ -30,7 +30,9 @@ seed (model initialisation, client sampling, batches, the 99 sampled negatives o
 and which clients attack. A simulation is
 deterministic given its seed, so an attacked run differs from the clean run of the same seed only
 through the attack; but a small change early in training moves the final HR@10 by about 0.01
-either way, so one seed cannot show a 2% effect. The last table gives, per strategy, attack and
+either way, so one seed cannot show a 2% effect: ``--attacks clean jitter`` measures by how
+much on the federation at hand (a change no defence acts on, in the same clients as an
+attack). The last table gives, per strategy, attack and
 task, the mean relative change over seeds with the smallest and largest.
 
 The attackers are fixed for a run and drawn by the seed among clients of very unequal size,
@@ -65,7 +67,11 @@ from fedrec.workload import build_workload
 
 DEFAULTS = load_config(None)
 # (update factor, stated-users factor)
-ATTACKS = {"clean": None, "scale10": (10.0, 1), "signflip": (-1.0, 1), "inflate": (10.0, 1000)}
+# "jitter" is no attack but the yardstick: the attackers send 1.0001x their honest update, which
+# no defence acts on, so its change against the clean run is what a difference at the fourth
+# significant digit of two clients' updates alone does to the final HR@10
+ATTACKS = {"clean": None, "scale10": (10.0, 1), "signflip": (-1.0, 1), "inflate": (10.0, 1000),
+           "jitter": (1.0001, 1)}
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
 TASKS = ("recall", "ranking", "personal")
 # written beside a run made since the direction rule judges each update against the median of
@@ -210,7 +216,8 @@ def main() -> None:
                         "10%% of the clients then hold about 10%% of the users)")
     parser.add_argument("--clients", type=int, help="with a dirichlet partition: how many")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--attacks", nargs="+", default=[a for a in ATTACKS if a != "jitter"],
+                        choices=list(ATTACKS), help="jitter: the control (1.0001x updates)")
     parser.add_argument("--attack-share", type=float, default=0.1, help="share of attackers")
     parser.add_argument("--screen", action="store_true", help="keep the update screen on")
     parser.add_argument("--norm-outliers", choices=("rescale", "reject"), default="rescale",
@@ -292,11 +299,12 @@ def _honest_only(by_seed: dict) -> dict:
 def _table(title: str, changes: dict) -> None:
     if not changes:
         return
-    print(f"\nrelative change of test HR@10 {title}; mean [smallest, largest]:")
+    print(f"\nrelative change of test HR@10 {title}; mean +- its standard error (over seeds) "
+          "[smallest, largest]:")
     for strategy, per_attack in changes.items():
         for attack, per_task in per_attack.items():
             cells = [
-                f"{t} {c['mean']:+.1%} [{c['min']:+.1%}, {c['max']:+.1%}]"
+                f"{t} {c['mean']:+.1%} +-{c['sem']:.1%} [{c['min']:+.1%}, {c['max']:+.1%}]"
                 for t, c in per_task.items()
             ]
             print(f"{strategy:13} {attack:8} " + "  ".join(cells))
@@ -305,7 +313,7 @@ def _table(title: str, changes: dict) -> None:
 def mean_changes(
     by_seed: dict[int, dict[str, dict[str, dict[str, float]]]], reference: str = "clean"
 ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """{strategy: {attack: {task: {mean, min, max}}}} of (attacked - ref) / ref over seeds,
+    """{strategy: {attack: {task: {mean, sem, min, max, seeds}}}} of (attacked - ref) / ref over seeds,
     ref the same strategy's ``reference`` run of the same seed."""
     rel: dict[tuple[str, str, str], list[float]] = {}
     for results in by_seed.values():
@@ -321,7 +329,9 @@ def mean_changes(
     changes: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for (strategy, attack, t), values in rel.items():
         changes.setdefault(strategy, {}).setdefault(attack, {})[t] = {
-            "mean": sum(values) / len(values),
+            "mean": float(np.mean(values)),
+            # the standard error of the mean over seeds (0 with one seed: no spread measured)
+            "sem": float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0,
             "min": min(values),
             "max": max(values),
             "seeds": len(values),
