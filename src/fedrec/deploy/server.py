@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedrec.config import FedrecConfig
+from fedrec.config import FedrecConfig, with_contributors
 from fedrec.deploy import launch
 from fedrec.deploy.certdir import CertDir, read_manifest
 from fedrec.deploy.checks import check_port_free, check_server_files, probe_superlink
@@ -123,6 +123,7 @@ def submit_run(site: Site, cfg: FedrecConfig, *, resume: Path | None = None) -> 
             "register_users is for simulations; a deployed run takes its partners' user counts "
             "from the certificate manifest (fedrec certs set-users NAME N)"
         )
+    cfg = deployed_config(cfg)
     host, port = launch.parse_address(site.local)
     probe_superlink(host, port, ca_cert=site.certs.ca_cert if site.certs else None)
     write_connection(site)
@@ -138,6 +139,19 @@ def submit_run(site: Site, cfg: FedrecConfig, *, resume: Path | None = None) -> 
     if out.returncode != 0:
         raise DeployError(f"flwr run failed: {failure_reason(out.stdout + out.stderr)}")
     return launch.parse_run_id(out.stdout)
+
+
+def deployed_config(cfg: FedrecConfig) -> FedrecConfig:
+    """The config a deployed run is submitted with: under distributed noise, the default
+    ``privacy.min_contributors`` (0) resolved to a majority of the clients each round samples,
+    as ``fedrec simulate`` resolves it (every partner's client refuses 0, so unresolved the run
+    would start and then fail each round at every site); ConfigError here, at start-up, when the
+    partition cannot give that many, or as many as the config sets."""
+    if not cfg.privacy.distributed:
+        return cfg
+    from fedrec.workload import build_workload
+
+    return with_contributors(cfg, build_workload(cfg).partition.n_clients)
 
 
 def run_status(site: Site, run_id: int) -> str | None:

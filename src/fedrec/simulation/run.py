@@ -13,12 +13,11 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedrec.client.replay import DIRNAME as RELEASES_DIRNAME
-from fedrec.config import ConfigError, FedrecConfig
+from fedrec.config import ConfigError, FedrecConfig, with_contributors
 from fedrec.rundir import RunDir, create_run_dir
 from fedrec.server.federation import FederationResult, OnRound
 from fedrec.simulation.registry import Registrar, simulated_registry
@@ -51,22 +50,6 @@ def check_inputs(cfg: FedrecConfig) -> int:
             )
     work.item_text(cfg.text)  # TextError (bad model folder) before any client starts; cached
     return work.partition.n_clients
-
-
-def with_contributors(cfg: FedrecConfig, n_clients: int) -> FedrecConfig:
-    """Distributed DP noise: ``privacy.min_contributors`` 0 becomes a strict majority of the
-    clients a round samples; ConfigError if it exceeds them (no round could be unmasked)."""
-    p = cfg.privacy
-    if not p.distributed:
-        return cfg
-    sampled = min(n_clients, max(int(n_clients * cfg.fraction_train), cfg.min_train_clients))
-    m = p.min_contributors or sampled // 2 + 1
-    if m > sampled or m < 2:
-        raise ConfigError(
-            f"privacy.min_contributors = {m} needs at least {max(m, 2)} clients in each round; "
-            f"the partition gives {n_clients} and each round samples {sampled}"
-        )
-    return replace(cfg, privacy=replace(p, min_contributors=m))
 
 
 def simulate(

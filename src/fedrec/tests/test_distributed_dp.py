@@ -103,7 +103,7 @@ def test_configuration_refuses_what_would_break_the_guarantee():
 
 
 def test_simulate_sets_a_majority_and_refuses_more_contributors_than_clients():
-    from fedrec.simulation.run import with_contributors
+    from fedrec.config import with_contributors
 
     cfg = load_config(None, DISTRIBUTED)
     assert with_contributors(cfg, 21).privacy.min_contributors == 11
@@ -121,6 +121,22 @@ def test_simulate_sets_a_majority_and_refuses_more_contributors_than_clients():
         with_contributors(eleven, 21)
     local = load_config(None, {"privacy.mode": "record"})
     assert with_contributors(local, 4) is local
+
+
+def test_a_deployed_run_is_submitted_with_the_majority_its_clients_require():
+    """Partner sites' clients refuse min_contributors 0; `fedrec server run` resolves it from
+    the partition, as `fedrec simulate` does, and refuses at start-up what no round could do."""
+    from fedrec.deploy.server import deployed_config
+
+    data = {"dataset": "synthetic:merchants=5,users=200,items=300", "partition": "site"}
+    cfg = load_config(None, {**DISTRIBUTED, **data})
+    assert deployed_config(cfg).privacy.min_contributors == 3  # a majority of 5 sites
+    fixed = load_config(None, {**DISTRIBUTED, **data, "privacy.min_contributors": 4})
+    assert deployed_config(fixed).privacy.min_contributors == 4
+    with pytest.raises(ConfigError, match="needs at least 6 clients"):
+        deployed_config(load_config(None, {**DISTRIBUTED, **data, "privacy.min_contributors": 6}))
+    local = load_config(None, {"privacy.mode": "record", **data})
+    assert deployed_config(local) is local
 
 
 def test_the_secure_aggregation_threshold_is_raised_to_the_contributors():
