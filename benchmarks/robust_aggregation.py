@@ -265,7 +265,12 @@ def main() -> None:
         shares[seed] = attackers_share(seed, args)
         print(f"seed {seed}: the attackers hold {shares[seed]:.1%} of the users", flush=True)
         changes = mean_changes(by_seed)  # written after every seed: a stopped sweep keeps its part
-        vs_flip = mean_changes(by_seed, reference="signflip")
+        # a reflected flip is no longer FedAvg over the honest clients: those runs are no reference
+        vs_flip = mean_changes({
+            seed: {st: per for st, per in results.items()
+                   if not per.get("signflip", {}).get("reflected")}
+            for seed, results in by_seed.items()
+        }, reference="signflip")  # fmt: skip
         honest = mean_changes(_honest_only(by_seed))
         out.write_text(json.dumps({
             "args": vars(args), "hr@10": by_seed, "attackers_user_share": shares,
