@@ -68,7 +68,7 @@ from fedrec.workload import build_workload
 DEFAULTS = load_config(None)
 # (update factor, stated-users factor)
 # "jitter" is no attack but the yardstick: the attackers send 1.0001x their honest update, which
-# no defence acts on, so its change against the clean run is what a difference at the fourth
+# no defence acts on, so its change against the clean run is what a difference at the fifth
 # significant digit of two clients' updates alone does to the final HR@10
 ATTACKS = {"clean": None, "scale10": (10.0, 1), "signflip": (-1.0, 1), "inflate": (10.0, 1000),
            "jitter": (1.0001, 1)}

@@ -78,7 +78,8 @@ class PrivacyConfig:
     noise: str = "local"
     # distributed: the noise adds up to the full multiplier over at least this many clients;
     # clients refuse to unmask a round with fewer (the secure-aggregation threshold is raised
-    # to it). 0 = a strict majority of the run's clients (set by `fedrec simulate`)
+    # to it). 0 = a strict majority of the clients each round samples (resolved before the run
+    # starts by `fedrec simulate` and `fedrec server run`: config.with_contributors)
     min_contributors: int = 0
     sample_rate: float = 0.25  # distributed: Poisson rate of users per step, the same everywhere
     # fusion_fit = "dp": noise multiplier of the one Gaussian release of the candidates'

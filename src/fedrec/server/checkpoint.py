@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -40,8 +39,6 @@ from fedrec.rundir import RunDir, write_bytes_atomic
 from fedrec.strategies import RoundLog
 from fedrec.strategies.screen import DIRECTION_REFERENCE
 from fedrec.strategies.state import load_strategy_state, strategy_state
-
-log = logging.getLogger(__name__)
 
 DIRNAME = "checkpoint"
 MANIFEST = "checkpoint.json"
@@ -79,6 +76,7 @@ class Checkpoint:
     strategy_arrays: dict[str, np.ndarray]
     strategy_meta: dict[str, Any]
     rng: dict[str, Any]
+    direction_reference: str | None = None  # None: written by a fedrec that did not record it
 
 
 def checkpoint_dir(run: RunDir) -> Path:
@@ -136,14 +134,6 @@ def load_checkpoint(run: RunDir, cfg: FedrecConfig) -> Checkpoint | None:
             "(a run started by an older fedrec, whose config had fewer settings, must be "
             "resumed by that version)"
         )
-    reference = manifest.get("direction_reference", "all-median")
-    rule_on = cfg.privacy.mode == "none" and cfg.reject_min_cosine > -1
-    if reference != DIRECTION_REFERENCE and rule_on:
-        log.warning(
-            "%s: written under the update screen's direction reference %r; the rounds left are "
-            "judged against %r (strategies/screen.py), so they may reject other updates than "
-            "the fedrec that began the run would have", path, reference, DIRECTION_REFERENCE,
-        )
     models = _read_arrays(path.parent, manifest["files"]["models"])
     server = _read_arrays(path.parent, manifest["files"]["server"])
     arrays = ArrayRecord({k: Array(models[k]) for k in manifest["model_keys"]})
@@ -157,6 +147,25 @@ def load_checkpoint(run: RunDir, cfg: FedrecConfig) -> Checkpoint | None:
             "python": manifest["python_random"],
             **{k: v for k, v in server.items() if k.startswith("rng|")},
         },
+        direction_reference=manifest.get("direction_reference"),
+    )
+
+
+def direction_reference_change(ckpt: Checkpoint, cfg: FedrecConfig) -> str | None:
+    """What to tell whoever resumes a run checkpointed under another direction reference of
+    the update screen than this fedrec's (None: the same, or the rule is off for the run: under
+    DP, under secure aggregation, or switched off)."""
+    rule_on = (cfg.privacy.mode == "none" and not cfg.secure_aggregation
+               and cfg.reject_min_cosine > -1)  # fmt: skip
+    if not rule_on or ckpt.direction_reference == DIRECTION_REFERENCE:
+        return None
+    was = (repr(ckpt.direction_reference) if ckpt.direction_reference is not None else
+           "unrecorded (a fedrec before 0394144; before b6170df it was the median of all "
+           "replies, the judged one's included)")  # fmt: skip
+    return (
+        f"the checkpoint's update-screen direction reference is {was}; the rounds left are "
+        f"judged against {DIRECTION_REFERENCE!r} (strategies/screen.py), so they may reject "
+        "other updates than the fedrec that began the run would have"
     )
 
 

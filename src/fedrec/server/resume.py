@@ -43,6 +43,7 @@ from fedrec.server.checkpoint import (
     CheckpointError,
     LedgerPosition,
     Progress,
+    direction_reference_change,
     last_round_started,
     lines_past,
     load_checkpoint,
@@ -77,6 +78,8 @@ def resume_state(
     progress = ckpt.progress if ckpt else Progress()
     if ckpt is not None:
         restore(ckpt, strategy)
+        if change := direction_reference_change(ckpt, cfg):
+            log.warning("resuming %s: %s", run.path, change)
     if user_ledger is not None:
         restore_user_ledger(user_ledger)
     entry = {"after_round": progress.round, "ledger_lines_past_checkpoint": past}

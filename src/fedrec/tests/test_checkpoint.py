@@ -18,6 +18,7 @@ from fedrec.server.checkpoint import (
     CheckpointError,
     Progress,
     checkpoint_dir,
+    direction_reference_change,
     ledger_position,
     lines_past,
     load_checkpoint,
@@ -124,35 +125,30 @@ def test_each_round_replaces_the_last_checkpoint_and_leaves_no_stray_files(tmp_p
     np.testing.assert_array_equal(ckpt.arrays["ranking/w"].numpy(), _arrays(3)["ranking/w"].numpy())
 
 
-def test_a_checkpoint_of_another_direction_reference_resumes_with_a_warning(tmp_path, caplog):
+def test_a_checkpoint_of_another_direction_reference_resumes_with_a_warning(tmp_path):
     """The screen's direction reference is no config setting (it is not in the config hash): a
-    run begun before it judged updates against the median of the others resumes, and says so."""
+    run checkpointed by a fedrec that did not record it resumes, and the resume says so."""
 
-    def load_as_an_earlier_fedrec_wrote_it(cfg, path=None):
+    def changes(cfg, path=None):
         run = create_run_dir(cfg, path)
         save_checkpoint(run, cfg, _arrays(0), Observed(make_strategy(cfg, 3)), _progress())
         manifest_path = checkpoint_dir(run) / "checkpoint.json"
         manifest = json.loads(manifest_path.read_text())
         assert manifest["direction_reference"] == "others-median"
-        warnings = []
-        for earlier in (False, True):
-            if earlier:
-                del manifest["direction_reference"]
-                manifest_path.write_text(json.dumps(manifest))
-            caplog.clear()
-            with caplog.at_level("WARNING", logger="fedrec.server.checkpoint"):
-                assert load_checkpoint(run, cfg).progress.round == 2
-            warnings.append(
-                [r.getMessage() for r in caplog.records if r.name == "fedrec.server.checkpoint"]
-            )
-        return warnings
+        found = [direction_reference_change(load_checkpoint(run, cfg), cfg)]
+        del manifest["direction_reference"]  # as an earlier fedrec wrote it
+        manifest_path.write_text(json.dumps(manifest))
+        ckpt = load_checkpoint(run, cfg)
+        assert ckpt.progress.round == 2  # it still resumes
+        return [*found, direction_reference_change(ckpt, cfg)]
 
-    current, earlier = load_as_an_earlier_fedrec_wrote_it(_cfg(tmp_path))
-    assert current == [] and len(earlier) == 1
-    assert "'all-median'" in earlier[0] and "'others-median'" in earlier[0]
-    # with the rule off (or under DP, where it is off) nothing differs: no warning
-    off = _cfg(tmp_path, reject_min_cosine=-1.0)
-    assert load_as_an_earlier_fedrec_wrote_it(off, tmp_path / "off") == [[], []]
+    current, earlier = changes(_cfg(tmp_path))
+    assert current is None
+    assert "unrecorded" in earlier and "'others-median'" in earlier
+    # the rule off, or off for the run (under DP, under secure aggregation): nothing differs
+    for i, extra in enumerate(({"reject_min_cosine": -1.0}, {"privacy.mode": "record"},
+                               {"secure_aggregation": True})):  # fmt: skip
+        assert changes(_cfg(tmp_path, **extra), tmp_path / f"off{i}") == [None, None]
 
 
 def test_damaged_or_foreign_checkpoints_are_refused(tmp_path):
