@@ -10,8 +10,8 @@
 The default federation (ML-100K, one client per occupation) runs clean and with 10% of its
 clients poisoning every update they send: ``scale10`` sends 10x the honest update, ``signflip``
 sends -1x, ``inflate`` sends 10x and states 1000x its users as its FedAvg weight, and
-``jitter``, a control, sends 1.0001x (fedrec.simulation.faults; an attack simulation for benchmarks and tests, which no
-config or flag of ``fedrec`` can turn on). The update screen's norm and direction rules are
+``jitter``, a control, sends 1.0001x (fedrec.simulation.faults; an attack simulation for
+benchmarks and tests, which no config or flag of ``fedrec`` can turn on). The update screen's norm and direction rules are
 off (``reject_norm_factor = 0``, ``reject_min_cosine = -1``) unless ``--screen``: the question
 is then what each aggregator withstands by itself; with ``--screen`` they are the defaults (3x
 the norm predicted from the client's users, cosine 0 with the median of the other updates, and
@@ -22,8 +22,9 @@ stated; ``--register-users`` first caps it at the client's own users, as a platf
 registry does for partner sites: fedrec.simulation.registry; an update below the direction
 rule is kept negated when its negation is at least ``--reflect-min-cosine`` aligned and the
 update is below the rule against all replies too, and rejected otherwise, under
-``--direction-outliers reflect``; the default rejects it). Prints test HR@10 per task, the drop relative to the same strategy's clean run
-and to clean FedAvg, and writes DIR/robust_aggregation.json.
+``--direction-outliers reflect``; the default rejects it). Prints test HR@10 per task, the drop
+relative to the same strategy's clean run and to clean FedAvg, and writes
+DIR/robust_aggregation.json.
 
 ``--seeds N`` repeats everything for seeds ``seed .. seed+N-1``: each seed sets both the run's
 seed (model initialisation, client sampling, batches, the 99 sampled negatives of evaluation)
@@ -77,7 +78,7 @@ TASKS = ("recall", "ranking", "personal")
 # written beside a run made since the direction rule judges each update against the median of
 # the other updates (and reflects only a clear flip): a cached run without it was judged
 # against the median of all replies, and its direction findings differ
-DIRECTION_MARK, DIRECTION_RULE = "direction_rule.txt", DIRECTION_REFERENCE
+DIRECTION_MARK = "direction_rule.txt"  # holds DIRECTION_REFERENCE
 
 
 def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
@@ -114,7 +115,7 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
             client_app = with_faults(app, plan)
         cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
         _, summary = simulate(cfg, baselines=False, client_app=client_app)
-        (Path(over["out"]) / DIRECTION_MARK).write_text(DIRECTION_RULE + "\n")
+        (Path(over["out"]) / DIRECTION_MARK).write_text(DIRECTION_REFERENCE + "\n")
     return {**_hr(summary), "honest": honest_users_hr(Path(over["out"]), seed, args)}
 
 
@@ -128,7 +129,7 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str, screen:
     counts were on and lowered nothing. A screened run made before the direction rule compared
     each update with the other updates' median (no ``DIRECTION_MARK``) is refused."""
     mark = run_dir / DIRECTION_MARK
-    if screen and (not mark.exists() or mark.read_text().strip() != DIRECTION_RULE):
+    if screen and (not mark.exists() or mark.read_text().strip() != DIRECTION_REFERENCE):
         raise SystemExit(f"{run_dir}: made before the direction rule compared each update with "
                          "the other updates' median; use another --out")
     stored = tomllib.loads((run_dir / "config.toml").read_text())

@@ -37,7 +37,7 @@ from fedrec.config import ConfigError, FedrecConfig, load_config
 from fedrec.privacy.ledger import line_hash, read_locked, verify_chain
 from fedrec.rundir import RunDir, write_bytes_atomic
 from fedrec.strategies import RoundLog
-from fedrec.strategies.screen import DIRECTION_REFERENCE
+from fedrec.strategies.screen import DIRECTION_REFERENCE, direction_rule_on
 from fedrec.strategies.state import load_strategy_state, strategy_state
 
 DIRNAME = "checkpoint"
@@ -155,9 +155,7 @@ def direction_reference_change(ckpt: Checkpoint, cfg: FedrecConfig) -> str | Non
     """What to tell whoever resumes a run checkpointed under another direction reference of
     the update screen than this fedrec's (None: the same, or the rule is off for the run: under
     DP, under secure aggregation, or switched off)."""
-    rule_on = (cfg.privacy.mode == "none" and not cfg.secure_aggregation
-               and cfg.reject_min_cosine > -1)  # fmt: skip
-    if not rule_on or ckpt.direction_reference == DIRECTION_REFERENCE:
+    if not direction_rule_on(cfg) or ckpt.direction_reference == DIRECTION_REFERENCE:
         return None
     was = (repr(ckpt.direction_reference) if ckpt.direction_reference is not None else
            "unrecorded (a fedrec before 0394144; before b6170df it was the median of all "

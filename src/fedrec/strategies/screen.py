@@ -527,6 +527,13 @@ def _finite(value: float) -> bool:
         return False
 
 
+def direction_rule_on(cfg: FedrecConfig) -> bool:
+    """Whether the direction rule can act in a run: switched on (``reject_min_cosine`` above
+    -1), without DP (``make_screen`` turns it off there), and without secure aggregation (the
+    server sees only the sum of the updates)."""
+    return cfg.reject_min_cosine > -1 and cfg.privacy.mode == "none" and not cfg.secure_aggregation
+
+
 def make_screen(cfg: FedrecConfig) -> UpdateScreen:
     """The screen for a run: an absolute bound only where honest clients clip their updates."""
     p = cfg.privacy
