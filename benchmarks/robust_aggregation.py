@@ -20,8 +20,9 @@ it instead, ``--norm-reference median --norm-factor 10`` is the rule before the 
 reply's weight is capped at 10x the round's median, ``--max-weight-factor 0`` leaves it as
 stated; ``--register-users`` first caps it at the client's own users, as a platform's
 registry does for partner sites: fedrec.simulation.registry; an update below the direction
-rule is kept negated when its negation is at least ``--reflect-min-cosine`` aligned and the
-update is below the rule against all replies too, and rejected otherwise, under
+rule is kept negated when its negation is at least ``--reflect-min-cosine`` aligned with the
+others' median and with the global model's last step (so never in round 1) and the update is
+below the rule against all replies too, and rejected otherwise, under
 ``--direction-outliers reflect``; the default rejects it). Prints test HR@10 per task, the drop
 relative to the same strategy's clean run and to clean FedAvg, and writes
 DIR/robust_aggregation.json.
@@ -79,6 +80,10 @@ TASKS = ("recall", "ranking", "personal")
 # the other updates (and reflects only a clear flip): a cached run without it was judged
 # against the median of all replies, and its direction findings differ
 DIRECTION_MARK = "direction_rule.txt"  # holds DIRECTION_REFERENCE
+# written beside a run made since reflection also asks the global model's last step: a cached
+# run under "reflect" without it reflected flips that the current rule may reject
+REFLECT_MARK = "reflect_rule.txt"
+REFLECT_RULE = "last-step"
 
 
 def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
@@ -116,6 +121,7 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
         _, summary = simulate(cfg, baselines=False, client_app=client_app)
         (Path(over["out"]) / DIRECTION_MARK).write_text(DIRECTION_REFERENCE + "\n")
+        (Path(over["out"]) / REFLECT_MARK).write_text(REFLECT_RULE + "\n")
     return {**_hr(summary), "honest": honest_users_hr(Path(over["out"]), seed, args)}
 
 
@@ -133,6 +139,12 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str, screen:
         raise SystemExit(f"{run_dir}: made before the direction rule compared each update with "
                          "the other updates' median; use another --out")
     stored = tomllib.loads((run_dir / "config.toml").read_text())
+    reflect_mark = run_dir / REFLECT_MARK
+    if stored.get("direction_outliers") == "reflect" and (
+        not reflect_mark.exists() or reflect_mark.read_text().strip() != REFLECT_RULE
+    ):
+        raise SystemExit(f"{run_dir}: made before reflection asked the global model's last "
+                         "step; use another --out")
     stored.setdefault("norm_outliers", "reject")
     stored.setdefault("norm_reference", "median")
     stored.setdefault("max_weight_factor", 0.0)  # made before the weight cap existed

@@ -83,6 +83,8 @@ def main() -> None:
         parser.error("--blind needs --dp-noise (without noise the attacker's aim is the update)")
     noiseless = {t: DPSGDParams(0.0, 1.0) for t in models}
     state = {t: {k: v.clone() for k, v in m.state_dict().items()} for t, m in models.items()}
+    last_step: dict[str, np.ndarray] = {}  # the global model's last move (FedAvg's), per task
+    last_updates: dict[str, np.ndarray] = {}  # the honest updates of the last round, per task
     for r in range(1, args.rounds + 1):
         start = {t: flat(m) for t, m in models.items()}
         updates: dict[str, list[np.ndarray]] = {t: [] for t in models}
@@ -106,6 +108,14 @@ def main() -> None:
                 f"{', '.join(f'{cos[i]:.3f}' for i in smallest)}",
                 flush=True,
             )
+            if t in last_step:
+                lc = u @ last_step[t] / (norms * np.linalg.norm(last_step[t]) + 1e-30)
+                print(
+                    f"round {r} {t:8} cosine with the last round's global step: min "
+                    f"{lc.min():.3f} p10 {np.quantile(lc, 0.1):.3f} median {np.median(lc):.3f}; "
+                    f"smallest silos {', '.join(f'{lc[i]:.3f}' for i in smallest)}",
+                    flush=True,
+                )
             ratio = norms / np.median(norms)
             print(
                 f"round {r} {t:8} norm / median norm: min {ratio.min():.2f} max "
@@ -124,10 +134,14 @@ def main() -> None:
             for k in args.steer:
                 print(f"round {r} {t:8} {steering(u, sizes, k, args.reflect_cosine)}",
                       flush=True)
+                if t in last_updates:
+                    line = steering_both(u, last_updates[t], sizes, k, args.reflect_cosine)
+                    print(f"round {r} {t:8} {line}", flush=True)
                 if args.blind:  # the same attack without the target's noise, side by side
                     blind = steering(u, sizes, k, args.reflect_cosine, aim=np.stack(aims[t]))
                     print(f"round {r} {t:8} blind: {blind}", flush=True)
-            new = start[t] + weights @ u  # FedAvg, weighted by users
+            last_step[t], last_updates[t] = weights @ u, u
+            new = start[t] + last_step[t]  # FedAvg, weighted by users
             m.load_state_dict(state[t])
             torch.nn.utils.vector_to_parameters(torch.from_numpy(new).float(), m.parameters())
             state[t] = {k: v.clone() for k, v in m.state_dict().items()}
@@ -141,6 +155,67 @@ def cosines_with_the_others(rows: np.ndarray) -> np.ndarray:
     return dots / (np.linalg.norm(rows, axis=1) * np.linalg.norm(medians, axis=1) + 1e-30)
 
 
+def allowed_norm(u: np.ndarray, sizes: np.ndarray, norm_factor: float = 3.0) -> float:
+    """The largest norm the norm rule passes unchanged for a client stating the median users
+    (what the steering colluders state), among honest updates ``u`` of clients of ``sizes``."""
+    predicted, slope = predicted_norms(np.linalg.norm(u, axis=1), sizes)
+    stated = float(np.median(sizes))
+    return norm_factor * float(np.median(predicted / sizes**slope)) * stated**slope
+
+
+def last_step_cosines(u: np.ndarray, last: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarray:
+    """Each honest update's cosine with the global model's last step when ``k`` colluders
+    steered that step against it in the round before (the reference reflection also asks,
+    module doc). Knowing the target's next update ``u[j]`` (an oracle: they cannot know it),
+    each sent last round the direction that lowers it most while passing the direction rule
+    then: minus ``u[j]`` made orthogonal to the median of last round's honest updates
+    ``last``, at the largest norm the norm rule passes; the step is FedAvg over ``last`` and
+    theirs (each stating the median users). First order: ``u`` is trained from the unattacked
+    model."""
+    weights = np.append(sizes, [np.median(sizes)] * k).astype(float)
+    weights /= weights.sum()
+    median = np.median(last, axis=0)
+    median /= max(float(np.linalg.norm(median)), 1e-30)
+    allowed = allowed_norm(last, sizes)
+    honest_step = weights[: len(last)] @ last
+    cosines = []
+    for target in u:
+        a = -(target - (target @ median) * median)
+        a *= allowed / max(float(np.linalg.norm(a)), 1e-30)
+        step = honest_step + weights[len(last):].sum() * a
+        cosines.append(target @ step / (np.linalg.norm(target) * np.linalg.norm(step) + 1e-30))
+    return np.array(cosines)
+
+
+def steering_both(
+    u: np.ndarray, last: np.ndarray, sizes: np.ndarray, k: int, reflect_cosine: float
+) -> str:
+    """How many honest updates ``k`` colluders can get reflected under ``"reflect"``: pushed to
+    ``-reflect_cosine`` or below against the others' median (this round, ``steering``) and
+    against the global model's last step (the round before, ``last_step_cosines``); the
+    condition on the median of all replies is not modelled, so this counts too many."""
+    step = last_step_cosines(u, last, sizes, k)
+    median = np.array([_attacked(u, sizes, k, j)[j] for j in range(len(u))])
+    both = np.flatnonzero((step <= -reflect_cosine) & (median <= -reflect_cosine))
+    return (f"{k} steering the last step: {np.sum(step < 0)} of {len(u)} honest updates "
+            f"pushable below cosine 0 with it, {np.sum(step <= -reflect_cosine)} to "
+            f"-{reflect_cosine:g} or below (lowest {step.min():.3f}); with the median too: "
+            f"{len(both)} ({sizes[both].sum() / sizes.sum():.1%} of the users) past both "
+            "margins, which reflection would keep negated")
+
+
+def _attacked(
+    u: np.ndarray, sizes: np.ndarray, k: int, target: int, norm_factor: float = 3.0,
+    aim: np.ndarray | None = None,
+) -> np.ndarray:
+    """Every row's cosine with the median of the others, honest rows first, when ``k``
+    colluders steer the median against ``target`` (``steering``)."""
+    aim = u if aim is None else aim
+    a = -np.sign(aim[target]) * np.abs(aim).max(axis=0)
+    a *= allowed_norm(u, sizes, norm_factor) / max(float(np.linalg.norm(a)), 1e-30)
+    return cosines_with_the_others(np.vstack([u, np.repeat(a[None], k, 0)]))
+
+
 def steering(
     u: np.ndarray, sizes: np.ndarray, k: int, reflect_cosine: float, norm_factor: float = 3.0,
     aim: np.ndarray | None = None,
@@ -149,21 +224,7 @@ def steering(
     doc); ``u`` Float[n, P] the honest updates, ``sizes`` their users; ``reflect_cosine`` the
     depth below 0 from which reflection keeps an update negated; ``aim`` Float[n, P] what the
     attackers know of each (default: ``u`` itself)."""
-    aim = u if aim is None else aim
-    norms = np.linalg.norm(u, axis=1)
-    predicted, slope = predicted_norms(norms, sizes)
-    stated = float(np.median(sizes))  # the attackers state a typical size
-    scale = float(np.median(predicted / sizes**slope))
-    allowed = norm_factor * scale * stated**slope  # the largest norm the rule passes unchanged
-    reach = np.abs(aim).max(axis=0)
-
-    def attacked(target: int) -> np.ndarray:
-        """Every row's cosine with the median, honest rows first, when aimed at ``target``."""
-        a = -np.sign(aim[target]) * reach
-        a *= allowed / max(float(np.linalg.norm(a)), 1e-30)
-        return cosines_with_the_others(np.vstack([u, np.repeat(a[None], k, 0)]))
-
-    cosines = [attacked(j) for j in range(len(u))]
+    cosines = [_attacked(u, sizes, k, j, norm_factor, aim) for j in range(len(u))]
     pushed = [j for j in range(len(u)) if cosines[j][j] < 0]
     deep = [j for j in pushed if cosines[j][j] <= -reflect_cosine]
     lowest = min(cosines[j][j] for j in range(len(u)))
@@ -180,7 +241,8 @@ def steering(
         f"{head}; aimed at the largest of them ({sizes[target]} users, cosine {cos[target]:.3f}): "
         f"{len(below)} honest below 0, {sizes[below].sum() / sizes.sum():.1%} of the users, "
         f"their updates left out of the round (reject; reflect past its margin, module doc); the "
-        f"{k} steering pass the rule (cosine {cos[len(u)]:.3f})"
+        f"{k} steering {'pass' if cos[len(u)] >= 0 else 'are themselves below'} the rule "
+        f"(cosine {cos[len(u)]:.3f})"
     )
 
 

@@ -151,8 +151,9 @@ class FedrecConfig:
     # benchmarks/update_cosines.py --steer), which reflection could add negated
     direction_outliers: str = "reject"
     # under "reflect", a task update is kept negated only when its negation's cosine with the
-    # others' median is at least this (and the update is below reject_min_cosine against the
-    # median of all replies too); otherwise the reply is rejected. A sign-flipped update sits
+    # others' median, and with the global model's last step, is at least this (and the update
+    # is below reject_min_cosine against the median of all replies too); otherwise the reply
+    # is rejected, as every one is in round 1 (no last step yet). A sign-flipped update sits
     # at minus its honest cosine (-0.06 to -0.7 on ML-100K over 12 rounds); two colluders of 21
     # steering the median pushed no honest update below -0.03 in rounds 1-6, but to -0.23 by
     # round 12 (strategies/screen.py, benchmarks/update_cosines.py --steer)

@@ -31,6 +31,7 @@ class FaultPlan:
     attack_share: float = 0.0  # share of clients that poison every update (fixed for the run)
     attack_factor: float = 1.0  # attackers send factor x their honest update
     weight_factor: int = 1  # attackers state this x their users as their FedAvg weight
+    attack_from_round: int = 1  # the first round the attackers poison (honest before it)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -40,6 +41,8 @@ class FaultPlan:
             raise ValueError("stall_seconds must be >= 0")
         if self.weight_factor < 1:
             raise ValueError("weight_factor must be at least 1")
+        if self.attack_from_round < 1:
+            raise ValueError("attack_from_round must be at least 1")
 
     def failing(self, n_clients: int, server_round: int) -> set[int]:
         k = round(self.fail_share * n_clients)
@@ -75,7 +78,8 @@ def with_faults(app: ClientApp, plan: FaultPlan) -> ClientApp:
                 raise RuntimeError(f"simulated failure of client {client} in round {server_round}")
             time.sleep(plan.stall_seconds)
         reply = app(msg, context)
-        if client in plan.attackers(n) and reply.has_content():
+        attacking = server_round >= plan.attack_from_round and client in plan.attackers(n)
+        if attacking and reply.has_content():
             sent, honest = msg.content.array_records[ARRAYS_KEY], reply.content.array_records
             reply.content[ARRAYS_KEY] = poison(sent, honest[ARRAYS_KEY], plan.attack_factor)
             metrics = reply.content.metric_records["metrics"]

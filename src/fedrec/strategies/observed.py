@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -62,7 +63,10 @@ class Observed(Strategy):
         # cap on a FedAvg weight (fedrec.deploy.registry; in simulation, simulation/registry.py)
         self.registered = registered
         self.rounds: dict[int, RoundLog] = {}
-        self._sent: ArrayRecord | None = None  # the global model of the round being trained
+        # the global model of the round being trained; checkpointed (strategies/state.py), so
+        # a resumed run still knows the global model's last step, which reflection asks for
+        self.sent_arrays: ArrayRecord | None = None
+        self._last_step: dict[str, np.ndarray] | None = None  # global model's move last round
         self._grid: Grid | None = None
         # every count seen this run: it only grows (a node id stays bound to its key, or its
         # partition in simulation), so a
@@ -75,7 +79,8 @@ class Observed(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._sent, self._grid = arrays, grid
+        self._last_step = _difference(arrays, self.sent_arrays)
+        self.sent_arrays, self._grid = arrays, grid
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         # asked after the strategy sampled (its sampling may wait for nodes to come online)
         self._learn_counts({m.metadata.dst_node_id for m in messages})
@@ -101,11 +106,11 @@ class Observed(Strategy):
         for msg in replies:
             if not msg.has_error():
                 rlog.ledger_entries += _ledger_lines(msg)
-        if self.screen is not None and self._sent is not None:
+        if self.screen is not None and self.sent_arrays is not None:
             # a node that came online after the round was sampled: asked again
             self._learn_counts({m.metadata.src_node_id for m in replies if not m.has_error()})
             replies, rlog.rejected, rlog.rescaled = self.screen.screen_all(
-                self._sent, replies, self._counts
+                self.sent_arrays, replies, self._counts, self._last_step
             )
             for node, reason in rlog.rejected:
                 log.warning(
@@ -137,6 +142,15 @@ class Observed(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def _difference(
+    now: ArrayRecord, before: ArrayRecord | None
+) -> dict[str, np.ndarray] | None:
+    """{key: now - before} in float64 (None without ``before`` or when the keys differ)."""
+    if before is None or list(before) != list(now):
+        return None
+    return {k: now[k].numpy().astype(np.float64) - before[k].numpy() for k in now}
 
 
 def _ledger_lines(msg: Message) -> list[str]:

@@ -68,14 +68,20 @@ A reply is rejected (and logged with the client's node id and the reason) when
   cosine ``c`` is at ``-c`` against the same reference, which it could have sent as it is. But
   the median is shared: colluding clients can steer it until an honest update falls below the
   rule. Rejecting then drops that client's data for the round; reflecting would add it negated,
-  at its full weight, which turns a silo against the model. Hence two conditions: a margin (the
-  negation at cosine ``reflect_cosine`` or more), and the update below the rule against the
-  median of all replies too, where a pushed honest update's own vote holds it up and a flipped
-  one's does not; otherwise it is rejected. The margin holds early in training, not late: on
-  ML-100K two colluders among 21 silos pushed no honest update below -0.03 in rounds 1-6 but
-  one to -0.13 in round 8 and -0.23 in round 12, as honest agreement fell
-  (``benchmarks/update_cosines.py --steer``,
-  docs/fault-tolerance.md). So "reflect" is opt-in, and refused under DP (config).
+  at its full weight, which turns a silo against the model. Hence three conditions, in every
+  task below the rule: a margin (the negation at cosine ``reflect_cosine`` or more); the update
+  below the rule against the median of all replies too, where a pushed honest update's own vote
+  holds it up and a flipped one's does not; and the negation at least ``reflect_cosine``
+  aligned with the global model's last step (its move in the round before), which no reply of
+  this round can steer. Otherwise the reply is rejected, and so is every reply below the rule
+  when there is no last step (the first round, a round after one with no aggregate, the first
+  round resumed from a checkpoint of an earlier fedrec). The first two hold early in training,
+  not late: on ML-100K two colluders among 21 silos pushed no honest update below -0.03 in
+  rounds 1-6 but one to -0.13 in round 8 and -0.23 in round 12, as honest agreement fell. The
+  last step is a steadier reference (honest updates at 0.05 or more with it over 12 rounds),
+  but not out of reach: colluders who knew a target's next update could steer the step
+  against it the round before (``benchmarks/update_cosines.py --steer``, docs/fault-tolerance.md).
+  So "reflect" is opt-in, and refused under DP (config).
 
 What is subtler than this (an attacker who stays close to the median in norm and direction) is
 left to robust aggregation (FedMedian, FedTrimmedAvg, Krum): the screen only drops what no sane
@@ -165,11 +171,14 @@ class UpdateScreen:
         sent: ArrayRecord,
         replies: Sequence[Message],
         registered: Mapping[int, int] | None = None,
+        last_step: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[list[Message], list[Rejection], list[Rejection]]:
         """Like :meth:`screen`, plus the replies rescaled to their predicted norm or whose weight
         was lowered (node, reason): these are among the kept ones, their content changed.
         ``registered``: {node id: the users registered for it}, a weight's first cap
-        (``fedrec.deploy.registry``); the relative cap then applies to what is left."""
+        (``fedrec.deploy.registry``); the relative cap then applies to what is left.
+        ``last_step``: {key: the global model's move in the round before}, which reflection
+        needs (module doc); without it no update is reflected."""
         reference = {k: v.numpy() for k, v in sent.items()}
         kept: list[Message] = []
         rejected: list[Rejection] = []
@@ -219,21 +228,20 @@ class UpdateScreen:
             why = "; ".join(filter(None, (rescaled.pop(id(msg), None), why)))
             rejected.append((msg.metadata.src_node_id, why))
             del norms[id(msg)]
-        contrary = self._contrary(reference, [m for m in kept if id(m) in norms], norms)
+        contrary = self._contrary(
+            reference, [m for m in kept if id(m) in norms], norms, last_step
+        )
         for msg in [m for m in kept if id(m) in contrary]:
-            cosines = {t: c for t, (c, _) in contrary[id(msg)].items()}
+            cosines = {t: c for t, (c, _, _) in contrary[id(msg)].items()}
             why = "; ".join(_contrary_reason(t, c, self.min_cosine) for t, c in cosines.items())
-            # reflect only a clear flip: its negation well aligned with the others, and the
-            # update below the rule even against a median its own vote is part of (an honest
-            # update that colluders push is held up by its own vote there: module doc)
-            if self.direction_action == "reflect" and all(
-                -c >= max(self.min_cosine, self.reflect_cosine) and c_all < self.min_cosine
-                for c, c_all in contrary[id(msg)].values()
-            ):
-                _scale(msg, reference, dict.fromkeys(cosines, -1.0))
-                why += "; reflected (its negation is kept)"
-                rescaled[id(msg)] = "; ".join(filter(None, (rescaled.get(id(msg)), why)))
-                continue
+            if self.direction_action == "reflect":
+                unclear = self._unclear_flip(contrary[id(msg)])
+                if unclear is None:
+                    _scale(msg, reference, dict.fromkeys(cosines, -1.0))
+                    why += "; reflected (its negation is kept)"
+                    rescaled[id(msg)] = "; ".join(filter(None, (rescaled.get(id(msg)), why)))
+                    continue
+                why += f"; not reflected: {unclear}"
             kept.remove(msg)
             if id(msg) in rescaled:  # keep the norm and weight findings in the one reason logged
                 why += f" (after the screen adjusted it: {rescaled.pop(id(msg))})"
@@ -354,20 +362,45 @@ class UpdateScreen:
                     )
         return out
 
+    def _unclear_flip(self, tasks: Mapping[str, tuple[float, float, float | None]]) -> str | None:
+        """Why a reply below the direction rule is not clearly a flip, which reflection keeps
+        negated (None: it is). ``tasks``: {task: (cosine with the others' median, with the
+        median of all replies, with the global model's last step or None)} of each task below
+        the rule. Clearly a flip, in every such task: the negation at least ``reflect_cosine``
+        aligned with the others' median (and passing the rule); the update below the rule
+        against the median of all replies too (an honest update that colluders push is held up
+        by its own vote there); and the negation at least ``reflect_cosine`` aligned with the
+        global model's last step, which no reply of this round can move (module doc)."""
+        margin = max(self.min_cosine, self.reflect_cosine)
+        for task, (c, c_all, c_step) in tasks.items():
+            if -c < margin:
+                return f"'{task}' negated would have cosine {-c:.3f}, under {margin:g}"
+            if c_all >= self.min_cosine:
+                return (f"'{task}' has cosine {c_all:.3f} with the median of all updates, its own "
+                        "included (not below the rule)")
+            if c_step is None:
+                return "no last step of the global model to compare with (the first round)"
+            if -c_step < self.reflect_cosine:
+                return (f"'{task}' negated has cosine {-c_step:.3f} with the global model's "
+                        f"last step, under {self.reflect_cosine:g}")
+        return None
+
     def _contrary(
         self,
         reference: dict[str, np.ndarray],
         sound: list[Message],
         norms: dict[int, dict[str, float]],
-    ) -> dict[int, dict[str, float]]:
-        """{reply: {task: (cosine, cosine_all)}} for every task in which a reply's update has
-        ``cosine`` below ``min_cosine`` with the coordinate-wise median of the round's other
-        updates; ``cosine_all``: with the median of all of them, its own included."""
+        last_step: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[int, dict[str, tuple[float, float, float | None]]]:
+        """{reply: {task: (cosine, cosine_all, cosine_step)}} for every task in which a reply's
+        update has ``cosine`` below ``min_cosine`` with the coordinate-wise median of the
+        round's other updates; ``cosine_all``: with the median of all of them, its own
+        included; ``cosine_step``: with ``last_step`` (None without one, or if it is 0)."""
         if self.min_cosine <= -1 or len(sound) < MIN_FOR_DIRECTION:
             return {}
-        # per reply and task: <update, median of the others>, |that median|^2, and the same
-        # with the median of all updates
-        sums: list[dict[str, np.ndarray]] = [defaultdict(lambda: np.zeros(4)) for _ in sound]
+        # per reply and task: <update, median of the others>, |that median|^2, the same with
+        # the median of all updates, and with the last step
+        sums: list[dict[str, np.ndarray]] = [defaultdict(lambda: np.zeros(6)) for _ in sound]
         for key, ref in reference.items():
             task = key.split(SEP, 1)[0]
             updates = np.stack(
@@ -376,17 +409,24 @@ class UpdateScreen:
             ) - ref.astype(np.float64).ravel()
             median, medians = median_and_leave_one_out(updates)
             median_sq = float(median @ median)
+            moved = None if last_step is None else last_step.get(key)
+            step = np.zeros(0) if moved is None else np.asarray(moved, np.float64).ravel()
+            step_sq = float(step @ step) if step.size else 0.0
             for update, others, acc in zip(updates, medians, sums, strict=True):
-                acc[task] += (update @ others, others @ others, update @ median, median_sq)
-        out: dict[int, dict[str, tuple[float, float]]] = {}
+                acc[task] += (update @ others, others @ others, update @ median, median_sq,
+                              update @ step if step.size else 0.0, step_sq)  # fmt: skip
+        out: dict[int, dict[str, tuple[float, float, float | None]]] = {}
         for msg, acc in zip(sound, sums, strict=True):
-            for task, (dot, sq, dot_all, sq_all) in sorted(acc.items()):
+            for task, (dot, sq, dot_all, sq_all, dot_step, sq_step) in sorted(acc.items()):
                 norm = norms[id(msg)].get(task, 0.0)
                 # no movement points nowhere
                 cosine = dot / (norm * math.sqrt(sq)) if norm * sq > 0 else 1.0
                 cosine_all = dot_all / (norm * math.sqrt(sq_all)) if norm * sq_all > 0 else 1.0
+                # a global model that did not move (a round with no aggregate) is no reference
+                cosine_step = dot_step / (norm * math.sqrt(sq_step)) if norm * sq_step > 0 \
+                    else None
                 if cosine < self.min_cosine:
-                    out.setdefault(id(msg), {})[task] = (cosine, cosine_all)
+                    out.setdefault(id(msg), {})[task] = (cosine, cosine_all, cosine_step)
         return out
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-ARRAY_ATTRS = ("m_t", "v_t", "momentum_vector", "current_arrays")
+# Flower's, and fedrec's Observed wrapper's last global model (the screen's last step)
+ARRAY_ATTRS = ("m_t", "v_t", "momentum_vector", "current_arrays", "sent_arrays")
 SEP = "|"  # in array names: "<depth>|<attribute>|<key or index>"
 
 

@@ -112,6 +112,36 @@ def test_fedavgm_momentum_survives_a_checkpoint(tmp_path):
         np.testing.assert_array_equal(got, np.full(s, 0.5, np.float32))
 
 
+def test_the_global_models_last_step_survives_a_checkpoint(tmp_path, monkeypatch):
+    """Reflection asks the global model's last step (strategies/screen.py): the model the
+    checkpointed round was sent is saved, so the first round after a resume has the same last
+    step as in an uninterrupted run; a checkpoint without it (an earlier fedrec) gives none."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # Message() outside a running app
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = _cfg(tmp_path)
+    run = create_run_dir(cfg)
+    strategy = Observed(make_strategy(cfg, 3))
+    assert strategy._last_step is None and strategy.sent_arrays is None
+    strategy.configure_train(2, _arrays(1), ConfigRecord(), _Grid([1, 2, 3], late=()))  # round 2 sent _arrays(1)
+    save_checkpoint(run, cfg, _arrays(2), strategy, _progress())  # after it, _arrays(2)
+    fresh = Observed(make_strategy(cfg, 3))
+    restore(load_checkpoint(run, cfg), fresh)
+    fresh.configure_train(3, _arrays(2), ConfigRecord(), _Grid([1, 2, 3], late=()))
+    strategy.configure_train(3, _arrays(2), ConfigRecord(), _Grid([1, 2, 3], late=()))
+    for k in KEYS:
+        expected = _arrays(2)[k].numpy().astype(np.float64) - _arrays(1)[k].numpy()
+        np.testing.assert_array_equal(fresh._last_step[k], expected)
+        np.testing.assert_array_equal(strategy._last_step[k], expected)
+    older = Observed(make_strategy(cfg, 3))
+    ckpt = load_checkpoint(run, cfg)
+    ckpt.strategy_meta["attrs"].pop("0|sent_arrays")
+    restore(ckpt, older)
+    older.configure_train(3, _arrays(2), ConfigRecord(), _Grid([1, 2, 3], late=()))
+    assert older._last_step is None
+
+
 def test_each_round_replaces_the_last_checkpoint_and_leaves_no_stray_files(tmp_path):
     cfg = _cfg(tmp_path)
     run = create_run_dir(cfg)

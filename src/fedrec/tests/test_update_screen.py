@@ -145,7 +145,7 @@ def test_replies_that_would_crash_or_poison_the_round_are_rejected(make, match):
     assert match in rejected[0][1]
     strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
                                min_train_nodes=1), screen=UpdateScreen())
-    strategy._sent = _sent()
+    strategy.sent_arrays = _sent()
     arrays, _ = strategy.aggregate_train(1, [*_honest(), make()])
     expected = FedAvg(arrayrecord_key=ARRAYS_KEY).aggregate_train(1, _honest())[0]
     for key in GLOBAL:
@@ -163,7 +163,7 @@ def test_a_metric_only_some_replies_carry_is_dropped_not_the_reply():
     assert all(set(m.content["metrics"]) == {"num-examples", "recall.loss"} for m in kept)
     strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
                                min_train_nodes=1), screen=UpdateScreen())
-    strategy._sent = _sent()
+    strategy.sent_arrays = _sent()
     _, metrics = strategy.aggregate_train(1, [*_honest(), _with_metrics(9, **{"zz": 1.0})])
     assert "zz" not in metrics and strategy.rounds[1].replies == 5
 
@@ -183,7 +183,7 @@ def test_a_rejected_replys_ledger_lines_are_still_counted():
     count that epsilon."""
     strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
                                min_train_nodes=1), screen=UpdateScreen(norm_action="reject"))
-    strategy._sent = _sent()
+    strategy.sent_arrays = _sent()
     bad = _bad("huge norm")
     bad.content["ledger"] = ConfigRecord({"entries": ["line of node 99"]})
     strategy.aggregate_train(1, [*_honest(), bad])
@@ -218,7 +218,7 @@ def test_observed_aggregates_only_what_the_screen_kept():
     inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
     strategy = Observed(inner, screen=UpdateScreen(norm_action="reject"))
     honest = _honest()
-    strategy._sent = _sent()
+    strategy.sent_arrays = _sent()
     arrays, _ = strategy.aggregate_train(1, [*honest, _bad("nan"), _bad("huge norm")])
     rlog = strategy.rounds[1]
     assert rlog.replies == 4 and len(rlog.rejected) == 2
@@ -249,6 +249,8 @@ def test_poisoned_update_is_the_honest_one_scaled_or_flipped():
     plan = FaultPlan(fail_share=0.3, attack_share=0.1, seed=3)
     assert all(len(plan.failing(10, r)) == 3 for r in (1, 2, 3))
     assert len(plan.attackers(10)) == 1 and plan.failing(10, 1) != plan.failing(10, 2)
+    with pytest.raises(ValueError, match="attack_from_round"):
+        FaultPlan(attack_share=0.1, attack_from_round=0)
 
 
 def _non_iid(n=6, seed=1):
@@ -260,6 +262,14 @@ def _non_iid(n=6, seed=1):
         own = {k: 0.01 * (c + 0.8 * rng.normal(size=c.shape)) for k, c in common.items()}
         replies.append(_reply(node, {k: (GLOBAL[k] + own[k]).astype(np.float32) for k in GLOBAL}))
     return replies
+
+
+def _step(replies=None):
+    """A last step of the global model: the mean of ``replies``' updates (the honest
+    ``_non_iid`` ones by default), as FedAvg moved the model the round before."""
+    replies = _non_iid() if replies is None else replies
+    return {k: np.mean([r.content[ARRAYS_KEY][k].numpy() - v for r in replies], axis=0)
+            for k, v in GLOBAL.items()}
 
 
 def _flipped(reply, node, tasks=("recall", "ranking")):
@@ -399,7 +409,7 @@ def test_reflect_keeps_a_flipped_update_as_its_honest_one():
     honest = _non_iid()
     flipped = _flipped(honest[0], 98, ("ranking",))  # recall sent as it is, ranking flipped
     screen = UpdateScreen(direction_action="reflect")
-    kept, rejected, adjusted = screen.screen_all(_sent(), [*honest, flipped])
+    kept, rejected, adjusted = screen.screen_all(_sent(), [*honest, flipped], last_step=_step())
     assert rejected == [] and flipped in kept
     assert [node for node, _ in adjusted] == [98]
     assert "'ranking'" in adjusted[0][1] and "reflected" in adjusted[0][1]
@@ -412,11 +422,47 @@ def test_reflect_keeps_a_flipped_update_as_its_honest_one():
     x20 = {k: (v - 20.0 * (honest[1].content[ARRAYS_KEY][k].numpy() - v)).astype(np.float32)
            for k, v in GLOBAL.items()}
     bad = _reply(97, x20)
-    kept, rejected, adjusted = screen.screen_all(_sent(), [*_non_iid(), bad])
+    kept, rejected, adjusted = screen.screen_all(_sent(), [*_non_iid(), bad], last_step=_step())
     assert rejected == [] and "update norm" in adjusted[0][1] and "reflected" in adjusted[0][1]
     delta = bad.content[ARRAYS_KEY]["recall/emb"].numpy() - GLOBAL["recall/emb"]
     own = honest[1].content[ARRAYS_KEY]["recall/emb"].numpy() - GLOBAL["recall/emb"]
     assert float(np.sum(delta * own) / np.linalg.norm(delta) / np.linalg.norm(own)) > 0.999
+
+
+def test_reflect_needs_the_flip_contrary_to_the_global_models_last_step():
+    """Colluders can steer this round's median, not the global model's last step: an update
+    below the rule that agrees with where the model has been going is rejected, not added
+    negated, and so is every update below the rule when there is no last step to ask (the first
+    round, a resumed run's first round after an older checkpoint, a round after one with no
+    aggregate). A flip of an honest update is contrary to the last step as its honest update
+    agrees with it."""
+    honest = _non_iid()
+    screen = UpdateScreen(direction_action="reflect")
+    zero = {k: np.zeros_like(v, dtype=np.float64) for k, v in GLOBAL.items()}
+    for step, why in [(None, "no last step"), (zero, "no last step"),
+                      ({k: -v for k, v in _step().items()}, "with the global model's last step")]:
+        flipped = _flipped(honest[0], 98)
+        kept, rejected, adjusted = screen.screen_all(_sent(), [*honest, flipped], last_step=step)
+        assert kept == honest and adjusted == [] and [n for n, _ in rejected] == [98]
+        assert "not reflected" in rejected[0][1] and why in rejected[0][1]
+    # the margin is reflect_cosine: a last step the honest update (the flip negated) is at
+    # cosine 0.05 with is not enough, one at 0.15 is
+    step = _step()
+    for cosine, reflected in [(0.05, False), (0.15, True)]:
+        tilted = {}
+        for k, v in GLOBAL.items():
+            own = (honest[0].content[ARRAYS_KEY][k].numpy() - v).astype(np.float64)
+            own /= np.linalg.norm(own)
+            across = step[k] - (step[k].ravel() @ own.ravel()) * own
+            across /= np.linalg.norm(across)
+            tilted[k] = cosine * own + np.sqrt(1 - cosine**2) * across
+        kept, rejected, _ = screen.screen_all(_sent(), [*honest, _flipped(honest[0], 98)],
+                                              last_step=tilted)
+        if reflected:
+            assert rejected == [] and len(kept) == len(honest) + 1
+        else:
+            assert "negated has cosine 0.050 with the global model's last step" in \
+                dict(rejected)[98]
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 21])
@@ -469,7 +515,7 @@ def test_reflect_rejects_an_update_only_just_below_the_rule():
     # with no margin the same update is kept negated
     near = _reply(98, arrays)
     kept, rejected, adjusted = UpdateScreen(direction_action="reflect", reflect_cosine=0.0) \
-        .screen_all(_sent(), [*honest, near])
+        .screen_all(_sent(), [*honest, near], last_step=_step())
     assert rejected == [] and near in kept and "reflected" in adjusted[0][1]
     assert make_screen(load_config(None, {"direction_outliers": "reflect",
                                           "reflect_min_cosine": 0.5})).reflect_cosine == 0.5
@@ -488,7 +534,7 @@ def test_reflect_needs_the_update_below_the_rule_against_all_replies_too():
     target = _moved(1, 1.0)
     others = [_moved(2, -1.0), _moved(3, 2.0), _moved(4, -0.5)]  # per coordinate
     kept, rejected, adjusted = UpdateScreen(direction_action="reflect", norm_factor=0) \
-        .screen_all(_sent(), [target, *others])
+        .screen_all(_sent(), [target, *others], last_step=_step([target]))
     assert 1 in dict(rejected) and target not in kept
     assert "cosine -1.000" in dict(rejected)[1]
     assert 1 not in dict(adjusted)
@@ -506,7 +552,7 @@ def test_reflect_never_keeps_what_the_rule_would_reject_and_follows_the_config()
     assert [node for node, _ in rejected] == [98] and kept == honest
     # a flipped update whose every failing task passes once negated is kept
     flipped = _flipped(honest[2], 97)
-    kept, rejected, _ = screen.screen_all(_sent(), [*honest, flipped])
+    kept, rejected, _ = screen.screen_all(_sent(), [*honest, flipped], last_step=_step())
     assert rejected == [] and flipped in kept
     assert make_screen(load_config(None, {"direction_outliers": "reflect"})).direction_action \
         == "reflect"
@@ -542,7 +588,7 @@ def test_a_zero_median_norm_bounds_movement_at_zero():
 def test_observed_aggregates_the_rescaled_update_and_the_config_selects_the_action():
     inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
     strategy = Observed(inner, screen=make_screen(load_config(None, {})))  # the default: rescale
-    strategy._sent = _sent()
+    strategy.sent_arrays = _sent()
     honest, bad = _honest(), _bad("huge norm")  # +50 on every weight: over 10x in both tasks
     arrays, _ = strategy.aggregate_train(1, [*honest, bad])
     rlog = strategy.rounds[1]
@@ -683,7 +729,7 @@ def test_an_overstated_weight_is_lowered_to_10x_the_median_before_fedavg_average
     honest = _sized()
     inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
     strategy = Observed(inner, screen=make_screen(load_config(None, {})))
-    strategy._sent = _sent()
+    strategy.sent_arrays = _sent()
     liar = _liar(honest)
     arrays, _ = strategy.aggregate_train(1, [*honest, liar])
     median = float(np.median([*SIZES, 1_000_000]))  # 33 users: 10x is 330
@@ -802,7 +848,7 @@ def test_a_node_online_only_after_sampling_still_gets_its_count_and_keeps_it():
                         screen=make_screen(load_config(None, {})), registered=registered)  # fmt: skip
     for rnd in (1, 2):
         strategy.configure_train(rnd, _sent(), ConfigRecord(), _NoNodes())
-        strategy._sent = _sent()
+        strategy.sent_arrays = _sent()
         honest = _sized()
         strategy.aggregate_train(rnd, [*honest, _liar(honest)])
         (node, why), = strategy.rounds[rnd].rescaled
@@ -854,7 +900,7 @@ def test_a_round_whose_strategy_returns_no_model_is_marked_so():
 
     strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
                                min_train_nodes=1), screen=UpdateScreen())
-    strategy._sent = _sent()
+    strategy.sent_arrays = _sent()
     ins = Message(RecordDict(), dst_node_id=5, message_type="train")
     arrays, _ = strategy.aggregate_train(1, [Message(Error(code=1, reason="gone"), reply_to=ins)])
     assert arrays is None and strategy.rounds[1].aggregated is False
