@@ -178,9 +178,12 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str, screen:
         # no finding deep enough to reflect (every task's negation at the smaller margin or
         # more): each was rejected under either action
         "direction_outliers": not any(c and -max(c) >= margins[0] - 5e-4 for c in findings),
-        # no finding with every task's negation between the two margins (reported to 3 places)
+        # no finding whose every task's negation reaches the smaller margin (reported to 3
+        # places): none reflected under either. (One between the two margins is not enough:
+        # the margin applies to the cosine with the global model's last step too, which a
+        # finding's reason does not give when it was reflected)
         "reflect_min_cosine": stored["direction_outliers"] == over["direction_outliers"] == "reject"
-        or not any(c and margins[0] <= -max(c) < margins[1] + 5e-4 for c in findings),
+        or not any(c and -max(c) >= margins[0] - 5e-4 for c in findings),
     }
     diff = [k for k in diff if not moot.get(k, False)]
     if diff:

@@ -170,8 +170,10 @@ def last_step_cosines(u: np.ndarray, last: np.ndarray, sizes: np.ndarray, k: int
     each sent last round the direction that lowers it most while passing the direction rule
     then: minus ``u[j]`` made orthogonal to the median of last round's honest updates
     ``last``, at the largest norm the norm rule passes; the step is FedAvg over ``last`` and
-    theirs (each stating the median users). First order: ``u`` is trained from the unattacked
-    model."""
+    theirs (each stating the median users). Approximations: ``u`` is trained from the
+    unattacked model; and each colluder is held to the honest updates' median, where the
+    screen compares it with the median of the others, the other colluders among them, which
+    would let k >= 2 colluders lean further against the target (so this can count too few)."""
     weights = np.append(sizes, [np.median(sizes)] * k).astype(float)
     weights /= weights.sum()
     median = np.median(last, axis=0)
@@ -192,8 +194,9 @@ def steering_both(
 ) -> str:
     """How many honest updates ``k`` colluders can get reflected under ``"reflect"``: pushed to
     ``-reflect_cosine`` or below against the others' median (this round, ``steering``) and
-    against the global model's last step (the round before, ``last_step_cosines``); the
-    condition on the median of all replies is not modelled, so this counts too many."""
+    against the global model's last step (the round before, ``last_step_cosines``). The
+    condition on the median of all replies is not modelled (so this can count too many), and
+    ``last_step_cosines`` may count too few (its doc)."""
     step = last_step_cosines(u, last, sizes, k)
     median = np.array([_attacked(u, sizes, k, j)[j] for j in range(len(u))])
     both = np.flatnonzero((step <= -reflect_cosine) & (median <= -reflect_cosine))

@@ -3,7 +3,8 @@
 ``<run>/checkpoint/`` after every round:
 
 - ``models-rNNNN.safetensors``: the global ArrayRecord, every task's model (keys ``task/param``);
-- ``server-rNNNN.safetensors``: the strategy's arrays (server-optimizer moments) and the
+- ``server-rNNNN.safetensors``: the strategy's arrays (server-optimizer moments; the model the
+  round was sent, where the update screen may reflect updates: its last step) and the
   server's numpy and torch RNG states;
 - ``checkpoint.json``: the manifest: round, config hash, file hashes, Python's RNG state (Flower
   samples clients with it), DP accountant states, the metrics and round logs so far, the

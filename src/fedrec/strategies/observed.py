@@ -63,8 +63,10 @@ class Observed(Strategy):
         # cap on a FedAvg weight (fedrec.deploy.registry; in simulation, simulation/registry.py)
         self.registered = registered
         self.rounds: dict[int, RoundLog] = {}
-        # the global model of the round being trained; checkpointed (strategies/state.py), so
-        # a resumed run still knows the global model's last step, which reflection asks for
+        self._sent: ArrayRecord | None = None  # the global model of the round being trained
+        # the same, kept only where the screen may reflect an update (which asks the global
+        # model's last step, strategies/screen.py); checkpointed (strategies/state.py), so a
+        # resumed run knows the last step as an uninterrupted one does
         self.sent_arrays: ArrayRecord | None = None
         self._last_step: dict[str, np.ndarray] | None = None  # global model's move last round
         self._grid: Grid | None = None
@@ -79,8 +81,10 @@ class Observed(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._last_step = _difference(arrays, self.sent_arrays)
-        self.sent_arrays, self._grid = arrays, grid
+        self._sent, self._grid = arrays, grid
+        if self.screen is not None and self.screen.may_reflect:
+            self._last_step = _difference(arrays, self.sent_arrays)
+            self.sent_arrays = arrays
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         # asked after the strategy sampled (its sampling may wait for nodes to come online)
         self._learn_counts({m.metadata.dst_node_id for m in messages})
@@ -106,11 +110,11 @@ class Observed(Strategy):
         for msg in replies:
             if not msg.has_error():
                 rlog.ledger_entries += _ledger_lines(msg)
-        if self.screen is not None and self.sent_arrays is not None:
+        if self.screen is not None and self._sent is not None:
             # a node that came online after the round was sampled: asked again
             self._learn_counts({m.metadata.src_node_id for m in replies if not m.has_error()})
             replies, rlog.rejected, rlog.rescaled = self.screen.screen_all(
-                self.sent_arrays, replies, self._counts, self._last_step
+                self._sent, replies, self._counts, self._last_step
             )
             for node, reason in rlog.rejected:
                 log.warning(

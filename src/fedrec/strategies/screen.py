@@ -159,6 +159,11 @@ class UpdateScreen:
         if self.max_weight_factor != 0 and not self.max_weight_factor > 1:
             raise ValueError("max_weight_factor must be above 1, or 0 to turn the cap off.")
 
+    @property
+    def may_reflect(self) -> bool:
+        """Whether this screen can keep an update negated (and so needs the last step)."""
+        return self.direction_action == "reflect" and self.min_cosine > -1
+
     def screen(
         self, sent: ArrayRecord, replies: Sequence[Message]
     ) -> tuple[list[Message], list[Rejection]]:
@@ -379,7 +384,9 @@ class UpdateScreen:
                 return (f"'{task}' has cosine {c_all:.3f} with the median of all updates, its own "
                         "included (not below the rule)")
             if c_step is None:
-                return "no last step of the global model to compare with (the first round)"
+                return ("no last step of the global model to compare it with (the first round, "
+                        "a round after one with no aggregate, or the first after resuming from "
+                        "a checkpoint of an earlier fedrec)")
             if -c_step < self.reflect_cosine:
                 return (f"'{task}' negated has cosine {-c_step:.3f} with the global model's "
                         f"last step, under {self.reflect_cosine:g}")

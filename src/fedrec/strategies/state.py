@@ -2,9 +2,10 @@
 
 Flower's strategies keep it in attributes: server-optimizer moments (FedAdam/FedYogi/FedAdagrad
 ``m_t``, ``v_t``; FedAvgM ``momentum_vector`` and ``current_arrays``) and the DP wrappers'
-privacy accountant (``state_dict()``). Wrappers are walked through ``inner`` (fedrec) and
-``strategy`` (Flower). Anything else a strategy holds is rebuilt by its constructor or by the
-next ``configure_train``.
+privacy accountant (``state_dict()``); fedrec's Observed keeps the model it last sent
+(``sent_arrays``) where its screen may reflect updates. Wrappers are walked through ``inner``
+(fedrec) and ``strategy`` (Flower). Anything else a strategy holds is rebuilt by its
+constructor or by the next ``configure_train``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from fedrec.server.checkpoint import (
     restore,
     save_checkpoint,
 )
-from fedrec.strategies import Observed, RoundLog, make_strategy
+from fedrec.strategies import Observed, RoundLog, make_screen, make_strategy
 from fedrec.strategies.state import StrategyStateError
 
 KEYS = {"recall/emb": (5, 3), "ranking/w": (4,)}
@@ -120,13 +120,17 @@ def test_the_global_models_last_step_survives_a_checkpoint(tmp_path, monkeypatch
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # Message() outside a running app
         monkeypatch.setattr(TaskIdentity, attr, 1)
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, direction_outliers="reflect")
     run = create_run_dir(cfg)
-    strategy = Observed(make_strategy(cfg, 3))
+
+    def observed():
+        return Observed(make_strategy(cfg, 3), screen=make_screen(cfg))
+
+    strategy = observed()
     assert strategy._last_step is None and strategy.sent_arrays is None
     strategy.configure_train(2, _arrays(1), ConfigRecord(), _Grid([1, 2, 3], late=()))  # round 2 sent _arrays(1)
     save_checkpoint(run, cfg, _arrays(2), strategy, _progress())  # after it, _arrays(2)
-    fresh = Observed(make_strategy(cfg, 3))
+    fresh = observed()
     restore(load_checkpoint(run, cfg), fresh)
     fresh.configure_train(3, _arrays(2), ConfigRecord(), _Grid([1, 2, 3], late=()))
     strategy.configure_train(3, _arrays(2), ConfigRecord(), _Grid([1, 2, 3], late=()))
@@ -134,12 +138,18 @@ def test_the_global_models_last_step_survives_a_checkpoint(tmp_path, monkeypatch
         expected = _arrays(2)[k].numpy().astype(np.float64) - _arrays(1)[k].numpy()
         np.testing.assert_array_equal(fresh._last_step[k], expected)
         np.testing.assert_array_equal(strategy._last_step[k], expected)
-    older = Observed(make_strategy(cfg, 3))
+    older = observed()
     ckpt = load_checkpoint(run, cfg)
     ckpt.strategy_meta["attrs"].pop("0|sent_arrays")
     restore(ckpt, older)
     older.configure_train(3, _arrays(2), ConfigRecord(), _Grid([1, 2, 3], late=()))
     assert older._last_step is None
+    # where nothing is reflected (the default, "reject") the sent model is not kept
+    plain = _cfg(tmp_path / "reject")
+    rejecting = Observed(make_strategy(plain, 3), screen=make_screen(plain))
+    rejecting.configure_train(2, _arrays(1), ConfigRecord(), _Grid([1, 2, 3], late=()))
+    rejecting.configure_train(3, _arrays(2), ConfigRecord(), _Grid([1, 2, 3], late=()))
+    assert rejecting.sent_arrays is None and rejecting._last_step is None
 
 
 def test_each_round_replaces_the_last_checkpoint_and_leaves_no_stray_files(tmp_path):

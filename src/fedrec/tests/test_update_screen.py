@@ -145,7 +145,7 @@ def test_replies_that_would_crash_or_poison_the_round_are_rejected(make, match):
     assert match in rejected[0][1]
     strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
                                min_train_nodes=1), screen=UpdateScreen())
-    strategy.sent_arrays = _sent()
+    strategy._sent = _sent()
     arrays, _ = strategy.aggregate_train(1, [*_honest(), make()])
     expected = FedAvg(arrayrecord_key=ARRAYS_KEY).aggregate_train(1, _honest())[0]
     for key in GLOBAL:
@@ -163,7 +163,7 @@ def test_a_metric_only_some_replies_carry_is_dropped_not_the_reply():
     assert all(set(m.content["metrics"]) == {"num-examples", "recall.loss"} for m in kept)
     strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
                                min_train_nodes=1), screen=UpdateScreen())
-    strategy.sent_arrays = _sent()
+    strategy._sent = _sent()
     _, metrics = strategy.aggregate_train(1, [*_honest(), _with_metrics(9, **{"zz": 1.0})])
     assert "zz" not in metrics and strategy.rounds[1].replies == 5
 
@@ -183,7 +183,7 @@ def test_a_rejected_replys_ledger_lines_are_still_counted():
     count that epsilon."""
     strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
                                min_train_nodes=1), screen=UpdateScreen(norm_action="reject"))
-    strategy.sent_arrays = _sent()
+    strategy._sent = _sent()
     bad = _bad("huge norm")
     bad.content["ledger"] = ConfigRecord({"entries": ["line of node 99"]})
     strategy.aggregate_train(1, [*_honest(), bad])
@@ -218,7 +218,7 @@ def test_observed_aggregates_only_what_the_screen_kept():
     inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
     strategy = Observed(inner, screen=UpdateScreen(norm_action="reject"))
     honest = _honest()
-    strategy.sent_arrays = _sent()
+    strategy._sent = _sent()
     arrays, _ = strategy.aggregate_train(1, [*honest, _bad("nan"), _bad("huge norm")])
     rlog = strategy.rounds[1]
     assert rlog.replies == 4 and len(rlog.rejected) == 2
@@ -507,11 +507,12 @@ def test_reflect_rejects_an_update_only_just_below_the_rule():
     arrays = {k: (v - 0.1 * mean[k] + 0.01 * rng.normal(size=v.shape)).astype(np.float32)
               for k, v in GLOBAL.items()}
     kept, rejected, adjusted = UpdateScreen(direction_action="reflect").screen_all(
-        _sent(), [*honest, _reply(98, arrays)]
+        _sent(), [*honest, _reply(98, arrays)], last_step=_step()
     )
     assert kept == honest and adjusted == [] and [node for node, _ in rejected] == [98]
     cosine = float(re.search(r"cosine (-?[\d.]+)", rejected[0][1]).group(1))
-    assert -0.2 < cosine < 0  # under the rule, but not 0.2 below it
+    assert -0.1 < cosine < 0  # under the rule, but not 0.1 below it
+    assert f"negated would have cosine {-cosine:.3f}, under 0.1" in rejected[0][1]
     # with no margin the same update is kept negated
     near = _reply(98, arrays)
     kept, rejected, adjusted = UpdateScreen(direction_action="reflect", reflect_cosine=0.0) \
@@ -533,10 +534,13 @@ def test_reflect_needs_the_update_below_the_rule_against_all_replies_too():
     honest update pushed by colluders steering the median looks, not a flip."""
     target = _moved(1, 1.0)
     others = [_moved(2, -1.0), _moved(3, 2.0), _moved(4, -0.5)]  # per coordinate
+    # a last step its negation agrees with: only the median of all replies holds it back
+    negation = {k: -(target.content[ARRAYS_KEY][k].numpy() - v) for k, v in GLOBAL.items()}
     kept, rejected, adjusted = UpdateScreen(direction_action="reflect", norm_factor=0) \
-        .screen_all(_sent(), [target, *others], last_step=_step([target]))
+        .screen_all(_sent(), [target, *others], last_step=negation)
     assert 1 in dict(rejected) and target not in kept
     assert "cosine -1.000" in dict(rejected)[1]
+    assert "has cosine 1.000 with the median of all updates" in dict(rejected)[1]
     assert 1 not in dict(adjusted)
 
 
@@ -548,8 +552,10 @@ def test_reflect_never_keeps_what_the_rule_would_reject_and_follows_the_config()
     sideways = {k: (v + 0.01 * rng.normal(size=v.shape)).astype(np.float32)
                 for k, v in GLOBAL.items()}
     screen = UpdateScreen(min_cosine=0.2, direction_action="reflect")
-    kept, rejected, _ = screen.screen_all(_sent(), [*honest, _reply(98, sideways)])
+    kept, rejected, _ = screen.screen_all(_sent(), [*honest, _reply(98, sideways)],
+                                          last_step=_step())
     assert [node for node, _ in rejected] == [98] and kept == honest
+    assert "not reflected: 'recall' negated would have cosine" in rejected[0][1]
     # a flipped update whose every failing task passes once negated is kept
     flipped = _flipped(honest[2], 97)
     kept, rejected, _ = screen.screen_all(_sent(), [*honest, flipped], last_step=_step())
@@ -588,7 +594,7 @@ def test_a_zero_median_norm_bounds_movement_at_zero():
 def test_observed_aggregates_the_rescaled_update_and_the_config_selects_the_action():
     inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
     strategy = Observed(inner, screen=make_screen(load_config(None, {})))  # the default: rescale
-    strategy.sent_arrays = _sent()
+    strategy._sent = _sent()
     honest, bad = _honest(), _bad("huge norm")  # +50 on every weight: over 10x in both tasks
     arrays, _ = strategy.aggregate_train(1, [*honest, bad])
     rlog = strategy.rounds[1]
@@ -729,7 +735,7 @@ def test_an_overstated_weight_is_lowered_to_10x_the_median_before_fedavg_average
     honest = _sized()
     inner = FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1, min_train_nodes=1)
     strategy = Observed(inner, screen=make_screen(load_config(None, {})))
-    strategy.sent_arrays = _sent()
+    strategy._sent = _sent()
     liar = _liar(honest)
     arrays, _ = strategy.aggregate_train(1, [*honest, liar])
     median = float(np.median([*SIZES, 1_000_000]))  # 33 users: 10x is 330
@@ -848,7 +854,7 @@ def test_a_node_online_only_after_sampling_still_gets_its_count_and_keeps_it():
                         screen=make_screen(load_config(None, {})), registered=registered)  # fmt: skip
     for rnd in (1, 2):
         strategy.configure_train(rnd, _sent(), ConfigRecord(), _NoNodes())
-        strategy.sent_arrays = _sent()
+        strategy._sent = _sent()
         honest = _sized()
         strategy.aggregate_train(rnd, [*honest, _liar(honest)])
         (node, why), = strategy.rounds[rnd].rescaled
@@ -900,7 +906,7 @@ def test_a_round_whose_strategy_returns_no_model_is_marked_so():
 
     strategy = Observed(FedAvg(arrayrecord_key=ARRAYS_KEY, min_available_nodes=1,
                                min_train_nodes=1), screen=UpdateScreen())
-    strategy.sent_arrays = _sent()
+    strategy._sent = _sent()
     ins = Message(RecordDict(), dst_node_id=5, message_type="train")
     arrays, _ = strategy.aggregate_train(1, [Message(Error(code=1, reason="gone"), reply_to=ins)])
     assert arrays is None and strategy.rounds[1].aggregated is False
