@@ -64,7 +64,7 @@ from fedrec.models.registry import load_model
 from fedrec.scoring import evaluate_model
 from fedrec.simulation import simulate
 from fedrec.simulation.faults import FaultPlan, with_faults
-from fedrec.strategies.screen import DIRECTION_REFERENCE
+from fedrec.strategies.screen import DIRECTION_REFERENCE, REFLECT_RULE
 from fedrec.workload import build_workload
 
 DEFAULTS = load_config(None)
@@ -82,8 +82,9 @@ TASKS = ("recall", "ranking", "personal")
 DIRECTION_MARK = "direction_rule.txt"  # holds DIRECTION_REFERENCE
 # written beside a run made since reflection also asks the global model's last step: a cached
 # run under "reflect" without it reflected flips that the current rule may reject
+# holds REFLECT_RULE and the run's direction_outliers (config.toml has it only when it is not
+# the default, which was "reject" until the default became "reflect")
 REFLECT_MARK = "reflect_rule.txt"
-REFLECT_RULE = "last-step"
 
 
 def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
@@ -121,7 +122,7 @@ def run_one(strategy: str, attack: str, seed: int, args: argparse.Namespace) -> 
         cfg = load_config(None, {k: v for k, v in over.items() if v is not None})
         _, summary = simulate(cfg, baselines=False, client_app=client_app)
         (Path(over["out"]) / DIRECTION_MARK).write_text(DIRECTION_REFERENCE + "\n")
-        (Path(over["out"]) / REFLECT_MARK).write_text(REFLECT_RULE + "\n")
+        (Path(over["out"]) / REFLECT_MARK).write_text(f"{REFLECT_RULE}\n{cfg.direction_outliers}\n")
     return {**_hr(summary), "honest": honest_users_hr(Path(over["out"]), seed, args)}
 
 
@@ -139,17 +140,17 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str, screen:
         raise SystemExit(f"{run_dir}: made before the direction rule compared each update with "
                          "the other updates' median; use another --out")
     stored = tomllib.loads((run_dir / "config.toml").read_text())
-    reflect_mark = run_dir / REFLECT_MARK
-    if stored.get("direction_outliers") == "reflect" and (
-        not reflect_mark.exists() or reflect_mark.read_text().strip() != REFLECT_RULE
-    ):
+    mark = run_dir / REFLECT_MARK
+    rule, *action = mark.read_text().split() if mark.exists() else [None]
+    # absent from config.toml: the default of the fedrec that wrote it
+    stored.setdefault("direction_outliers", action[0] if action else "reject")
+    if stored["direction_outliers"] == "reflect" and rule != REFLECT_RULE:
         raise SystemExit(f"{run_dir}: made before reflection asked the global model's last "
                          "step; use another --out")
     stored.setdefault("norm_outliers", "reject")
     stored.setdefault("norm_reference", "median")
     stored.setdefault("max_weight_factor", 0.0)  # made before the weight cap existed
     stored.setdefault("register_users", False)  # made before simulations had a registry
-    stored.setdefault("direction_outliers", "reject")  # written only when set (config.SET_ONLY)
     stored.setdefault("reflect_min_cosine", DEFAULTS.reflect_min_cosine)
     data = [k for k in ("dataset", "partition", "clients", "rounds")
             if over[k] is not None and stored.get(k) != over[k]]  # fmt: skip

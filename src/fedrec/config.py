@@ -22,9 +22,10 @@ TASKS = ("recall", "ranking", "personal")
 # fields added after runs and partner sites existed, written (config.toml, the JSON every
 # client gets, the checkpoint's config hash) only when set: an unfinished run of an earlier fedrec
 # still resumes (same hash) and a partner site on an earlier fedrec still accepts the default
-# config (it refuses keys it does not know)
+# config (it refuses keys it does not know). direction_outliers was written when "reflect" until
+# its default became "reflect" (server/checkpoint.py still accepts those runs' hashes)
 SET_ONLY: dict[str, Any] = {
-    "register_users": False, "direction_outliers": "reject", "reflect_min_cosine": 0.1,
+    "register_users": False, "direction_outliers": "reflect", "reflect_min_cosine": 0.1,
 }
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 # strategies that need only the (weighted) sum of the updates, which secure aggregation gives
@@ -143,13 +144,14 @@ class FedrecConfig:
     # "reject" drops it. Rescaling recovered most of what rejecting x10 updates lost (README,
     # benchmarks/robust_aggregation.py); a rescaled update still faces the direction rule
     norm_outliers: str = "rescale"
-    # what happens to a task update under the direction rule: "reject" drops the reply;
-    # "reflect" (runs without DP only) keeps the task's update negated when it is clearly a
-    # flip (reflect_min_cosine), so a sign-flipped update brings its client's data back, and
-    # rejects the reply otherwise. Not the default: late in training two colluders of 21
-    # steering the median pushed an honest update to -0.23 (strategies/screen.py;
-    # benchmarks/update_cosines.py --steer), which reflection could add negated
-    direction_outliers: str = "reject"
+    # what happens to a task update under the direction rule: "reflect" keeps the task's
+    # update negated when it is clearly a flip (reflect_min_cosine; never in round 1), so a
+    # sign-flipped update brings its client's data back, and rejects the reply otherwise;
+    # "reject" drops every such reply. Moot under DP and secure aggregation, where the rule is
+    # off. Colluders steering the median and the global model's last step can get an honest
+    # update reflected, late in training and small silos only in what was measured
+    # (strategies/screen.py; benchmarks/update_cosines.py --steer)
+    direction_outliers: str = "reflect"
     # under "reflect", a task update is kept negated only when its negation's cosine with the
     # others' median, and with the global model's last step, is at least this (and the update
     # is below reject_min_cosine against the median of all replies too); otherwise the reply
@@ -269,9 +271,6 @@ def _validate(cfg: FedrecConfig) -> None:
         (cfg.direction_outliers in DIRECTION_OUTLIERS, "direction_outliers",
          f"must be one of {', '.join(DIRECTION_OUTLIERS)}"),
         (0 <= cfg.reflect_min_cosine < 1, "reflect_min_cosine", "must be in [0, 1)"),
-        (cfg.direction_outliers != "reflect" or cfg.privacy.mode == "none", "direction_outliers",
-         "'reflect' is for runs without DP: under DP the direction rule is off "
-         "(strategies/screen.py)"),
         (cfg.max_weight_factor == 0 or cfg.max_weight_factor > 1, "max_weight_factor",
          "must be above 1 (or 0 to leave the weights as the clients state them)"),
         (not (cfg.register_users and cfg.secure_aggregation), "register_users",

@@ -38,7 +38,7 @@ from fedrec.config import ConfigError, FedrecConfig, load_config
 from fedrec.privacy.ledger import line_hash, read_locked, verify_chain
 from fedrec.rundir import RunDir, write_bytes_atomic
 from fedrec.strategies import RoundLog
-from fedrec.strategies.screen import DIRECTION_REFERENCE, direction_rule_on
+from fedrec.strategies.screen import DIRECTION_REFERENCE, REFLECT_RULE, direction_rule_on
 from fedrec.strategies.state import load_strategy_state, strategy_state
 
 DIRNAME = "checkpoint"
@@ -78,6 +78,7 @@ class Checkpoint:
     strategy_meta: dict[str, Any]
     rng: dict[str, Any]
     direction_reference: str | None = None  # None: written by a fedrec that did not record it
+    reflect_rule: str | None = None  # None: written before reflection asked the last step
 
 
 def checkpoint_dir(run: RunDir) -> Path:
@@ -103,6 +104,7 @@ def save_checkpoint(
         "rounds_planned": cfg.rounds,
         "config_sha256": config_hash(cfg),
         "direction_reference": DIRECTION_REFERENCE,
+        "reflect_rule": REFLECT_RULE,
         "files": files,
         "model_keys": list(arrays.keys()),
         "strategy": s_meta,
@@ -129,7 +131,7 @@ def load_checkpoint(run: RunDir, cfg: FedrecConfig) -> Checkpoint | None:
         raise CheckpointError(f"{path}: unreadable ({err}); the checkpoint is damaged") from err
     if manifest.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {manifest.get('version')!r} unknown")
-    if manifest["config_sha256"] != config_hash(cfg):
+    if manifest["config_sha256"] not in (config_hash(cfg), _legacy_config_hash(cfg)):
         raise CheckpointError(
             f"{path}: written under another config; resume with the run's own config.toml "
             "(a run started by an older fedrec, whose config had fewer settings, must be "
@@ -149,23 +151,36 @@ def load_checkpoint(run: RunDir, cfg: FedrecConfig) -> Checkpoint | None:
             **{k: v for k, v in server.items() if k.startswith("rng|")},
         },
         direction_reference=manifest.get("direction_reference"),
+        reflect_rule=manifest.get("reflect_rule"),
     )
 
 
 def direction_reference_change(ckpt: Checkpoint, cfg: FedrecConfig) -> str | None:
-    """What to tell whoever resumes a run checkpointed under another direction reference of
-    the update screen than this fedrec's (None: the same, or the rule is off for the run: under
-    DP, under secure aggregation, or switched off)."""
-    if not direction_rule_on(cfg) or ckpt.direction_reference == DIRECTION_REFERENCE:
+    """What to tell whoever resumes a run checkpointed under another direction rule of the
+    update screen than this fedrec's: another reference, or another rule for reflecting (None:
+    the same, or the rule is off for the run: under DP, under secure aggregation, or switched
+    off)."""
+    if not direction_rule_on(cfg):
         return None
-    was = (repr(ckpt.direction_reference) if ckpt.direction_reference is not None else
-           "unrecorded (a fedrec before 0394144; before b6170df it was the median of all "
-           "replies, the judged one's included)")  # fmt: skip
-    return (
-        f"the checkpoint's update-screen direction reference is {was}; the rounds left are "
-        f"judged against {DIRECTION_REFERENCE!r} (strategies/screen.py), so they may reject "
-        "other updates than the fedrec that began the run would have"
-    )
+    changes = []
+    if ckpt.direction_reference != DIRECTION_REFERENCE:
+        was = (repr(ckpt.direction_reference) if ckpt.direction_reference is not None else
+               "unrecorded (a fedrec before 0394144; before b6170df it was the median of all "
+               "replies, the judged one's included)")  # fmt: skip
+        changes.append(
+            f"the checkpoint's update-screen direction reference is {was}; the rounds left are "
+            f"judged against {DIRECTION_REFERENCE!r} (strategies/screen.py), so they may reject "
+            "other updates than the fedrec that began the run would have"
+        )
+    if cfg.direction_outliers == "reflect" and ckpt.reflect_rule != REFLECT_RULE:
+        changes.append(
+            "the checkpoint was written by a fedrec before reflection asked the global model's "
+            "last step, whose default was direction_outliers = 'reject' (a run that did not set "
+            "it rejected every update below the direction rule); the rounds left keep a clear "
+            "flip negated (strategies/screen.py), the first of them rejecting all, as there is "
+            "no last step yet"
+        )
+    return "; ".join(changes) or None
 
 
 def restore(ckpt: Checkpoint, strategy: Strategy) -> None:
@@ -225,6 +240,16 @@ def lines_past(path: Path, run_id: str, saved: LedgerPosition) -> int:
 
 def config_hash(cfg: FedrecConfig) -> str:
     return hashlib.sha256(cfg.to_json().encode()).hexdigest()
+
+
+def _legacy_config_hash(cfg: FedrecConfig) -> str:
+    """The config's hash as a fedrec wrote it while direction_outliers defaulted to "reject"
+    (the key written only when "reflect"): the runs it checkpointed resume."""
+    data = cfg.to_dict()
+    data.pop("direction_outliers", None)
+    if cfg.direction_outliers == "reflect":
+        data["direction_outliers"] = "reflect"
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _ledger_lines(path: Path) -> list[bytes]:

@@ -61,9 +61,9 @@ A reply is rejected (and logged with the client's node id and the reason) when
   rejection skips the round for everyone. This is a filter before Flower's strategy, not one
   of its aggregators: FedMedian and FedTrimmedAvg weigh every silo alike and lose accuracy on
   uneven silos without any attacker, while FedAvg behind this screen keeps its weighting.
-  ``direction_action="reject"`` drops the reply; ``"reflect"`` keeps each such task's update
-  negated when the negation's cosine is at least ``reflect_cosine`` (0.1; and passes the rule),
-  so a sign-flipped update brings its client's data back, and drops the reply otherwise. For an
+  ``direction_action="reflect"`` (the config's default) keeps each such task's update negated
+  when it is clearly a flip (below), so a sign-flipped update brings its client's data back,
+  and drops the reply otherwise; ``"reject"`` drops every such reply. For an
   attacker's own reply reflection grants nothing rejection denies: the negation of an update at
   cosine ``c`` is at ``-c`` against the same reference, which it could have sent as it is. But
   the median is shared: colluding clients can steer it until an honest update falls below the
@@ -77,11 +77,13 @@ A reply is rejected (and logged with the client's node id and the reason) when
   when there is no last step (the first round, a round after one with no aggregate, the first
   round resumed from a checkpoint of an earlier fedrec). The first two hold early in training,
   not late: on ML-100K two colluders among 21 silos pushed no honest update below -0.03 in
-  rounds 1-6 but one to -0.13 in round 8 and -0.23 in round 12, as honest agreement fell. The
-  last step is a steadier reference (honest updates at 0.05 or more with it over 12 rounds),
-  but not out of reach: colluders who knew a target's next update could steer the step
-  against it the round before (``benchmarks/update_cosines.py --steer``, docs/fault-tolerance.md).
-  So "reflect" is opt-in, and refused under DP (config).
+  rounds 1-6, but silos holding 21-29% of the users to -0.1 or below in rounds 10-12. The last
+  step is a steadier reference (honest updates at 0.053 or more with it over 12 rounds), but
+  not out of reach: two colluders who knew a target's next update, steering the step the round
+  before and the median in the round, could get small silos past all margins late (7-user
+  silos from round 8, 7.8% of the users in round 12), never the largest
+  (``benchmarks/update_cosines.py --steer``, docs/fault-tolerance.md). Moot under DP, where
+  ``make_screen`` turns the rule off.
 
 What is subtler than this (an attacker who stays close to the median in norm and direction) is
 left to robust aggregation (FedMedian, FedTrimmedAvg, Krum): the screen only drops what no sane
@@ -120,6 +122,10 @@ SIZE_CEILING = 5.0
 # says so: server/checkpoint.py) and in the robust-aggregation benchmark's cached runs; before
 # this reference, an update was judged against the median of all replies, its own included
 DIRECTION_REFERENCE = "others-median"
+# the rule for reflecting an update below the direction rule, recorded in each checkpoint: since
+# this one, a flip's negation must be aligned with the global model's last step too (before it,
+# "reflect" was opt-in and asked only the medians)
+REFLECT_RULE = "last-step"
 
 Rejection = tuple[int, str]  # (node id, reason)
 NORM_ACTIONS = ("reject", "rescale")

@@ -1,5 +1,6 @@
 """Per-round checkpoints: written atomically, loadable, refused when they do not fit (issue 5)."""
 
+import hashlib
 import json
 import random
 import time
@@ -120,7 +121,7 @@ def test_the_global_models_last_step_survives_a_checkpoint(tmp_path, monkeypatch
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # Message() outside a running app
         monkeypatch.setattr(TaskIdentity, attr, 1)
-    cfg = _cfg(tmp_path, direction_outliers="reflect")
+    cfg = _cfg(tmp_path)  # direction_outliers = "reflect", the default
     run = create_run_dir(cfg)
 
     def observed():
@@ -144,8 +145,8 @@ def test_the_global_models_last_step_survives_a_checkpoint(tmp_path, monkeypatch
     restore(ckpt, older)
     older.configure_train(3, _arrays(2), ConfigRecord(), _Grid([1, 2, 3], late=()))
     assert older._last_step is None
-    # where nothing is reflected (the default, "reject") the sent model is not kept
-    plain = _cfg(tmp_path / "reject")
+    # where nothing is reflected the sent model is not kept
+    plain = _cfg(tmp_path / "reject", direction_outliers="reject")
     rejecting = Observed(make_strategy(plain, 3), screen=make_screen(plain))
     rejecting.configure_train(2, _arrays(1), ConfigRecord(), _Grid([1, 2, 3], late=()))
     rejecting.configure_train(3, _arrays(2), ConfigRecord(), _Grid([1, 2, 3], late=()))
@@ -182,13 +183,44 @@ def test_a_checkpoint_of_another_direction_reference_resumes_with_a_warning(tmp_
         assert ckpt.progress.round == 2  # it still resumes
         return [*found, direction_reference_change(ckpt, cfg)]
 
-    current, earlier = changes(_cfg(tmp_path))
+    current, earlier = changes(_cfg(tmp_path, direction_outliers="reject"))
     assert current is None
     assert "unrecorded" in earlier and "'others-median'" in earlier
+    assert "last step" not in earlier  # nothing is reflected in this run
     # the rule off, or off for the run (under DP, under secure aggregation): nothing differs
     for i, extra in enumerate(({"reject_min_cosine": -1.0}, {"privacy.mode": "record"},
                                {"secure_aggregation": True})):  # fmt: skip
         assert changes(_cfg(tmp_path, **extra), tmp_path / f"off{i}") == [None, None]
+
+
+def test_a_checkpoint_of_a_fedrec_that_rejected_by_default_resumes_with_a_warning(tmp_path):
+    """direction_outliers became "reflect" by default (and reflection began asking the global
+    model's last step). A run begun under the old default wrote no direction_outliers, which now
+    reads as "reflect": it resumes under the same config hash, and the resume says that the
+    rounds left reflect; a run that had set "reflect" (written then, omitted now) resumes too."""
+    for name, extra in [("default", {}), ("explicit", {"direction_outliers": "reflect"})]:
+        cfg = _cfg(tmp_path, **extra)
+        run = create_run_dir(cfg, tmp_path / name)
+        save_checkpoint(run, cfg, _arrays(0), Observed(make_strategy(cfg, 3)), _progress())
+        path = checkpoint_dir(run) / "checkpoint.json"
+        manifest = json.loads(path.read_text())
+        assert manifest["reflect_rule"] == "last-step"
+        assert direction_reference_change(load_checkpoint(run, cfg), cfg) is None
+        del manifest["reflect_rule"]  # as an earlier fedrec wrote it, with its config hash
+        old = cfg.to_dict()
+        if name == "explicit":
+            old["direction_outliers"] = "reflect"
+        manifest["config_sha256"] = hashlib.sha256(
+            json.dumps(old, sort_keys=True).encode()
+        ).hexdigest()
+        path.write_text(json.dumps(manifest))
+        ckpt = load_checkpoint(run, cfg)
+        assert ckpt.progress.round == 2  # it resumes
+        change = direction_reference_change(ckpt, cfg)
+        assert "direction_outliers = 'reject'" in change and "last step" in change
+    # another config is still refused, legacy hash or not
+    with pytest.raises(CheckpointError, match="another config"):
+        load_checkpoint(run, _cfg(tmp_path, seed=9))
 
 
 def test_damaged_or_foreign_checkpoints_are_refused(tmp_path):

@@ -232,10 +232,10 @@ def test_registered_user_counts_weigh_an_overstating_client_at_its_own_users(tmp
 
 
 @pytest.mark.slow
-def test_sign_flipped_updates_are_reflected_on_request_from_the_second_round(tmp_path):
+def test_sign_flipped_updates_are_reflected_from_the_second_round(tmp_path):
     """One attacker in ten sends minus its update from round 2. Under direction_outliers =
-    "reflect" the screen keeps it negated, i.e. as the honest update, so the run ends at the
-    clean run's models up to float rounding (under the default, "reject", the reply would be
+    "reflect" (the default) the screen keeps it negated, i.e. as the honest update, so the run
+    ends at the clean run's models up to float rounding (under "reject" the reply would be
     dropped with its data). Reflection asks the global model's last step, which the first round
     has not (tests/test_update_screen.py), so the attack starts in round 2. ML-100K in ten
     near-equal silos: on small synthetic silos an honest ranking update can point against the

@@ -560,21 +560,23 @@ def test_reflect_never_keeps_what_the_rule_would_reject_and_follows_the_config()
     flipped = _flipped(honest[2], 97)
     kept, rejected, _ = screen.screen_all(_sent(), [*honest, flipped], last_step=_step())
     assert rejected == [] and flipped in kept
-    assert make_screen(load_config(None, {"direction_outliers": "reflect"})).direction_action \
-        == "reflect"
-    assert make_screen(load_config(None, {})).direction_action == "reject"
-    # refused under DP, where the direction rule is off (make_screen)
+    assert make_screen(load_config(None, {})).direction_action == "reflect"  # the default
+    assert make_screen(load_config(None, {})).may_reflect
+    assert make_screen(load_config(None, {"direction_outliers": "reject"})).direction_action \
+        == "reject"
+    # moot under DP, where the direction rule is off (make_screen): nothing is reflected
     for mode in ("record", "user"):
-        with pytest.raises(ConfigError, match="'reflect' is for runs without DP"):
-            load_config(None, {"privacy.mode": mode, "direction_outliers": "reflect"})
+        assert not make_screen(load_config(None, {"privacy.mode": mode})).may_reflect
+    assert not make_screen(load_config(None, {"reject_min_cosine": -1})).may_reflect
     with pytest.raises(ConfigError, match="direction_outliers"):
         load_config(None, {"direction_outliers": "flip"})
     with pytest.raises(ValueError, match="direction_action"):
         UpdateScreen(direction_action="flip")
-    # the default is written nowhere (same config hash as before the setting existed)
+    # the default is written nowhere (a partner site on a fedrec before the setting existed
+    # accepts the default config)
     assert "direction_outliers" not in load_config(None, {}).to_dict()
-    assert load_config(None, {"direction_outliers": "reflect"}).to_dict()["direction_outliers"] \
-        == "reflect"
+    assert load_config(None, {"direction_outliers": "reject"}).to_dict()["direction_outliers"] \
+        == "reject"
 
 
 def test_a_zero_median_norm_bounds_movement_at_zero():
