@@ -22,8 +22,8 @@ stated; ``--register-users`` first caps it at the client's own users, as a platf
 registry does for partner sites: fedrec.simulation.registry; an update below the direction
 rule is kept negated when its negation is at least ``--reflect-min-cosine`` aligned with the
 others' median and with the global model's last step (so never in round 1) and the update is
-below the rule against all replies too, and rejected otherwise, under
-``--direction-outliers reflect``; the default rejects it). Prints test HR@10 per task, the drop
+below the rule against all replies too, and rejected otherwise, under the default
+``--direction-outliers reflect``; ``reject`` rejects every such update). Prints test HR@10 per task, the drop
 relative to the same strategy's clean run and to clean FedAvg, and writes
 DIR/robust_aggregation.json.
 
@@ -40,9 +40,9 @@ task, the mean relative change over seeds with the smallest and largest.
 The attackers are fixed for a run and drawn by the seed among clients of very unequal size,
 so they may hold much more than 10% of the users (printed per seed). Their data is lost to the
 federation with their updates under any defence that drops them (a reflected flipped update
-is its honest one): when every sign-flipped update is rejected (the default) and no honest
-one, that run is FedAvg over the honest clients alone, bit for bit, and a second table
-measures each attack against it.
+is its honest one): when every sign-flipped update is rejected (``--direction-outliers
+reject``) and no honest one, that run is FedAvg over the honest clients alone, bit for bit, and
+a third table measures each attack against it (empty when the sign-flip runs reflected).
 
 A run whose directory under ``--out`` already holds a ``summary.json`` (written last, so only a
 finished run has one) is read instead of run again: a stopped sweep resumes where it stopped.
@@ -255,11 +255,12 @@ def main() -> None:
     parser.add_argument("--direction-outliers", choices=DIRECTION_OUTLIERS,
                         default=DEFAULTS.direction_outliers,
                         help="with --screen: an update pointing away from the other updates' "
-                        "median is rejected (the default), or kept negated when clearly a flip "
-                        "and rejected otherwise (reflect)")
+                        "median is kept negated when clearly a flip and rejected otherwise "
+                        "(reflect, the default), or rejected (reject)")
     parser.add_argument("--reflect-min-cosine", type=float, default=DEFAULTS.reflect_min_cosine,
                         help="with --screen: reflect only a negation at least this aligned with "
-                        "the other updates' median (default: the config's, %(default)g)")
+                        "the other updates' median and with the global model's last step "
+                        "(default: the config's, %(default)g)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed and the attackers'")
     parser.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds")
     parser.add_argument("--out", default="runs/robust_aggregation")

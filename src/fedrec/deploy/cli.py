@@ -315,6 +315,8 @@ def cmd_server_resume(args: argparse.Namespace) -> int:
     from fedrec.deploy.server import submit_run
 
     run = resumable_run(args.run_dir)
+    if run.notice:
+        console.print(f"[yellow]note: {run.notice}")
     site = _site(args)
     previous = check_previous_run(site, run.path)
     run_id = submit_run(site, run.cfg, resume=run.path)

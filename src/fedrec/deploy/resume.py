@@ -27,6 +27,7 @@ class Resumable:
     path: Path  # absolute: the ServerApp runs in the SuperLink's working directory
     cfg: FedrecConfig
     after_round: int  # the last checkpointed round (0: restart from the initial models)
+    notice: str | None = None  # what the rounds left do differently (checkpoint.py), if anything
 
 
 def resumable_run(run_dir: str | os.PathLike[str]) -> Resumable:
@@ -40,7 +41,18 @@ def resumable_run(run_dir: str | os.PathLike[str]) -> Resumable:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such run directory")
     cfg = resume_config(path)
-    return Resumable(path, cfg, check_resumable(RunDir(path), cfg))
+    return Resumable(path, cfg, check_resumable(RunDir(path), cfg), resume_notice(path, cfg))
+
+
+def resume_notice(path: Path, cfg: FedrecConfig) -> str | None:
+    """What the run's last checkpoint says the rounds left will do differently from the fedrec
+    that began it (server/checkpoint.py ``direction_reference_change``), for the operator: the
+    ServerApp logs it too, but in the SuperLink's log."""
+    from fedrec.rundir import RunDir
+    from fedrec.server.checkpoint import direction_reference_change, load_checkpoint
+
+    ckpt = load_checkpoint(RunDir(path), cfg)
+    return direction_reference_change(ckpt, cfg) if ckpt is not None else None
 
 
 def check_previous_run(site: Site, path: Path) -> int | None:

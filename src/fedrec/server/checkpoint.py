@@ -131,7 +131,11 @@ def load_checkpoint(run: RunDir, cfg: FedrecConfig) -> Checkpoint | None:
         raise CheckpointError(f"{path}: unreadable ({err}); the checkpoint is damaged") from err
     if manifest.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {manifest.get('version')!r} unknown")
-    if manifest["config_sha256"] not in (config_hash(cfg), _legacy_config_hash(cfg)):
+    # a checkpoint written while direction_outliers defaulted to "reject" (it records no
+    # reflect_rule) was hashed as that fedrec wrote the config; a newer one only as this one does
+    hashes = {config_hash(cfg)} | (set() if "reflect_rule" in manifest
+                                   else {_legacy_config_hash(cfg)})
+    if manifest["config_sha256"] not in hashes:
         raise CheckpointError(
             f"{path}: written under another config; resume with the run's own config.toml "
             "(a run started by an older fedrec, whose config had fewer settings, must be "
@@ -174,11 +178,12 @@ def direction_reference_change(ckpt: Checkpoint, cfg: FedrecConfig) -> str | Non
         )
     if cfg.direction_outliers == "reflect" and ckpt.reflect_rule != REFLECT_RULE:
         changes.append(
-            "the checkpoint was written by a fedrec before reflection asked the global model's "
-            "last step, whose default was direction_outliers = 'reject' (a run that did not set "
-            "it rejected every update below the direction rule); the rounds left keep a clear "
-            "flip negated (strategies/screen.py), the first of them rejecting all, as there is "
-            "no last step yet"
+            "the checkpoint records no reflect rule: it was written by a fedrec before "
+            "reflection asked the global model's last step, whose default was "
+            "direction_outliers = 'reject' (a run that did not set it rejected every update "
+            "below the direction rule); the rounds left keep a clear flip negated "
+            "(strategies/screen.py). To keep rejecting, set direction_outliers = \"reject\" in "
+            "the run's config.toml"
         )
     return "; ".join(changes) or None
 

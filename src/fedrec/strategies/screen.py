@@ -617,7 +617,7 @@ def make_screen(cfg: FedrecConfig) -> UpdateScreen:
         # how much of *other* users' updates enters it, so there norm outliers are rejected.
         norm_action="reject" if user else cfg.norm_outliers,
         norm_reference="median" if user else cfg.norm_reference,  # sizes are not weights there
-        direction_action=cfg.direction_outliers,  # "reflect" only without DP (config)
+        direction_action=cfg.direction_outliers,  # moot where min_cosine is -1 (DP)
         reflect_cosine=cfg.reflect_min_cosine,
         max_weight_factor=cfg.max_weight_factor,  # moot under user-level DP: every weight is 1
     )

@@ -221,6 +221,14 @@ def test_a_checkpoint_of_a_fedrec_that_rejected_by_default_resumes_with_a_warnin
     # another config is still refused, legacy hash or not
     with pytest.raises(CheckpointError, match="another config"):
         load_checkpoint(run, _cfg(tmp_path, seed=9))
+    # a checkpoint of this fedrec (it records the reflect rule) is held to this fedrec's hash:
+    # its run's config.toml edited from the default to "reject" (whose legacy hash is the
+    # default's) is refused, not resumed rejecting
+    cfg = _cfg(tmp_path)
+    run = create_run_dir(cfg, tmp_path / "now")
+    save_checkpoint(run, cfg, _arrays(0), Observed(make_strategy(cfg, 3)), _progress())
+    with pytest.raises(CheckpointError, match="another config"):
+        load_checkpoint(run, _cfg(tmp_path, direction_outliers="reject"))
 
 
 def test_damaged_or_foreign_checkpoints_are_refused(tmp_path):

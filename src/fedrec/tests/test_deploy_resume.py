@@ -148,6 +148,23 @@ def test_refuses_a_config_toml_that_differs_from_the_checkpoints(capsys, tmp_pat
     assert code == 2 and "written under another config" in err
 
 
+def test_the_operator_is_told_what_the_rounds_left_do_differently(tmp_path):
+    """A run checkpointed while direction_outliers defaulted to "reject" resumes reflecting:
+    ``fedrec server resume`` says so before it starts (the ServerApp's own warning goes to the
+    SuperLink's log); a checkpoint of this fedrec has nothing to say."""
+    from fedrec.deploy.resume import resumable_run
+
+    run = _checkpointed_run(tmp_path)
+    assert resumable_run(run.path).notice is None
+    manifest_path = run.path / "checkpoint" / "checkpoint.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["reflect_rule"]  # as the fedrec before it wrote it (same config hash here)
+    manifest_path.write_text(json.dumps(manifest))
+    notice = resumable_run(run.path).notice
+    assert "direction_outliers = 'reject'" in notice and 'set direction_outliers = "reject"' \
+        in notice
+
+
 def test_refuses_an_unreadable_config(capsys, tmp_path):
     run = _checkpointed_run(tmp_path)
     run.config.write_text("rounds = [")
