@@ -102,9 +102,13 @@ def test_masked_vectors_look_uniform_and_uncorrelated_with_the_inputs():
         q = quantize(flatten(inputs[u]), CFG, np.random.default_rng(0)).astype(np.float64)
         assert abs(np.corrcoef(y, inputs[u]["x"])[0, 1]) < 0.03
         assert abs(np.corrcoef(y, q)[0, 1]) < 0.03
-        counts = np.histogram(y, bins=16, range=(0, m))[0]  # chi-square, 15 dof: p = 0.001 at 37.7
+        # chi-square, 15 dof. The masks come from fresh key pairs (OS entropy, whatever the
+        # seed), so every run is a new draw: at p = 0.001 (37.7) one run in about 200 failed
+        # over 5 clients (38.4, 2026-12-01); at p = 1e-9 (73.6) none should, and a mask that is
+        # not uniform (a constant, the input itself) is in the thousands
+        counts = np.histogram(y, bins=16, range=(0, m))[0]
         chi2 = float(np.sum((counts - y.size / 16) ** 2 / (y.size / 16)))
-        assert chi2 < 37.7
+        assert chi2 < 73.6
         assert abs(y.mean() / m - 0.5) < 0.01
 
 
