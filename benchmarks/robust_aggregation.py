@@ -80,10 +80,10 @@ TASKS = ("recall", "ranking", "personal")
 # the other updates (and reflects only a clear flip): a cached run without it was judged
 # against the median of all replies, and its direction findings differ
 DIRECTION_MARK = "direction_rule.txt"  # holds DIRECTION_REFERENCE
-# written beside a run made since reflection also asks the global model's last step: a cached
-# run under "reflect" without it reflected flips that the current rule may reject
-# holds REFLECT_RULE and the run's direction_outliers (config.toml has it only when it is not
-# the default, which was "reject" until the default became "reflect")
+# written beside a run made since reflection also asks the global model's last step (a cached
+# run under "reflect" without it reflected flips that the current rule may reject); holds
+# REFLECT_RULE and the run's direction_outliers (config.toml has it only when it is not the
+# default, which was "reject" until the default became "reflect")
 REFLECT_MARK = "reflect_rule.txt"
 
 
@@ -140,8 +140,8 @@ def _check_cached(run_dir: Path, over: dict, summary: dict, attack: str, screen:
         raise SystemExit(f"{run_dir}: made before the direction rule compared each update with "
                          "the other updates' median; use another --out")
     stored = tomllib.loads((run_dir / "config.toml").read_text())
-    mark = run_dir / REFLECT_MARK
-    rule, *action = mark.read_text().split() if mark.exists() else [None]
+    reflect_mark = run_dir / REFLECT_MARK
+    rule, *action = reflect_mark.read_text().split() if reflect_mark.exists() else [None]
     # absent from config.toml: the default of the fedrec that wrote it
     stored.setdefault("direction_outliers", action[0] if action else "reject")
     if stored["direction_outliers"] == "reflect" and rule != REFLECT_RULE:

@@ -132,14 +132,18 @@ def main() -> None:
                 flush=True,
             )
             for k in args.steer:
-                print(f"round {r} {t:8} {steering(u, sizes, k, args.reflect_cosine)}",
+                attacked = steered_cosines(u, sizes, k)  # each target's, for both reports
+                print(f"round {r} {t:8} {steering(attacked, sizes, k, args.reflect_cosine)}",
                       flush=True)
                 if t in last_updates:
-                    line = steering_both(u, last_updates[t], sizes, k, args.reflect_cosine)
+                    line = steering_both(
+                        u, last_updates[t], sizes, k, args.reflect_cosine, attacked
+                    )
                     print(f"round {r} {t:8} {line}", flush=True)
                 if args.blind:  # the same attack without the target's noise, side by side
-                    blind = steering(u, sizes, k, args.reflect_cosine, aim=np.stack(aims[t]))
-                    print(f"round {r} {t:8} blind: {blind}", flush=True)
+                    blind = steered_cosines(u, sizes, k, aim=np.stack(aims[t]))
+                    print(f"round {r} {t:8} blind: "
+                          f"{steering(blind, sizes, k, args.reflect_cosine)}", flush=True)
             last_step[t], last_updates[t] = weights @ u, u
             new = start[t] + last_step[t]  # FedAvg, weighted by users
             m.load_state_dict(state[t])
@@ -190,15 +194,16 @@ def last_step_cosines(u: np.ndarray, last: np.ndarray, sizes: np.ndarray, k: int
 
 
 def steering_both(
-    u: np.ndarray, last: np.ndarray, sizes: np.ndarray, k: int, reflect_cosine: float
+    u: np.ndarray, last: np.ndarray, sizes: np.ndarray, k: int, reflect_cosine: float,
+    attacked: list[np.ndarray],
 ) -> str:
     """How many honest updates ``k`` colluders can get reflected under ``"reflect"``: pushed to
-    ``-reflect_cosine`` or below against the others' median (this round, ``steering``) and
-    against the global model's last step (the round before, ``last_step_cosines``). The
-    condition on the median of all replies is not modelled (so this can count too many), and
-    ``last_step_cosines`` may count too few (its doc)."""
+    ``-reflect_cosine`` or below against the others' median (this round, ``attacked`` from
+    ``steered_cosines``) and against the global model's last step (the round before,
+    ``last_step_cosines``). The condition on the median of all replies is not modelled (so this
+    can count too many), and ``last_step_cosines`` may count too few (its doc)."""
     step = last_step_cosines(u, last, sizes, k)
-    median = np.array([_attacked(u, sizes, k, j)[j] for j in range(len(u))])
+    median = np.array([attacked[j][j] for j in range(len(u))])
     both = np.flatnonzero((step <= -reflect_cosine) & (median <= -reflect_cosine))
     return (f"{k} steering the last step: {np.sum(step < 0)} of {len(u)} honest updates "
             f"pushable below cosine 0 with it, {np.sum(step <= -reflect_cosine)} to "
@@ -207,31 +212,36 @@ def steering_both(
             "margins, which reflection would keep negated")
 
 
-def _attacked(
-    u: np.ndarray, sizes: np.ndarray, k: int, target: int, norm_factor: float = 3.0,
+def steered_cosines(
+    u: np.ndarray, sizes: np.ndarray, k: int, norm_factor: float = 3.0,
     aim: np.ndarray | None = None,
-) -> np.ndarray:
-    """Every row's cosine with the median of the others, honest rows first, when ``k``
-    colluders steer the median against ``target`` (``steering``)."""
+) -> list[np.ndarray]:
+    """Per honest target ``j``: every row's cosine with the median of the others, honest rows
+    first, when ``k`` colluders steer the median against ``j`` (module doc); ``u`` Float[n, P]
+    the honest updates, ``sizes`` their users; ``aim`` Float[n, P] what the attackers know of
+    each (default: ``u`` itself)."""
     aim = u if aim is None else aim
-    a = -np.sign(aim[target]) * np.abs(aim).max(axis=0)
-    a *= allowed_norm(u, sizes, norm_factor) / max(float(np.linalg.norm(a)), 1e-30)
-    return cosines_with_the_others(np.vstack([u, np.repeat(a[None], k, 0)]))
+    allowed = allowed_norm(u, sizes, norm_factor)
+    reach = np.abs(aim).max(axis=0)
+    out = []
+    for target in range(len(u)):
+        a = -np.sign(aim[target]) * reach
+        a *= allowed / max(float(np.linalg.norm(a)), 1e-30)
+        out.append(cosines_with_the_others(np.vstack([u, np.repeat(a[None], k, 0)])))
+    return out
 
 
 def steering(
-    u: np.ndarray, sizes: np.ndarray, k: int, reflect_cosine: float, norm_factor: float = 3.0,
-    aim: np.ndarray | None = None,
+    cosines: list[np.ndarray], sizes: np.ndarray, k: int, reflect_cosine: float
 ) -> str:
     """What ``k`` clients steering the coordinate-wise median do to the direction rule (module
-    doc); ``u`` Float[n, P] the honest updates, ``sizes`` their users; ``reflect_cosine`` the
-    depth below 0 from which reflection keeps an update negated; ``aim`` Float[n, P] what the
-    attackers know of each (default: ``u`` itself)."""
-    cosines = [_attacked(u, sizes, k, j, norm_factor, aim) for j in range(len(u))]
-    pushed = [j for j in range(len(u)) if cosines[j][j] < 0]
+    doc), from ``steered_cosines``; ``sizes`` the honest clients' users; ``reflect_cosine`` the
+    depth below 0 from which reflection keeps an update negated."""
+    n = len(sizes)
+    pushed = [j for j in range(n) if cosines[j][j] < 0]
     deep = [j for j in pushed if cosines[j][j] <= -reflect_cosine]
-    lowest = min(cosines[j][j] for j in range(len(u)))
-    head = (f"{k} steering: {len(pushed)} of {len(u)} honest clients pushable below cosine 0 "
+    lowest = min(cosines[j][j] for j in range(n))
+    head = (f"{k} steering: {len(pushed)} of {n} honest clients pushable below cosine 0 "
             f"({sizes[pushed].sum() / sizes.sum():.1%} of the users), {len(deep)} to "
             f"-{reflect_cosine:g} or below ({sizes[deep].sum() / sizes.sum():.1%}); lowest "
             f"target cosine {lowest:.3f}")  # fmt: skip
@@ -239,13 +249,13 @@ def steering(
         return head
     target = max(pushed, key=lambda j: sizes[j])
     cos = cosines[target]
-    below = np.flatnonzero(cos[: len(u)] < 0)
+    below = np.flatnonzero(cos[:n] < 0)
     return (
         f"{head}; aimed at the largest of them ({sizes[target]} users, cosine {cos[target]:.3f}): "
         f"{len(below)} honest below 0, {sizes[below].sum() / sizes.sum():.1%} of the users, "
         f"their updates left out of the round (reject; reflect past its margin, module doc); the "
-        f"{k} steering {'pass' if cos[len(u)] >= 0 else 'are themselves below'} the rule "
-        f"(cosine {cos[len(u)]:.3f})"
+        f"{k} steering {'pass' if cos[n] >= 0 else 'are themselves below'} the rule "
+        f"(cosine {cos[n]:.3f})"
     )
 
 

@@ -34,25 +34,22 @@ def resumable_run(run_dir: str | os.PathLike[str]) -> Resumable:
     """The run's own config and checkpoint, checked; CheckpointError (one line) if it cannot be
     resumed: not a run directory, finished, damaged, or written under another config."""
     from fedrec.rundir import RunDir
-    from fedrec.server.checkpoint import CheckpointError, resume_config
-    from fedrec.server.resume import check_resumable
+    from fedrec.server.checkpoint import (
+        CheckpointError,
+        direction_reference_change,
+        resume_config,
+    )
+    from fedrec.server.resume import resumable_checkpoint
 
     path = Path(run_dir).expanduser().resolve()
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such run directory")
     cfg = resume_config(path)
-    return Resumable(path, cfg, check_resumable(RunDir(path), cfg), resume_notice(path, cfg))
-
-
-def resume_notice(path: Path, cfg: FedrecConfig) -> str | None:
-    """What the run's last checkpoint says the rounds left will do differently from the fedrec
-    that began it (server/checkpoint.py ``direction_reference_change``), for the operator: the
-    ServerApp logs it too, but in the SuperLink's log."""
-    from fedrec.rundir import RunDir
-    from fedrec.server.checkpoint import direction_reference_change, load_checkpoint
-
-    ckpt = load_checkpoint(RunDir(path), cfg)
-    return direction_reference_change(ckpt, cfg) if ckpt is not None else None
+    ckpt = resumable_checkpoint(RunDir(path), cfg)
+    if ckpt is None:
+        return Resumable(path, cfg, 0)
+    # for the operator: the ServerApp logs it too, but in the SuperLink's log
+    return Resumable(path, cfg, ckpt.progress.round, direction_reference_change(ckpt, cfg))
 
 
 def check_previous_run(site: Site, path: Path) -> int | None:

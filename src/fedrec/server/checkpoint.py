@@ -244,7 +244,7 @@ def lines_past(path: Path, run_id: str, saved: LedgerPosition) -> int:
 
 
 def config_hash(cfg: FedrecConfig) -> str:
-    return hashlib.sha256(cfg.to_json().encode()).hexdigest()
+    return _digest(cfg.to_dict())
 
 
 def _legacy_config_hash(cfg: FedrecConfig) -> str:
@@ -254,7 +254,12 @@ def _legacy_config_hash(cfg: FedrecConfig) -> str:
     data.pop("direction_outliers", None)
     if cfg.direction_outliers == "reflect":
         data["direction_outliers"] = "reflect"
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return _digest(data)
+
+
+def _digest(config: dict[str, Any]) -> str:
+    """SHA-256 of a config's dict as ``FedrecConfig.to_json`` writes it (sorted keys)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def _ledger_lines(path: Path) -> list[bytes]:

@@ -40,6 +40,7 @@ from fedrec.config import FedrecConfig
 from fedrec.privacy import Ledger
 from fedrec.rundir import RunDir, write_metrics
 from fedrec.server.checkpoint import (
+    Checkpoint,
     CheckpointError,
     LedgerPosition,
     Progress,
@@ -58,11 +59,18 @@ HOLDER = "serverapp.lock"  # in the run directory: who writes it (a deployed Ser
 
 def check_resumable(run: RunDir, cfg: FedrecConfig) -> int:
     """The round a resume continues after; CheckpointError if the run cannot be resumed."""
+    ckpt = resumable_checkpoint(run, cfg)
+    return ckpt.progress.round if ckpt else 0
+
+
+def resumable_checkpoint(run: RunDir, cfg: FedrecConfig) -> Checkpoint | None:
+    """The checkpoint a resume continues from (None: killed in round 1, restart from the
+    initial models); CheckpointError if the run cannot be resumed."""
     if not run.incomplete_marker().exists() or run.summary.exists():
         raise CheckpointError(f"{run.path}: not an unfinished fedrec run; nothing to resume")
     ckpt = load_checkpoint(run, cfg)
     lines_past(run.ledger, run.path.name, ckpt.ledger if ckpt else LedgerPosition())
-    return ckpt.progress.round if ckpt else 0
+    return ckpt
 
 
 def resume_state(
